@@ -1,0 +1,69 @@
+"""ONNX model-local functions that decode stored weights, authored with onnxscript.
+
+They live in the ``bayesq`` domain, so a rewritten graph reads as one node per weight. Every op inside is
+standard ONNX; runtimes inline the functions, and since all inputs are initializers ORT folds them into
+plain float weights when the session starts.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import onnx_ir as ir
+import onnxscript
+from onnxscript import opset19 as op
+
+DOMAIN = "bayesq"
+DOMAIN_VERSION = 1
+_bq = onnxscript.values.Opset(DOMAIN, DOMAIN_VERSION)
+
+_UINT8, _UINT32, _INT64, _FLOAT = 2, 12, 7, 1
+
+
+@onnxscript.script(_bq, default_opset=op)
+def Unpack3Bit(packed, shape: Sequence[int]):
+    """Unpack 3-bit codes: 3 bytes hold 8 codes, code k in bits 3k..3k+2 of the little-endian 24-bit word.
+
+    Returns uint8 codes reshaped to ``shape`` (the padding codes of the last word are dropped).
+    """
+    triples = op.Cast(op.Reshape(packed, op.Constant(value_ints=[-1, 3])), to=_UINT32)
+    b0, b1, b2 = op.Split(triples, axis=1, num_outputs=3)
+    eight = op.Cast(op.Constant(value_ints=[8]), to=_UINT32)
+    sixteen = op.Cast(op.Constant(value_ints=[16]), to=_UINT32)
+    words = op.BitwiseOr(op.BitwiseOr(b0, op.BitShift(b1, eight, direction="LEFT")),
+                         op.BitShift(b2, sixteen, direction="LEFT"))
+    shifts = op.Cast(op.Constant(value_ints=[0, 3, 6, 9, 12, 15, 18, 21]), to=_UINT32)
+    seven = op.Cast(op.Constant(value_ints=[7]), to=_UINT32)
+    codes = op.BitwiseAnd(op.BitShift(words, shifts, direction="RIGHT"), seven)
+    target = op.Constant(value_ints=shape)
+    count = op.ReduceProd(target, keepdims=1)
+    flat = op.Slice(op.Reshape(codes, op.Constant(value_ints=[-1])), op.Constant(value_ints=[0]), count)
+    return op.Cast(op.Reshape(flat, target), to=_UINT8)
+
+
+@onnxscript.script(_bq, default_opset=op)
+def CodebookLookup(codes, levels, grouped_shape: Sequence[int], pre_shape: Sequence[int], perm: Sequence[int]):
+    """Decode a codebook weight: ``W = transpose(reshape(levels[table(r), codes[r, c]], pre_shape), perm)``.
+
+    ``codes`` (any integer dtype) reshape to ``grouped_shape = [n_tables, rows_per_table, cols]``;
+    ``levels`` is ``[n_tables, 1, 2^b]`` float16, broadcast over the rows of its table.
+    """
+    idx = op.Reshape(op.Cast(codes, to=_INT64), op.Constant(value_ints=grouped_shape))
+    table_shape = op.Concat(op.Shape(idx, start=0, end=2), op.Shape(levels, start=2, end=3), axis=0)
+    w = op.GatherElements(op.Expand(levels, table_shape), idx, axis=2)
+    w = op.Transpose(op.Reshape(w, op.Constant(value_ints=pre_shape)), perm=perm)
+    return op.Cast(w, to=_FLOAT)
+
+
+FUNCTIONS = {"Unpack3Bit": Unpack3Bit, "CodebookLookup": CodebookLookup}
+
+
+def add_function(model: ir.Model, name: str) -> None:
+    """Add function ``name`` to the model (once), importing the model's own default-domain opset."""
+    key = (DOMAIN, name, "")
+    if key in model.functions:
+        return
+    fn = ir.serde.deserialize_function(FUNCTIONS[name].to_function_proto())
+    fn.opset_imports[""] = model.opset_imports[""]
+    model.functions[key] = fn
+    model.opset_imports[DOMAIN] = DOMAIN_VERSION

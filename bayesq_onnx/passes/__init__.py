@@ -1,0 +1,1 @@
+"""Compile passes: one module each, named for what it does (DESIGN §6)."""

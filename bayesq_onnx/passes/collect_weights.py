@@ -1,0 +1,93 @@
+"""CollectWeightsPass: find the weight initializers in quantization scope (analysis; changes nothing).
+
+Scope ``linear`` (default, DESIGN §2): the weight input of Conv, Gemm and MatMul. Scope ``all`` adds
+embedding tables read by Gather. Biases, norm parameters and small tensors stay in floating point.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+
+from ..quant.layout import WeightLayout
+
+SCOPES = ("linear", "all")
+# (op type, index of the weight input)
+_LINEAR_CONSUMERS = {"MatMul": 1, "Gemm": 1, "Conv": 1}
+_EMBEDDING_CONSUMERS = {"Gather": 0}
+
+
+@dataclass
+class WeightInfo:
+    """A quantizable initializer: its values (original layout), layout and consumer op types."""
+
+    name: str
+    layout: WeightLayout
+    array: np.ndarray
+    consumers: tuple[str, ...]
+
+    @property
+    def size(self) -> int:
+        return int(self.array.size)
+
+
+class CollectWeightsPass(ir.passes.PassBase):
+    """Analysis pass: afterwards ``self.weights`` maps initializer name -> :class:`WeightInfo`.
+
+    A weight qualifies when it is a float32 initializer that is not also a graph input (which a user
+    could override), has at least ``min_size`` elements, and every consumer reads it as a weight.
+    The layout comes from the first linear consumer (a tied embedding/projection table is one tensor,
+    decoded once; any layout reproduces it exactly).
+    """
+
+    in_place = True
+    changes_input = False
+
+    def __init__(self, scope: str = "linear", min_size: int = 1024):
+        super().__init__()
+        if scope not in SCOPES:
+            raise ValueError(f"unknown scope {scope!r}; expected one of {SCOPES}")
+        self.scope = scope
+        self.min_size = min_size
+        self.weights: dict[str, WeightInfo] = {}
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        consumers = dict(_LINEAR_CONSUMERS)
+        if self.scope == "all":
+            consumers.update(_EMBEDDING_CONSUMERS)
+        graph_inputs = {v.name for v in model.graph.inputs}
+        self.weights = {}
+        for name, value in model.graph.initializers.items():
+            if name in graph_inputs or value.const_value is None:
+                continue
+            if value.dtype != ir.DataType.FLOAT or value.shape is None or len(value.shape) < 2:
+                continue
+            shape = tuple(int(d) for d in value.shape)
+            if int(np.prod(shape)) < self.min_size:
+                continue
+            layout, ops = self._layout(value, shape, consumers)
+            if layout is None:
+                continue
+            self.weights[name] = WeightInfo(name, layout, value.const_value.numpy(), ops)
+        return ir.passes.PassResult(model, modified=False)
+
+    @staticmethod
+    def _layout(value: ir.Value, shape, consumers) -> tuple[WeightLayout | None, tuple[str, ...]]:
+        uses = list(value.uses())
+        layouts: list[WeightLayout] = []
+        for node, index in uses:
+            if node.domain not in ("", "ai.onnx") or consumers.get(node.op_type) != index:
+                return None, ()  # read as something other than a weight: leave it alone
+            trans_b = node.op_type == "Gemm" and bool(node.attributes.get_int("transB", 0))
+            try:
+                layouts.append(WeightLayout.for_consumer(node.op_type, shape, trans_b=trans_b))
+            except ValueError:
+                return None, ()
+        if not layouts:
+            return None, ()
+        ops = tuple(node.op_type for node, _ in uses)
+        # Prefer a linear consumer's rows (output channels) over a Gather's (vocabulary entries).
+        linear = [lay for lay, op in zip(layouts, ops) if op != "Gather"]
+        return (linear or layouts)[0], ops

@@ -1,0 +1,42 @@
+"""PlanRoundToNearestPass: the round-to-nearest baseline planner (``--method rtn``).
+
+Every weight in scope gets the same candidate: a per-row (or per-group) asymmetric min-max grid at one
+bit-width, codes by rounding to nearest. It stays as the baseline the Bayesian planners must beat.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..errors import UserError
+from ..plan import Candidate, Plan, QuantizedTensor
+from ..quant import uniform
+from .collect_weights import WeightInfo
+
+
+def fit_minmax(weight: WeightInfo, candidate: Candidate) -> QuantizedTensor:
+    """Min-max grid + nearest rounding for one weight (vectorized over all rows and groups)."""
+    lay = weight.layout
+    if candidate.group_size and lay.in_channels % candidate.group_size:
+        raise UserError(f"group size {candidate.group_size} does not divide the {lay.in_channels} input "
+                        f"channels of {weight.name}; pick a divisor or --group-size 0 (per row)")
+    w2 = lay.to_canonical(torch.from_numpy(np.asarray(weight.array, dtype=np.float32)))
+    sdt = torch.float16 if candidate.scale_dtype == "float16" else torch.float32
+    scale, zero = uniform.minmax_params(w2, candidate.bits, candidate.group_size,
+                                        symmetric=candidate.symmetric, scale_dtype=sdt)
+    codes = uniform.quantize(w2, scale, zero, candidate.bits, candidate.group_size,
+                             symmetric=candidate.symmetric)
+    return QuantizedTensor(weight.name, lay, candidate, codes=codes.numpy(), scale=scale.numpy(),
+                           zero=zero.numpy())
+
+
+class PlanRoundToNearestPass:
+    """Plan every weight with ``Candidate('uniform', bits, group_size)``; returns a :class:`Plan`."""
+
+    def __init__(self, bits: int, group_size: int = 0, scale_dtype: str = "float16"):
+        self.candidate = Candidate("uniform", bits, group_size, symmetric=False, scale_dtype=scale_dtype)
+
+    def __call__(self, weights: dict[str, WeightInfo]) -> Plan:
+        tensors = {name: fit_minmax(w, self.candidate) for name, w in sorted(weights.items())}
+        return Plan("rtn", tensors, settings={"candidate": self.candidate.to_json()})

@@ -1,0 +1,103 @@
+"""QuantizeWeightsPass: replace each planned weight initializer by its stored form and a decode subgraph.
+
+    uniform  : codes [-> bayesq.Unpack3Bit] -> DequantizeLinear(axis | block_size) [-> Cast float]
+    codebook : codes -> bayesq.CodebookLookup(codes, levels)
+    float16  : values -> Cast float        (float32 "kept" tensors are left untouched)
+
+The decoded value keeps the weight's name, so consumers read exactly what they read before. A weight
+that is no longer an initializer has been rewritten already: running the pass twice changes nothing.
+"""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+
+from .. import onnx_functions
+from ..errors import PassFailure
+from ..plan import Plan, QuantizedTensor
+
+
+class QuantizeWeightsPass(ir.passes.InPlacePass):
+    """Rewrite every tensor of ``plan`` that is still a float initializer of the main graph."""
+
+    def __init__(self, plan: Plan):
+        super().__init__()
+        self.plan = plan
+
+    def requires(self, model: ir.Model) -> None:
+        opset = model.opset_imports.get("", 0)
+        if opset < self.plan.min_opset:
+            raise ir.passes.PreconditionError(
+                f"the plan needs opset >= {self.plan.min_opset}, the model has {opset}: run UpgradeOpsetPass first")
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        modified = False
+        for name in sorted(self.plan.tensors):
+            value = graph.initializers.get(name)
+            qt = self.plan.tensors[name]
+            if qt.candidate.family == "float" and qt.candidate.bits == 32:
+                continue  # kept as is
+            if value is None or value.const_value is None or value.dtype != ir.DataType.FLOAT:
+                continue
+            try:
+                self._rewrite(model, value, qt)
+            except Exception as exc:  # name the pass and the tensor (DESIGN §6 debugging)
+                raise PassFailure(f"QuantizeWeightsPass failed on tensor {name!r}: {exc}") from exc
+            modified = True
+        return ir.passes.PassResult(model, modified=modified)
+
+    def _rewrite(self, model: ir.Model, value: ir.Value, qt: QuantizedTensor) -> None:
+        graph, name, cand = model.graph, value.name, qt.candidate
+        if tuple(int(d) for d in value.shape) != qt.layout.shape:
+            raise ValueError(f"plan shape {qt.layout.shape} != initializer shape {tuple(value.shape)}")
+        stored = {role: self._initializer(graph, f"{name}.{role}", arr) for role, arr in qt.stored().items()}
+        nodes: list[ir.Node] = []
+
+        def add(op_type, inputs, domain="", **attributes) -> ir.Value:
+            node = ir.node(op_type, inputs, attributes=attributes, domain=domain, name=f"{name}/{op_type}")
+            nodes.append(node)
+            return node.outputs[0]
+
+        lay = qt.layout
+        if cand.family == "float":
+            out = add("Cast", [stored["values"]], to=ir.DataType.FLOAT)
+        elif cand.family == "codebook":
+            codes = stored["codes"]
+            if cand.bits == 3:
+                onnx_functions.add_function(model, "Unpack3Bit")
+                codes = add("Unpack3Bit", [codes], domain=onnx_functions.DOMAIN, shape=[lay.rows, lay.cols])
+            onnx_functions.add_function(model, "CodebookLookup")
+            out = add("CodebookLookup", [codes, stored["levels"]], domain=onnx_functions.DOMAIN,
+                      grouped_shape=[lay.rows // cand.group_size, cand.group_size, lay.cols],
+                      pre_shape=list(lay.pre_shape), perm=list(lay.perm))
+        else:
+            codes = stored["codes"]
+            if cand.bits == 3:
+                onnx_functions.add_function(model, "Unpack3Bit")
+                codes = add("Unpack3Bit", [codes], domain=onnx_functions.DOMAIN, shape=list(lay.shape))
+            dq_inputs = [codes, stored["scale"]] + ([stored["zero_point"]] if "zero_point" in stored else [])
+            if cand.group_size:
+                out = add("DequantizeLinear", dq_inputs, axis=lay.group_axis, block_size=cand.group_size)
+            else:
+                out = add("DequantizeLinear", dq_inputs, axis=lay.row_axis)
+            if cand.scale_dtype != "float32":
+                out = add("Cast", [out], to=ir.DataType.FLOAT)
+
+        ir.convenience.replace_all_uses_with(value, out)
+        graph.initializers.pop(name)
+        out.name = name
+        out.dtype = ir.DataType.FLOAT
+        out.shape = ir.Shape(list(lay.shape))
+        graph.insert_before(graph[0], nodes)
+        for i, v in enumerate(graph.outputs):
+            if v is value:
+                graph.outputs[i] = out
+
+    @staticmethod
+    def _initializer(graph: ir.Graph, name: str, array) -> ir.Value:
+        if name in graph.initializers:
+            raise ValueError(f"initializer {name!r} exists already")
+        v = ir.Value(name=name, const_value=ir.Tensor(array, name=name))
+        graph.register_initializer(v)
+        return v

@@ -1,0 +1,193 @@
+"""The plan: for every quantized tensor, its candidate and the exact values the artifact stores.
+
+A plan is what planners produce and what the rewrite consumes. Its accounting is the project's single
+source of truth for bits (DESIGN §2): every stored array — codes, scales, zero points, codebook levels —
+is counted at the size it occupies in the ONNX file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .quant import codebook, packing, uniform
+from .quant.layout import WeightLayout
+
+FAMILIES = ("uniform", "codebook", "float")
+CODE_BITS = (2, 3, 4, 8)
+_SCALE_DTYPES = {"float16": (np.float16, torch.float16), "float32": (np.float32, torch.float32)}
+
+
+@dataclass(frozen=True, order=True)
+class Candidate:
+    """One quantizer choice for a block (DESIGN §2).
+
+    ``group_size``: for ``uniform``, input channels sharing one scale (0 = one scale per row);
+    for ``codebook``, rows sharing one table (1 = a table per row). ``float`` keeps the weight in
+    floating point at ``bits`` ∈ {16, 32}.
+    """
+
+    family: str
+    bits: int
+    group_size: int = 0
+    symmetric: bool = False
+    scale_dtype: str = "float16"
+
+    def __post_init__(self):
+        if self.family not in FAMILIES:
+            raise ValueError(f"unknown family {self.family!r}; expected one of {FAMILIES}")
+        allowed = (16, 32) if self.family == "float" else CODE_BITS
+        if self.bits not in allowed:
+            raise ValueError(f"{self.family} cannot use {self.bits} bits; allowed: {allowed}")
+        if self.family == "codebook" and self.group_size < 1:
+            raise ValueError("a codebook needs group_size >= 1 rows per table")
+        if self.scale_dtype not in _SCALE_DTYPES:
+            raise ValueError(f"scale dtype must be one of {tuple(_SCALE_DTYPES)}")
+
+    @property
+    def label(self) -> str:
+        if self.family == "float":
+            return f"fp{self.bits}"
+        if self.family == "codebook":
+            per = "row" if self.group_size == 1 else f"{self.group_size}rows"
+            return f"codebook{self.bits}-{per}"
+        per = "row" if self.group_size == 0 else f"g{self.group_size}"
+        return f"{'int' if self.symmetric else 'uint'}{self.bits}-{per}"
+
+    def to_json(self) -> dict:
+        return {"family": self.family, "bits": self.bits, "group_size": self.group_size,
+                "symmetric": self.symmetric, "scale_dtype": self.scale_dtype, "label": self.label}
+
+
+@dataclass
+class QuantizedTensor:
+    """A weight tensor as the artifact stores it.
+
+    Arrays are canonical ``[rows, cols]`` (see :mod:`bayesq_onnx.quant.layout`): ``codes`` int16;
+    uniform: ``scale`` and ``zero`` float32 ``[rows, n_groups]`` (scale values exactly representable in
+    ``scale_dtype``); codebook: ``levels`` float16 ``[n_tables, 2^bits]``; float: ``values``.
+    """
+
+    name: str
+    layout: WeightLayout
+    candidate: Candidate
+    codes: np.ndarray | None = None
+    scale: np.ndarray | None = None
+    zero: np.ndarray | None = None
+    levels: np.ndarray | None = None
+    values: np.ndarray | None = None
+    info: dict = field(default_factory=dict)
+
+    @property
+    def n_weights(self) -> int:
+        return int(np.prod(self.layout.shape))
+
+    # ---- numerics -------------------------------------------------------------------------------
+    def dequantize(self) -> np.ndarray:
+        """The float32 weight the decoded graph computes, in the original layout."""
+        c = self.candidate
+        if c.family == "float":
+            return self.values.astype(np.float16 if c.bits == 16 else np.float32).astype(np.float32)
+        if c.family == "uniform":
+            w2 = uniform.dequantize(torch.from_numpy(self.codes), torch.from_numpy(self.scale),
+                                    torch.from_numpy(self.zero), c.group_size, _SCALE_DTYPES[c.scale_dtype][1])
+        else:
+            w2 = codebook.dequantize(torch.from_numpy(self.codes), torch.from_numpy(self.levels), c.group_size)
+        return self.layout.from_canonical(w2.numpy())
+
+    # ---- storage --------------------------------------------------------------------------------
+    def stored(self) -> dict[str, np.ndarray]:
+        """Role -> array exactly as written to the ONNX file (dtype and layout).
+
+        uniform: ``codes`` in the original layout (3-bit: packed bytes of that layout), ``scale`` and
+        ``zero_point`` shaped for ``DequantizeLinear`` (1-D per row, blocked otherwise; no zero point for
+        symmetric 2/4/8-bit). codebook: canonical ``codes`` (3-bit packed), ``levels`` ``[n_tables, 1, 2^b]``.
+        """
+        c, lay = self.candidate, self.layout
+        if c.family == "float":
+            return {"values": self.values.astype(np.float16 if c.bits == 16 else np.float32)}
+        if c.family == "codebook":
+            return {"codes": _store_codes(self.codes, c.bits, signed=False),
+                    "levels": self.levels.astype(np.float16)[:, None, :]}
+        packed3 = c.bits == 3
+        # 3-bit codes are unpacked to uint8 in-graph, so signed 3-bit grids are stored shifted by 4.
+        offset = 4 if (packed3 and c.symmetric) else 0
+        signed = c.symmetric and not packed3
+        codes = lay.from_canonical(self.codes.astype(np.int16) + offset)
+        out = {"codes": _store_codes(codes, c.bits, signed=signed)}
+        scale, zero = self.scale, self.zero + offset
+        if c.group_size == 0:
+            scale, zero = scale[:, 0], zero[:, 0]
+        else:
+            last = lay.in_channels // c.group_size
+            scale, zero = lay.from_canonical(scale, last), lay.from_canonical(zero, last)
+        out["scale"] = np.ascontiguousarray(scale.astype(_SCALE_DTYPES[c.scale_dtype][0]))
+        if not signed:
+            zdtype = np.dtype(np.uint8) if packed3 else packing.code_dtype(c.bits, signed=False)
+            out["zero_point"] = np.ascontiguousarray(zero.astype(np.int16).astype(zdtype))
+        return out
+
+    def stored_bits(self) -> int:
+        return 8 * sum(packing.stored_nbytes(a) for a in self.stored().values())
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "shape": list(self.layout.shape), "candidate": self.candidate.to_json(),
+                "weights": self.n_weights, "stored_bits": self.stored_bits(),
+                "all_in_bits": self.stored_bits() / self.n_weights, **self.info}
+
+
+def _store_codes(codes: np.ndarray, bits: int, *, signed: bool) -> np.ndarray:
+    if bits == 3:
+        return packing.pack3(codes.astype(np.uint8))
+    return np.ascontiguousarray(codes.astype(np.int16).astype(packing.code_dtype(bits, signed)))
+
+
+@dataclass
+class Plan:
+    """All quantized tensors of a model plus the method that chose them."""
+
+    method: str
+    tensors: dict[str, QuantizedTensor]
+    settings: dict = field(default_factory=dict)
+
+    @property
+    def n_weights(self) -> int:
+        return sum(t.n_weights for t in self.tensors.values())
+
+    @property
+    def stored_bits(self) -> int:
+        return sum(t.stored_bits() for t in self.tensors.values())
+
+    @property
+    def all_in_bits(self) -> float:
+        """Stored bits of every array of every planned tensor / planned weights (DESIGN §2)."""
+        return self.stored_bits / max(self.n_weights, 1)
+
+    @property
+    def nominal_bits(self) -> float:
+        """Code bits only (what a paper would quote)."""
+        return sum(t.candidate.bits * t.n_weights for t in self.tensors.values()) / max(self.n_weights, 1)
+
+    @property
+    def min_opset(self) -> int:
+        """Lowest default-domain opset that runs every stored dtype and attribute: 25 for (U)INT2 tensors,
+        21 for (U)INT4 and ``block_size``, else 19 (float16 scales, bitwise unpacking, Shape start/end)."""
+        opset = 19
+        for t in self.tensors.values():
+            c = t.candidate
+            if c.family == "float":
+                continue
+            if c.bits == 2:
+                opset = max(opset, 25)
+            elif c.bits == 4 or (c.family == "uniform" and c.group_size):
+                opset = max(opset, 21)
+        return opset
+
+    def to_json(self) -> dict:
+        return {"method": self.method, "settings": self.settings, "weights": self.n_weights,
+                "stored_bits": self.stored_bits, "all_in_bits": self.all_in_bits,
+                "nominal_bits": self.nominal_bits,
+                "tensors": [self.tensors[k].to_json() for k in sorted(self.tensors)]}
+

@@ -1,0 +1,1 @@
+"""Pure quantization math (torch / numpy). Nothing here imports ONNX."""
