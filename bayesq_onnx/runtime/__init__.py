@@ -1,0 +1,1 @@
+"""ONNX Runtime side: sessions on the best provider, fidelity and latency of an artifact."""

@@ -1,0 +1,63 @@
+"""Compile settings: one frozen dataclass, validated once; the CLI only fills it in."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .errors import UserError
+from .passes.collect_weights import SCOPES
+from .plan import CODE_BITS
+from .runtime.session import PROVIDERS
+
+METHODS = ("rtn",)
+DEFAULT_METHOD = "rtn"
+
+
+@dataclass(frozen=True)
+class CompileConfig:
+    """Everything a compile depends on. Same config + same inputs -> byte-identical artifact."""
+
+    model: str = "minilm"
+    bits: float = 4.0
+    method: str = DEFAULT_METHOD
+    group_size: int = 0          # uniform: input channels per scale (0: one scale per output row)
+    scope: str = "linear"        # linear: Conv/Gemm/MatMul weights; all: + Gather embedding tables
+    out: Path = Path("bayesq-out")
+    calib_size: int = 256
+    eval_size: int = 1024
+    provider: str = "auto"
+    seed: int = 0
+    latency_runs: int = 20
+    latency_warmup: int = 3
+    latency_batch: int = 8
+    latency_seq: int = 128
+    verify_each: bool = False
+    dump_dir: Path | None = None
+    extra: dict = field(default_factory=dict, compare=False)
+
+    def validate(self) -> "CompileConfig":
+        """Raise :class:`UserError` for settings no compile can satisfy."""
+        if self.method not in METHODS:
+            raise UserError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.method == "rtn" and self.bits not in CODE_BITS:
+            raise UserError(f"--bits {self.bits:g} is not available for --method rtn; "
+                            f"choose one of {', '.join(map(str, CODE_BITS))}")
+        if self.scope not in SCOPES:
+            raise UserError(f"unknown scope {self.scope!r}; choose one of {', '.join(SCOPES)}")
+        if self.provider not in PROVIDERS:
+            raise UserError(f"unknown provider {self.provider!r}; choose one of {', '.join(PROVIDERS)}")
+        if self.group_size < 0 or (self.group_size and self.group_size & (self.group_size - 1)):
+            raise UserError(f"--group-size {self.group_size} must be 0 (per row) or a power of two")
+        for name in ("calib_size", "eval_size", "latency_runs", "latency_batch", "latency_seq"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.eval_size < 2:
+            raise UserError("--eval-size must be at least 2 (fidelity compares items against each other)")
+        return self
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["out"] = str(self.out)
+        d["dump_dir"] = str(self.dump_dir) if self.dump_dir else None
+        return d

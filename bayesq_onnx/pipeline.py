@@ -1,0 +1,197 @@
+"""The whole compile, top to bottom: load → export → analyse → plan → rewrite → validate → write.
+
+Each step is a pass (``bayesq_onnx/passes/``) or a pure function; this file only wires them together and
+records what happened for the report.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import torch
+
+from . import __version__, artifact
+from .config import CompileConfig
+from .errors import BayesQError, PassFailure, UserError
+from .export import export_model, map_parameters, torch_outputs
+from .models import load_model
+from .models.base import ModelBundle
+from .passes.collect_weights import CollectWeightsPass, WeightInfo
+from .passes.plan_rtn import PlanRoundToNearestPass
+from .passes.quantize_weights import QuantizeWeightsPass
+from .passes.upgrade_opset import UpgradeOpsetPass
+from .plan import Plan
+from .progress import Reporter
+from .report import bits_plot, file_accounting, to_json_bytes, to_markdown
+from .runtime.latency import compare_latency
+from .runtime.session import SIZE_MODE_SESSION_CONFIG, make_session, resolve_providers, run_batches
+
+
+@dataclass
+class CompileResult:
+    artifact: Path      # DIR/model.onnx
+    report: dict        # what DIR/report.json holds
+    plan: Plan
+
+
+def compile_model(config: CompileConfig, reporter: Reporter | None = None,
+                  bundle: ModelBundle | None = None) -> CompileResult:
+    """Compile ``config.model`` (or a ready ``bundle``) into ``config.out``; see DESIGN §1."""
+    config.validate()
+    rep = reporter or Reporter(quiet=True)
+    artifact.check_output_dir(config.out)
+    providers, provider_note = resolve_providers(config.provider)
+    rep.note(f"[dim]{provider_note}[/]")
+    torch.manual_seed(config.seed)
+
+    # ---- load and export --------------------------------------------------------------------------
+    if bundle is None:
+        with rep.stage(f"load {config.model}"):
+            bundle = load_model(config.model, calib_size=config.calib_size, eval_size=config.eval_size,
+                                latency_batch=config.latency_batch, latency_seq=config.latency_seq)
+    with rep.stage("export to ONNX"):
+        fp_model = export_model(bundle)
+        bindings = map_parameters(bundle.module, fp_model)
+        fp_bytes = _serialize(fp_model)
+
+    with tempfile.TemporaryDirectory(prefix="bayesq-") as tmp:
+        fp_path = Path(tmp) / "fp32.onnx"
+        fp_path.write_bytes(fp_bytes)
+        with rep.stage("check export against PyTorch"):
+            export_check = _check_export(bundle, fp_path)
+            all_params = [n for n, _ in bundle.module.named_parameters(remove_duplicate=False)]
+            export_check.update(
+                parameters=len(all_params), parameters_mapped=len(bindings), opset=fp_model.opset_imports[""],
+                # parameters the exporter folded into other constants (e.g. a constant-index Gather)
+                parameters_folded=[n for n in all_params if n not in bindings])
+
+        # ---- analyse: which weights, and (later) what the posterior says about them ---------------
+        with rep.stage("analyse weights"):
+            collect = CollectWeightsPass(scope=config.scope)
+            _run(collect, fp_model, config)
+            weights = collect.weights
+            if not weights:
+                raise UserError(f"model {config.model!r} has no weights in scope {config.scope!r} to quantize")
+
+        # ---- plan: one candidate per weight, with the exact values to store -------------------------
+        with rep.stage(f"plan ({config.method})"):
+            plan = _plan(config, weights)
+
+        # ---- rewrite the ONNX graph --------------------------------------------------------------
+        with rep.stage("rewrite ONNX"):
+            q_model = ir.serde.deserialize_model(onnx.load_from_string(fp_bytes))
+            _run(UpgradeOpsetPass(plan.min_opset), q_model, config)
+            _run(QuantizeWeightsPass(plan), q_model, config)
+            q_model.metadata_props.update({
+                "bayesq.version": __version__, "bayesq.method": plan.method,
+                "bayesq.all_in_bits": f"{plan.all_in_bits:.6f}",
+                "bayesq.ort_session_config": json.dumps(SIZE_MODE_SESSION_CONFIG, sort_keys=True)})
+            q_bytes = _serialize(q_model)
+            onnx.checker.check_model(onnx.load_from_string(q_bytes), full_check=True)
+            accounting = file_accounting(q_bytes, plan)
+        q_path = Path(tmp) / "model.onnx"
+        q_path.write_bytes(q_bytes)
+
+        # ---- validate in ONNX Runtime ------------------------------------------------------------
+        with rep.stage("validate in ONNX Runtime"):
+            validation = _validate(bundle, fp_path, q_path, providers, config, rep)
+
+    report = {
+        "bayesq_onnx": __version__,
+        "versions": _versions(),
+        "config": config.to_json(),
+        "model": {"name": bundle.name, **bundle.info},
+        "export": export_check,
+        "bits": {"budget": config.bits, "all_in": plan.all_in_bits, "all_in_from_file": accounting["all_in_bits_file"],
+                 "nominal": plan.nominal_bits, "quantized_weights": plan.n_weights,
+                 "quantized_tensors": len(plan.tensors)},
+        "sizes": {"fp32_bytes": len(fp_bytes), "artifact_bytes": len(q_bytes), **accounting},
+        "fidelity": validation["fidelity"],
+        "headline": {"metric": bundle.headline, "value": validation["fidelity"][bundle.headline]},
+        "latency": validation["latency"],
+        "session_start_s": validation["session_start_s"],
+        "provider": {"requested": config.provider, "used": providers[0], "note": provider_note,
+                     "artifact_session_config": SIZE_MODE_SESSION_CONFIG},
+        "plan": plan.to_json(),
+        "timings_s": dict(rep.timings),
+        "seed": config.seed,
+    }
+    with rep.stage("write artifact"):
+        files = artifact.write_files(config.out, {
+            artifact.MODEL: q_bytes, artifact.REPORT_JSON: to_json_bytes(report),
+            artifact.REPORT_MD: to_markdown(report).encode(), artifact.BITS_PNG: bits_plot(plan)})
+    return CompileResult(files[artifact.MODEL], report, plan)
+
+
+def _plan(config: CompileConfig, weights: dict[str, WeightInfo]) -> Plan:
+    if config.method == "rtn":
+        return PlanRoundToNearestPass(int(config.bits), group_size=config.group_size)(weights)
+    raise UserError(f"unknown method {config.method!r}")
+
+
+def _run(p: ir.passes.PassBase, model: ir.Model, config: CompileConfig) -> ir.passes.PassResult:
+    """Run one pass; with --verify-each check the model after it, with --dump-dir save it."""
+    name = type(p).__name__
+    try:
+        result = p(model)
+    except BayesQError:
+        raise
+    except ir.passes.PassError as exc:
+        raise PassFailure(f"{name}: {exc}") from exc
+    if config.verify_each:
+        try:
+            onnx.checker.check_model(ir.serde.serialize_model(result.model), full_check=True)
+        except onnx.checker.ValidationError as exc:
+            raise PassFailure(f"{name} produced an invalid model: {str(exc).splitlines()[0]}") from exc
+    if config.dump_dir is not None:
+        Path(config.dump_dir).mkdir(parents=True, exist_ok=True)
+        index = len(list(Path(config.dump_dir).glob("*.onnx")))
+        ir.save(result.model, Path(config.dump_dir) / f"{index:02d}-{name}.onnx")
+    return result
+
+
+def _serialize(model: ir.Model) -> bytes:
+    return ir.serde.serialize_model(model).SerializeToString()
+
+
+def _check_export(bundle: ModelBundle, fp_path: Path, batches: int = 2) -> dict:
+    """Max |ONNX − PyTorch| over the first calibration batches, on the CPU provider."""
+    session, _ = make_session(fp_path, ["CPUExecutionProvider"])
+    sample = bundle.calibration[:batches]
+    ref = torch_outputs(bundle.module, sample, bundle.input_names)
+    got = run_batches(session, sample)
+    return {"max_abs_diff": float(np.abs(ref - got).max()), "batches": len(sample), "items": int(len(ref))}
+
+
+def _validate(bundle: ModelBundle, fp_path: Path, q_path: Path, providers: list[str],
+              config: CompileConfig, rep: Reporter) -> dict:
+    fp_session, fp_start = make_session(fp_path, providers)
+    q_session, q_start = make_session(q_path, providers, SIZE_MODE_SESSION_CONFIG)
+    reference = run_batches(fp_session, bundle.evaluation, progress=lambda b: rep.track(b, "FP32 outputs"))
+    candidate = run_batches(q_session, bundle.evaluation, progress=lambda b: rep.track(b, "quantized outputs"))
+    fidelity = bundle.metric(reference, candidate)
+    latency = compare_latency({"fp32": fp_session, "quantized": q_session}, bundle.latency_feed,
+                              runs=config.latency_runs, warmup=config.latency_warmup)
+    shapes = ", ".join(f"{k} {'×'.join(map(str, v.shape))}" for k, v in bundle.latency_feed.items())
+    latency.update(ratio=latency["quantized"]["median_ms"] / latency["fp32"]["median_ms"],
+                   feed=shapes, provider=providers[0])
+    return {"fidelity": fidelity, "latency": latency, "session_start_s": {"fp32": fp_start, "quantized": q_start}}
+
+
+def _versions() -> dict:
+    import ml_dtypes
+    import onnxruntime
+    import onnxscript
+    import transformers
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "onnx": onnx.__version__,
+            "onnx_ir": ir.__version__, "onnxscript": onnxscript.__version__,
+            "onnxruntime": onnxruntime.__version__, "transformers": transformers.__version__,
+            "numpy": np.__version__, "ml_dtypes": ml_dtypes.__version__}

@@ -1,0 +1,69 @@
+"""Console feedback: a line per finished stage, a spinner or bar while one runs (rich, on stderr)."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+
+class Reporter:
+    """Stage timings for the report plus what the user sees; ``quiet`` prints nothing.
+
+    One rich ``Progress`` display carries both the running stage (spinner) and any bar inside it, since
+    rich allows one live display at a time.
+    """
+
+    def __init__(self, quiet: bool = False):
+        self.console = Console(stderr=True, quiet=quiet, highlight=False)
+        self.timings: dict[str, float] = {}
+        self._live = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+                              MofNCompleteColumn(), TimeElapsedColumn(), console=self.console, transient=True)
+        self._started = False
+
+    def __enter__(self) -> "Reporter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop the live display (it stays up between stages so the output has no gaps)."""
+        if self._started:
+            self._live.stop()
+            self._started = False
+
+    @contextlib.contextmanager
+    def _display(self):
+        if not self._started:
+            self._live.start()
+            self._started = True
+        yield
+
+    @contextlib.contextmanager
+    def stage(self, name: str):
+        start = time.perf_counter()
+        with self._display():
+            task = self._live.add_task(name, total=None)
+            try:
+                yield
+            finally:
+                self._live.remove_task(task)
+        self.timings[name] = round(time.perf_counter() - start, 3)
+        self.console.print(f"[green]✓[/] {name} [dim]({self.timings[name]:.1f} s)[/]")
+
+    def track(self, items, description: str):
+        """Iterate over a sized collection with a progress bar."""
+        with self._display():
+            task = self._live.add_task(description, total=len(items))
+            try:
+                for item in items:
+                    yield item
+                    self._live.advance(task)
+            finally:
+                self._live.remove_task(task)
+
+    def note(self, text: str) -> None:
+        self.console.print(text)

@@ -1,0 +1,106 @@
+"""report.json (machine-readable), report.md (human), bits.png (bits per layer), and the accounting check
+that the artifact's bytes equal the plan's bits."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import onnx
+
+from .plan import Plan
+
+
+def file_accounting(model_bytes: bytes, plan: Plan) -> dict:
+    """Measure, from the serialized artifact, the bytes of every array the plan stores.
+
+    all_in_bits_file = 8 · Σ bytes(stored arrays of quantized tensors) / quantized weights, which must equal
+    the plan's all-in bits; the remainder of the file is float tensors left as they were and the graph.
+    """
+    proto = onnx.load_from_string(model_bytes)
+    sizes = {t.name: _tensor_bytes(t) for t in proto.graph.initializer}
+    stored_names = {f"{name}.{role}" for name, qt in plan.tensors.items() for role in qt.stored()}
+    quantized = sum(sizes[n] for n in stored_names if n in sizes)
+    missing = sorted(n for n in stored_names if n not in sizes)
+    other_tensors = sum(v for n, v in sizes.items() if n not in stored_names)
+    return {
+        "file_bytes": len(model_bytes),
+        "quantized_tensor_bytes": quantized,
+        "float_tensor_bytes": other_tensors,
+        "graph_and_metadata_bytes": len(model_bytes) - quantized - other_tensors,
+        "all_in_bits_file": 8 * quantized / max(plan.n_weights, 1),
+        "missing_arrays": missing,
+    }
+
+
+def _tensor_bytes(t: onnx.TensorProto) -> int:
+    if t.HasField("raw_data"):
+        return len(t.raw_data)
+    return int(onnx.numpy_helper.to_array(t).nbytes)
+
+
+def to_markdown(report: dict) -> str:
+    b, f, lat, sz = report["bits"], report["fidelity"], report["latency"], report["sizes"]
+    lines = [
+        f"# BayesQ-ONNX report: {report['model']['name']}",
+        "",
+        f"- method **{report['plan']['method']}**, all-in **{b['all_in']:.4f}** bits/weight "
+        f"(from file: {b['all_in_from_file']:.4f}; nominal code bits {b['nominal']:.3f}) over "
+        f"{b['quantized_weights']:,} weights in {len(report['plan']['tensors'])} tensors",
+        f"- artifact {sz['artifact_bytes'] / 1e6:.2f} MB vs FP32 ONNX {sz['fp32_bytes'] / 1e6:.2f} MB "
+        f"({sz['fp32_bytes'] / sz['artifact_bytes']:.2f}× smaller)",
+        f"- provider: {report['provider']['note']}",
+        f"- export check: max |ONNX − PyTorch| = {report['export']['max_abs_diff']:.2e}",
+        "",
+        "## Fidelity to the FP32 model (held-out data)",
+        "",
+        "| metric | value |",
+        "|---|---|",
+        *[f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in f.items()],
+        "",
+        f"## Latency ({lat['feed']}, {lat['provider']})",
+        "",
+        "| model | median ms | p90 ms | session start s |",
+        "|---|---|---|---|",
+    ]
+    for key in ("fp32", "quantized"):
+        lines.append(f"| {key} | {lat[key]['median_ms']:.2f} | {lat[key]['p90_ms']:.2f} | "
+                     f"{report['session_start_s'][key]:.3f} |")
+    lines += [f"", f"Latency ratio quantized / FP32 (median): **{lat['ratio']:.3f}**", "",
+              "## Per tensor", "", "| tensor | shape | candidate | all-in bits |", "|---|---|---|---|"]
+    for t in report["plan"]["tensors"]:
+        lines.append(f"| `{t['name']}` | {'×'.join(map(str, t['shape']))} | {t['candidate']['label']} | "
+                     f"{t['all_in_bits']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def bits_plot(plan: Plan) -> bytes:
+    """PNG: all-in bits of every quantized tensor, in graph order of names, coloured by family."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = sorted(plan.tensors)
+    bits = [plan.tensors[n].stored_bits() / plan.tensors[n].n_weights for n in names]
+    colours = {"uniform": "tab:blue", "codebook": "tab:orange", "float": "tab:gray"}
+    fams = [plan.tensors[n].candidate.family for n in names]
+    fig, ax = plt.subplots(figsize=(max(6, 0.18 * len(names)), 3.6), dpi=110)
+    ax.bar(np.arange(len(names)), bits, color=[colours[f] for f in fams])
+    ax.axhline(plan.all_in_bits, color="k", lw=1, ls="--", label=f"average {plan.all_in_bits:.3f}")
+    for fam in sorted(set(fams)):
+        ax.bar([0], [0], color=colours[fam], label=fam)
+    ax.set_xlabel("quantized tensor (sorted by name)")
+    ax.set_ylabel("all-in bits / weight")
+    ax.set_title(f"{plan.method}: bits per tensor")
+    ax.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", metadata={"Software": None})
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def to_json_bytes(report: dict) -> bytes:
+    return (json.dumps(report, indent=2, sort_keys=False) + "\n").encode()

@@ -1,0 +1,29 @@
+"""Latency of two sessions measured side by side on the same feed."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import onnxruntime as ort
+
+
+def compare_latency(sessions: dict[str, ort.InferenceSession], feed: dict[str, np.ndarray],
+                    runs: int = 20, warmup: int = 3) -> dict[str, dict]:
+    """Median and p90 wall time per run (ms) for each session.
+
+    Runs are interleaved (a, b, a, b, ...) after ``warmup`` runs each, so drift in machine load affects
+    every session alike and the ratio stays meaningful on a shared machine.
+    """
+    times: dict[str, list[float]] = {k: [] for k in sessions}
+    feeds = {k: {i.name: feed[i.name] for i in s.get_inputs()} for k, s in sessions.items()}
+    for _ in range(warmup):
+        for k, s in sessions.items():
+            s.run(None, feeds[k])
+    for _ in range(runs):
+        for k, s in sessions.items():
+            t = time.perf_counter()
+            s.run(None, feeds[k])
+            times[k].append((time.perf_counter() - t) * 1e3)
+    return {k: {"median_ms": float(np.median(v)), "p90_ms": float(np.percentile(v, 90)), "runs": runs,
+                "warmup": warmup} for k, v in times.items()}
