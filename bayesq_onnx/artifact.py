@@ -13,15 +13,24 @@ MODEL, REPORT_JSON, REPORT_MD, BITS_PNG = "model.onnx", "report.json", "report.m
 
 
 def check_output_dir(out: Path) -> None:
-    """Fail early, with nothing created, when ``out`` cannot become a writable directory."""
+    """Fail early, with nothing left behind, when ``out`` cannot become a writable directory.
+
+    Permission bits say little for root or on read-only mounts, so this really creates (and removes) a
+    scratch directory where the first missing part of ``out`` would go.
+    """
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file, not a directory; pass a directory path")
     probe = out
-    while not probe.exists():  # the nearest existing ancestor must let us create what is missing
+    while not probe.exists():
         probe = probe.parent
-    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
-        raise UserError(f"--out {out}: {probe} is not writable; pass a directory you can write to")
+    if not probe.is_dir():
+        raise UserError(f"--out {out}: {probe} is a file, not a directory; pass a directory path")
+    try:
+        Path(tempfile.mkdtemp(prefix=".bayesq-probe-", dir=probe)).rmdir()
+    except OSError as exc:
+        raise UserError(f"--out {out}: cannot write in {probe} ({exc.strerror}); "
+                        "pass a directory you can write to") from exc
 
 
 def write_files(out: Path, files: dict[str, bytes]) -> dict[str, Path]:

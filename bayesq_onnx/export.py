@@ -25,11 +25,12 @@ from .models.base import Batch, ModelBundle
 
 @dataclass(frozen=True)
 class ParameterBinding:
-    """Where a torch parameter lives in the ONNX graph."""
+    """Which torch parameter an initializer holds."""
 
-    parameter: str
     initializer: str
-    transposed: bool  # initializer holds parameterᵀ
+    parameter: str
+    transposed: bool                # the initializer holds parameterᵀ
+    aliases: tuple[str, ...] = ()   # every parameter name sharing this tensor (tied weights)
 
 
 def export_model(bundle: ModelBundle) -> ir.Model:
@@ -48,46 +49,71 @@ def export_model(bundle: ModelBundle) -> ir.Model:
 
 
 def map_parameters(module: torch.nn.Module, model: ir.Model, *, rename: bool = True) -> dict[str, ParameterBinding]:
-    """Bind every float parameter of ``module`` to the initializer holding it (or its transpose).
+    """Bind float initializers to the torch parameter they hold; keyed by (final) initializer name.
 
-    Matching is by exact content (SHA-1 of shape and bytes), so constant folding and renaming by the
-    exporter do not matter. With ``rename``, initializers with generated names take the parameter's name.
-    Parameters the exporter folded into something else (no equal initializer) are absent from the result.
+    An initializer whose name is a parameter's name binds to it directly. Otherwise it binds by exact
+    content (SHA-1 of shape and bytes), as is or transposed, so the exporter's constant folding
+    (``Transpose(weight)`` becomes a new initializer) does not matter. Tied parameters (one tensor under
+    several names) bind together: ``aliases`` lists them, and a tied weight that the graph holds twice
+    (as is for a Gather, transposed for a MatMul) yields two bindings. With ``rename``, initializers with
+    generated names (``val_*``) take their parameter's name, or ``<name>.T`` if that name is taken.
     """
-    index: dict[str, str] = {}
-    for name, value in model.graph.initializers.items():
-        if value.const_value is not None and value.dtype == ir.DataType.FLOAT:
-            index.setdefault(_digest(value.const_value.numpy()), name)
-    bindings: dict[str, ParameterBinding] = {}
+    by_name: dict[str, list[str]] = {}
+    by_digest: dict[str, list[str]] = {}
+    by_digest_t: dict[str, list[str]] = {}
+    tensors: dict[str, torch.Tensor] = {}
     for pname, param in module.named_parameters(remove_duplicate=False):
+        tensors[pname] = param
         data = param.detach().cpu().float().numpy()
-        found = index.get(_digest(data))
-        transposed = False
-        if found is None and data.ndim == 2:
-            found, transposed = index.get(_digest(data.T)), True
-        if found is not None:
-            bindings[pname] = ParameterBinding(pname, found, transposed)
-    if rename:
-        _rename(model, bindings)
-    return bindings
+        by_digest.setdefault(_digest(data), []).append(pname)
+        if data.ndim == 2:
+            by_digest_t.setdefault(_digest(data.T), []).append(pname)
+    for pname, param in tensors.items():  # aliases: same storage
+        by_name[pname] = [q for q, t in tensors.items() if t is param or (
+            t.data_ptr() == param.data_ptr() and t.shape == param.shape)]
+
+    bindings: dict[str, ParameterBinding] = {}
+    for name, value in model.graph.initializers.items():
+        if value.const_value is None or value.dtype != ir.DataType.FLOAT:
+            continue
+        data = value.const_value.numpy()
+        if name in by_name:  # the exporter kept the parameter's name; still check what it holds
+            p = tensors[name].detach().cpu().float().numpy()
+            for transposed, ref in ((False, p), (True, p.T if p.ndim == 2 else None)):
+                if ref is not None and ref.shape == data.shape and np.array_equal(ref, data):
+                    bindings[name] = ParameterBinding(name, name, transposed, tuple(by_name[name]))
+                    break
+            if name in bindings:
+                continue
+        for table, transposed in ((by_digest, False), (by_digest_t, True)):
+            names = table.get(_digest(data))
+            # Several *distinct* parameters with equal values (e.g. freshly initialized biases) are
+            # ambiguous; only bind when they are all one tied tensor.
+            if names and all(n in by_name[names[0]] for n in names):
+                bindings[name] = ParameterBinding(name, names[0], transposed, tuple(by_name[names[0]]))
+                break
+    return _rename(model, bindings) if rename else bindings
 
 
-def _rename(model: ir.Model, bindings: dict[str, ParameterBinding]) -> None:
+def _rename(model: ir.Model, bindings: dict[str, ParameterBinding]) -> dict[str, ParameterBinding]:
     taken = {v.name for v in model.graph.inputs} | {v.name for v in model.graph.outputs}
     taken |= {out.name for node in model.graph for out in node.outputs}
     taken |= set(model.graph.initializers)
-    renamed: dict[str, str] = {}
-    for b in sorted(bindings.values(), key=lambda b: b.parameter):
-        if b.initializer in renamed or not b.initializer.startswith("val_") or b.parameter in taken:
-            continue
-        value = model.graph.initializers.pop(b.initializer)
-        value.name = b.parameter
-        model.graph.register_initializer(value)
-        renamed[b.initializer] = b.parameter
-        taken.add(b.parameter)
-    for key, b in list(bindings.items()):
-        if b.initializer in renamed:
-            bindings[key] = ParameterBinding(b.parameter, renamed[b.initializer], b.transposed)
+    out: dict[str, ParameterBinding] = {}
+    for name in sorted(bindings):
+        b = bindings[name]
+        new = name
+        if name.startswith("val_"):
+            for option in (b.parameter, f"{b.parameter}.T"):
+                if option not in taken:
+                    value = model.graph.initializers.pop(name)
+                    value.name = option
+                    model.graph.register_initializer(value)
+                    taken.add(option)
+                    new = option
+                    break
+        out[new] = ParameterBinding(new, b.parameter, b.transposed, b.aliases)
+    return out
 
 
 def _digest(a: np.ndarray) -> str:

@@ -21,7 +21,7 @@ from . import __version__, artifact
 from .config import CompileConfig
 from .errors import BayesQError, PassFailure, UserError
 from .export import export_model, map_parameters, torch_outputs
-from .models import load_model
+from .models import check_model_spec, load_model
 from .models.base import ModelBundle
 from .passes.collect_weights import CollectWeightsPass, WeightInfo
 from .passes.plan_rtn import PlanRoundToNearestPass
@@ -45,10 +45,12 @@ def compile_model(config: CompileConfig, reporter: Reporter | None = None,
                   bundle: ModelBundle | None = None) -> CompileResult:
     """Compile ``config.model`` (or a ready ``bundle``) into ``config.out``; see DESIGN §1."""
     config.validate()
+    if bundle is None:
+        check_model_spec(config.model)
     rep = reporter or Reporter(quiet=True)
     artifact.check_output_dir(config.out)
     providers, provider_note = resolve_providers(config.provider)
-    rep.note(f"[dim]{provider_note}[/]")
+    rep.note(f"[dim]{provider_note}[/]")  # printed only once every input has been checked
     torch.manual_seed(config.seed)
 
     # ---- load and export --------------------------------------------------------------------------
@@ -67,10 +69,11 @@ def compile_model(config: CompileConfig, reporter: Reporter | None = None,
         with rep.stage("check export against PyTorch"):
             export_check = _check_export(bundle, fp_path)
             all_params = [n for n, _ in bundle.module.named_parameters(remove_duplicate=False)]
+            bound = {alias for b in bindings.values() for alias in b.aliases}
             export_check.update(
-                parameters=len(all_params), parameters_mapped=len(bindings), opset=fp_model.opset_imports[""],
-                # parameters the exporter folded into other constants (e.g. a constant-index Gather)
-                parameters_folded=[n for n in all_params if n not in bindings])
+                parameters=len(all_params), parameters_bound=len(bound), opset=fp_model.opset_imports[""],
+                # parameters the graph does not hold as such: unused, or folded into other constants
+                parameters_unbound=[n for n in all_params if n not in bound])
 
         # ---- analyse: which weights, and (later) what the posterior says about them ---------------
         with rep.stage("analyse weights"):

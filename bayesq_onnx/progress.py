@@ -17,7 +17,7 @@ class Reporter:
     """
 
     def __init__(self, quiet: bool = False):
-        self.console = Console(stderr=True, quiet=quiet, highlight=False)
+        self.console = Console(stderr=True, quiet=quiet, highlight=False, soft_wrap=True)
         self.timings: dict[str, float] = {}
         self._live = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
                               MofNCompleteColumn(), TimeElapsedColumn(), console=self.console, transient=True)

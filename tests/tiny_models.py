@@ -44,9 +44,10 @@ def embedding_model(seed: int = 0, vocab: int = 100, dim: int = 64, opset: int =
     w = rng.normal(0, 0.1, (dim, dim)).astype(np.float32)
     nodes = [helper.make_node("Gather", ["e", "ids"], ["h"], name="gather"),
              helper.make_node("MatMul", ["h", "w"], ["p"], name="mm"),
-             helper.make_node("ReduceMean", ["p"], ["y"], name="mean", axes=[1], keepdims=0)]
+             helper.make_node("ReduceMean", ["p", "axes"], ["y"], name="mean", keepdims=0)]
     graph = helper.make_graph(
         nodes, "emb", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["b", "s"])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", dim])],
-        [numpy_helper.from_array(e, "e"), numpy_helper.from_array(w, "w")])
+        [numpy_helper.from_array(e, "e"), numpy_helper.from_array(w, "w"),
+         numpy_helper.from_array(np.array([1], np.int64), "axes")])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=10)

@@ -11,10 +11,15 @@ MODELS = {
 }
 
 
-def load_model(spec: str, **options) -> ModelBundle:
-    """Build the bundle for MODEL ``spec`` (see ``bayesq models``)."""
+def check_model_spec(spec: str) -> None:
+    """Raise :class:`UserError` unless ``spec`` names a model source."""
     if spec not in MODELS:
         raise UserError(f"unknown model {spec!r}; available: {', '.join(sorted(MODELS))} (see 'bayesq models')")
+
+
+def load_model(spec: str, **options) -> ModelBundle:
+    """Build the bundle for MODEL ``spec`` (see ``bayesq models``)."""
+    check_model_spec(spec)
     import importlib
 
     module = importlib.import_module(f"{__name__}.{MODELS[spec][0]}")

@@ -17,6 +17,7 @@ SCOPES = ("linear", "all")
 # (op type, index of the weight input)
 _LINEAR_CONSUMERS = {"MatMul": 1, "Gemm": 1, "Conv": 1}
 _EMBEDDING_CONSUMERS = {"Gather": 0}
+_WEIGHT_INPUT = {**_LINEAR_CONSUMERS, **_EMBEDDING_CONSUMERS}
 
 
 @dataclass
@@ -37,7 +38,9 @@ class CollectWeightsPass(ir.passes.PassBase):
     """Analysis pass: afterwards ``self.weights`` maps initializer name -> :class:`WeightInfo`.
 
     A weight qualifies when it is a float32 initializer that is not also a graph input (which a user
-    could override), has at least ``min_size`` elements, and every consumer reads it as a weight.
+    could override), has at least ``min_size`` elements, every consumer reads it as a weight (or as a
+    Gather table), and at least one consumer is in scope: a table tied between an embedding Gather and an
+    output Gemm is a Gemm weight, so the default scope quantizes it (both readers see the decoded table).
     The layout comes from the first linear consumer (a tied embedding/projection table is one tensor,
     decoded once; any layout reproduces it exactly).
     """
@@ -54,9 +57,7 @@ class CollectWeightsPass(ir.passes.PassBase):
         self.weights: dict[str, WeightInfo] = {}
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        consumers = dict(_LINEAR_CONSUMERS)
-        if self.scope == "all":
-            consumers.update(_EMBEDDING_CONSUMERS)
+        in_scope = set(_LINEAR_CONSUMERS) | (set(_EMBEDDING_CONSUMERS) if self.scope == "all" else set())
         graph_inputs = {v.name for v in model.graph.inputs}
         self.weights = {}
         for name, value in model.graph.initializers.items():
@@ -67,18 +68,18 @@ class CollectWeightsPass(ir.passes.PassBase):
             shape = tuple(int(d) for d in value.shape)
             if int(np.prod(shape)) < self.min_size:
                 continue
-            layout, ops = self._layout(value, shape, consumers)
-            if layout is None:
+            layout, ops = self._layout(value, shape)
+            if layout is None or not in_scope.intersection(ops):
                 continue
             self.weights[name] = WeightInfo(name, layout, value.const_value.numpy(), ops)
         return ir.passes.PassResult(model, modified=False)
 
     @staticmethod
-    def _layout(value: ir.Value, shape, consumers) -> tuple[WeightLayout | None, tuple[str, ...]]:
+    def _layout(value: ir.Value, shape) -> tuple[WeightLayout | None, tuple[str, ...]]:
         uses = list(value.uses())
         layouts: list[WeightLayout] = []
         for node, index in uses:
-            if node.domain not in ("", "ai.onnx") or consumers.get(node.op_type) != index:
+            if node.domain not in ("", "ai.onnx") or _WEIGHT_INPUT.get(node.op_type) != index:
                 return None, ()  # read as something other than a weight: leave it alone
             trans_b = node.op_type == "Gemm" and bool(node.attributes.get_int("transB", 0))
             try:

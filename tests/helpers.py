@@ -1,0 +1,71 @@
+"""Shared test helpers: plan every weight of a tiny model with one candidate, run models in ORT."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+import torch
+
+from bayesq_onnx.passes.collect_weights import CollectWeightsPass
+from bayesq_onnx.passes.plan_rtn import fit_minmax
+from bayesq_onnx.passes.quantize_weights import QuantizeWeightsPass
+from bayesq_onnx.passes.upgrade_opset import UpgradeOpsetPass
+from bayesq_onnx.plan import Candidate, Plan, QuantizedTensor
+from bayesq_onnx.quant import codebook
+from bayesq_onnx.runtime.session import SIZE_MODE_SESSION_CONFIG
+
+
+def plan_all(proto: onnx.ModelProto, cand: Candidate, scope: str = "all", seed: int = 0) -> Plan:
+    """A plan giving every weight ``cand``: min-max for uniform, random sorted levels for codebooks."""
+    model = ir.serde.deserialize_model(proto)
+    collect = CollectWeightsPass(scope=scope, min_size=1)
+    collect(model)
+    rng = np.random.default_rng(seed)
+    tensors = {}
+    for name, w in collect.weights.items():
+        lay = w.layout
+        if cand.family == "uniform":
+            tensors[name] = fit_minmax(w, cand)
+        elif cand.family == "codebook":
+            levels = np.sort(rng.normal(0, w.array.std(), (lay.rows // cand.group_size, 2**cand.bits)), axis=1)
+            levels = levels.astype(np.float16)
+            w2 = lay.to_canonical(torch.from_numpy(np.array(w.array)))
+            codes = codebook.nearest_codes(w2, torch.from_numpy(levels), cand.group_size).numpy()
+            tensors[name] = QuantizedTensor(name, lay, cand, codes=codes, levels=levels)
+        else:
+            tensors[name] = QuantizedTensor(name, lay, cand, values=w.array)
+    return Plan("test", tensors)
+
+
+def rewrite(proto: onnx.ModelProto, plan: Plan) -> tuple[ir.Model, list[bool]]:
+    """Upgrade + quantize; returns the model and the passes' ``modified`` flags."""
+    model = ir.serde.deserialize_model(proto)
+    flags = [UpgradeOpsetPass(plan.min_opset)(model).modified, QuantizeWeightsPass(plan)(model).modified]
+    return model, flags
+
+
+def reference_model(proto: onnx.ModelProto, plan: Plan) -> onnx.ModelProto:
+    """The FP32 model with every planned weight replaced by the plan's numpy dequantization."""
+    ref = onnx.ModelProto()
+    ref.CopyFrom(proto)
+    for init in ref.graph.initializer:
+        if init.name in plan.tensors:
+            init.CopyFrom(onnx.numpy_helper.from_array(plan.tensors[init.name].dequantize(), init.name))
+    return ref
+
+
+def run(model: onnx.ModelProto | ir.Model | bytes, feed: dict, config: dict | None = None,
+        optimized_path: str | None = None) -> np.ndarray:
+    if isinstance(model, ir.Model):
+        model = ir.serde.serialize_model(model)
+    if isinstance(model, onnx.ModelProto):
+        model = model.SerializeToString()
+    options = ort.SessionOptions()
+    for k, v in (config if config is not None else SIZE_MODE_SESSION_CONFIG).items():
+        options.add_session_config_entry(k, v)
+    if optimized_path:
+        options.optimized_model_filepath = optimized_path
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"]).run(None, feed)[0]

@@ -1,0 +1,86 @@
+"""The CLI: help, model listing, and bad input -> one line on stderr, exit code 2, nothing written."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from bayesq_onnx.cli import main
+from bayesq_onnx.runtime.session import cuda_status
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, list(args), catch_exceptions=False)
+
+
+def test_help_lists_commands():
+    r = invoke("--help")
+    assert r.exit_code == 0 and "compile" in r.output and "models" in r.output
+    r = invoke("compile", "--help")
+    assert r.exit_code == 0 and "--bits" in r.output and "--provider" in r.output
+
+
+def test_models_lists_minilm():
+    r = invoke("models")
+    assert r.exit_code == 0 and r.output.startswith("minilm")
+
+
+def _assert_user_error(result, out, needle):
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], result.stderr
+    assert "Traceback" not in result.output
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["no-such-model"], "unknown model 'no-such-model'"),
+    (["--bits", "5"], "--bits 5 is not available"),
+    (["--bits", "3.5"], "--bits 3.5 is not available"),
+    (["--group-size", "48"], "power of two"),
+    (["--calib-size", "0"], "--calib-size must be at least 1"),
+])
+def test_bad_arguments(tmp_path, args, needle):
+    out = tmp_path / "out"
+    _assert_user_error(invoke("compile", *args, "--out", str(out)), out, needle)
+
+
+def test_out_under_a_file(tmp_path):
+    (tmp_path / "file").write_text("x")
+    out = tmp_path / "file" / "sub"
+    _assert_user_error(invoke("compile", "--out", str(out)), out, "is a file")
+
+
+def test_out_is_a_file(tmp_path):
+    out = tmp_path / "file"
+    out.write_text("keep me")
+    r = invoke("compile", "--out", str(out))
+    assert r.exit_code == 2 and "is a file" in r.stderr and out.read_text() == "keep me"
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs a read-only /proc")
+def test_out_not_writable(tmp_path):
+    out = "/proc/self/bayesq-out"
+    r = invoke("compile", "--out", out)
+    assert r.exit_code == 2 and "cannot write" in r.stderr
+
+
+@pytest.mark.skipif(cuda_status()[0], reason="CUDA is usable here")
+def test_provider_cuda_without_cuda(tmp_path):
+    out = tmp_path / "out"
+    _assert_user_error(invoke("compile", "--provider", "cuda", "--out", str(out)), out, "--provider cuda")
+
+
+def test_console_script_exit_code(tmp_path):
+    """The installed entry point, as a user runs it: exit 2 and a single stderr line."""
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "bayesq_onnx", "compile", "--bits", "7", "--out", str(out)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == ["error: --bits 7 is not available for --method rtn; "
+                                                "choose one of 2, 3, 4, 8"]
+    assert not out.exists()

@@ -1,0 +1,44 @@
+"""End to end on the real bundled model (all-MiniLM-L6-v2), on a small slice of the text data."""
+
+from __future__ import annotations
+
+import json
+
+import onnx
+import pytest
+
+from bayesq_onnx.config import CompileConfig
+from bayesq_onnx.pipeline import compile_model
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    out = tmp_path_factory.mktemp("minilm") / "out"
+    config = CompileConfig(model="minilm", bits=8, out=out, calib_size=32, eval_size=64, latency_runs=2,
+                           latency_warmup=1, latency_batch=2, latency_seq=16)
+    return compile_model(config), out
+
+
+def test_minilm_compiles_and_stays_faithful_at_8_bits(compiled):
+    result, out = compiled
+    report = json.loads((out / "report.json").read_text())
+    assert report["export"]["max_abs_diff"] < 1e-4
+    assert report["plan"]["method"] == "rtn"
+    # every Linear layer of the six transformer blocks: q, k, v, attention output, intermediate, output
+    assert report["bits"]["quantized_tensors"] == 36
+    assert report["bits"]["all_in"] == pytest.approx(report["bits"]["all_in_from_file"], rel=1e-12)
+    assert 8 < report["bits"]["all_in"] < 8.2
+    assert report["fidelity"]["cosine_mean"] > 0.995
+    assert report["fidelity"]["items"] == 64
+    assert report["latency"]["feed"] == "input_ids 2×16, attention_mask 2×16"
+    assert report["sizes"]["artifact_bytes"] < report["sizes"]["fp32_bytes"]
+    onnx.checker.check_model(onnx.load(out / "model.onnx"), full_check=True)
+
+
+def test_minilm_report_markdown_and_plot(compiled):
+    _, out = compiled
+    md = (out / "report.md").read_text()
+    assert "cosine_mean" in md and "all-in" in md
+    assert (out / "bits.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
