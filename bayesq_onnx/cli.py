@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from .config import DEFAULT_METHOD, METHODS, CompileConfig
+from .config import CURVATURES, DEFAULT_METHOD, FAMILIES, FISHERS, METHODS, CompileConfig
 from .errors import BayesQError, UserError
 from .passes.collect_weights import SCOPES
 from .runtime.session import PROVIDERS
@@ -33,9 +33,25 @@ def main():
               help="Average all-in bits per weight (codes + scales + zero points + codebooks). "
                    "rtn: one of 2, 3, 4, 8.")
 @click.option("--method", type=click.Choice(METHODS), default=DEFAULT_METHOD, show_default=True,
-              help="Planner: rtn = round-to-nearest baseline, per-row asymmetric min-max.")
+              help="Planner: rtn = round-to-nearest baseline (per-row min-max); bayesq-fixed = one bit-width, "
+                   "every quantizer designed and rounded on the Laplace posterior.")
+@click.option("--family", type=click.Choice(FAMILIES), default="uniform", show_default=True,
+              help="bayesq-fixed: uniform grids (DequantizeLinear) or per-row codebooks (FP16 levels).")
 @click.option("--group-size", type=int, default=0, show_default=True,
-              help="Input channels sharing one scale (0: one scale per output row).")
+              help="Uniform: input channels sharing one scale (0: one scale per output row).")
+@click.option("--codebook-rows", type=int, default=1, show_default=True, help="Codebook: rows sharing one table.")
+@click.option("--curvature", type=click.Choice(CURVATURES), default="kfac", show_default=True,
+              help="Posterior precision: diag (Laplace diagonal), kfac (A ⊗ G; GPTQ-style error feedback), "
+                   "lowrank (diagonal + top-k GGN directions).")
+@click.option("--fisher", type=click.Choice(FISHERS), default="true", show_default=True,
+              help="true: targets sampled from the model (no labels); empirical: the data's labels.")
+@click.option("--fisher-samples", type=int, default=1, show_default=True, help="Target samples per item.")
+@click.option("--rank", type=int, default=8, show_default=True, help="lowrank: directions per layer.")
+@click.option("--n-data", type=float, default=None, help="Effective data size N in Λ = N·F + τ [calibration items].")
+@click.option("--prior-precision", type=float, default=None,
+              help="Prior precision τ [empirical Bayes per layer].")
+@click.option("--temperature", type=float, default=1.0, show_default=True,
+              help="Posterior temperature in the design objective (0: design on the trained weights alone).")
 @click.option("--scope", type=click.Choice(SCOPES), default="linear", show_default=True,
               help="linear: Conv/Gemm/MatMul weights; all: also Gather embedding tables.")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("bayesq-out"), show_default=True,
@@ -51,13 +67,17 @@ def main():
 @click.option("--verify-each", is_flag=True, help="Run onnx.checker after every pass.")
 @click.option("--dump-dir", type=click.Path(path_type=Path), default=None, help="Save the model after every pass.")
 @click.option("-q", "--quiet", is_flag=True, help="Print only the final summary line.")
-def compile(model, bits, method, group_size, scope, out, calib_size, eval_size, provider, seed,
+def compile(model, bits, method, family, group_size, codebook_rows, curvature, fisher, fisher_samples, rank,
+            n_data, prior_precision, temperature, scope, out, calib_size, eval_size, provider, seed,
             latency_runs, latency_batch, latency_seq, verify_each, dump_dir, quiet):
     """Quantize MODEL (default: minilm) and validate it in ONNX Runtime."""
     from .pipeline import compile_model
     from .progress import Reporter
 
-    config = CompileConfig(model=model, bits=bits, method=method, group_size=group_size, scope=scope, out=out,
+    config = CompileConfig(model=model, bits=bits, method=method, family=family, group_size=group_size,
+                           codebook_rows=codebook_rows, curvature=curvature, fisher=fisher,
+                           fisher_samples=fisher_samples, rank=rank, n_data=n_data,
+                           prior_precision=prior_precision, temperature=temperature, scope=scope, out=out,
                            calib_size=calib_size, eval_size=eval_size, provider=provider, seed=seed,
                            latency_runs=latency_runs, latency_batch=latency_batch, latency_seq=latency_seq,
                            verify_each=verify_each, dump_dir=dump_dir)

@@ -10,8 +10,11 @@ from .passes.collect_weights import SCOPES
 from .plan import CODE_BITS
 from .runtime.session import PROVIDERS
 
-METHODS = ("rtn",)
+METHODS = ("rtn", "bayesq-fixed")
 DEFAULT_METHOD = "rtn"
+FAMILIES = ("uniform", "codebook")
+CURVATURES = ("diag", "kfac", "lowrank")
+FISHERS = ("true", "empirical")
 
 
 @dataclass(frozen=True)
@@ -22,6 +25,15 @@ class CompileConfig:
     bits: float = 4.0
     method: str = DEFAULT_METHOD
     group_size: int = 0          # uniform: input channels per scale (0: one scale per output row)
+    family: str = "uniform"      # bayesq-fixed: uniform | codebook
+    codebook_rows: int = 1       # codebook: rows sharing one table
+    curvature: str = "kfac"      # posterior form: diag | kfac | lowrank
+    fisher: str = "true"         # true (targets sampled from the model) | empirical (labels)
+    fisher_samples: int = 1      # target samples per calibration item
+    rank: int = 8                # low-rank directions per layer
+    n_data: float | None = None  # effective data size N (default: calibration items)
+    prior_precision: float | None = None  # τ (default: empirical Bayes per layer)
+    temperature: float = 1.0     # posterior temperature in the design objective (0: design on μ alone)
     scope: str = "linear"        # linear: Conv/Gemm/MatMul weights; all: + Gather embedding tables
     out: Path = Path("bayesq-out")
     calib_size: int = 256
@@ -40,9 +52,19 @@ class CompileConfig:
         """Raise :class:`UserError` for settings no compile can satisfy."""
         if self.method not in METHODS:
             raise UserError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
-        if self.method == "rtn" and self.bits not in CODE_BITS:
-            raise UserError(f"--bits {self.bits:g} is not available for --method rtn; "
+        if self.method in ("rtn", "bayesq-fixed") and self.bits not in CODE_BITS:
+            raise UserError(f"--bits {self.bits:g} is not available for --method {self.method}; "
                             f"choose one of {', '.join(map(str, CODE_BITS))}")
+        for name, allowed in (("family", FAMILIES), ("curvature", CURVATURES), ("fisher", FISHERS)):
+            if getattr(self, name) not in allowed:
+                raise UserError(f"unknown {name} {getattr(self, name)!r}; choose one of {', '.join(allowed)}")
+        if self.codebook_rows < 1:
+            raise UserError("--codebook-rows must be at least 1")
+        if self.fisher_samples < 1 or self.rank < 1:
+            raise UserError("--fisher-samples and --rank must be at least 1")
+        if self.temperature < 0 or (self.n_data is not None and self.n_data <= 0) or (
+                self.prior_precision is not None and self.prior_precision <= 0):
+            raise UserError("--temperature must be >= 0; --n-data and --prior-precision must be > 0")
         if self.scope not in SCOPES:
             raise UserError(f"unknown scope {self.scope!r}; choose one of {', '.join(SCOPES)}")
         if self.provider not in PROVIDERS:

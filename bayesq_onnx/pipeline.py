@@ -24,10 +24,12 @@ from .export import export_model, map_parameters, torch_outputs
 from .models import check_model_spec, load_model
 from .models.base import ModelBundle
 from .passes.collect_weights import CollectWeightsPass, WeightInfo
+from .passes.fit_posterior import FitPosteriorPass
+from .passes.plan_bayesq_fixed import PlanBayesFixedPass
 from .passes.plan_rtn import PlanRoundToNearestPass
 from .passes.quantize_weights import QuantizeWeightsPass
 from .passes.upgrade_opset import UpgradeOpsetPass
-from .plan import Plan
+from .plan import Candidate, Plan
 from .progress import Reporter
 from .report import bits_plot, file_accounting, to_json_bytes, to_markdown
 from .runtime.latency import compare_latency
@@ -75,17 +77,25 @@ def compile_model(config: CompileConfig, reporter: Reporter | None = None,
                 # parameters the graph does not hold as such: unused, or folded into other constants
                 parameters_unbound=[n for n in all_params if n not in bound])
 
-        # ---- analyse: which weights, and (later) what the posterior says about them ---------------
+        # ---- analyse: which weights, and what the posterior says about them ------------------------
         with rep.stage("analyse weights"):
             collect = CollectWeightsPass(scope=config.scope)
             _run(collect, fp_model, config)
             weights = collect.weights
             if not weights:
                 raise UserError(f"model {config.model!r} has no weights in scope {config.scope!r} to quantize")
+        posteriors = None
+        if config.method != "rtn":
+            with rep.stage(f"fit posterior ({config.curvature}, {config.fisher} Fisher)"):
+                posteriors = FitPosteriorPass(
+                    bundle, bindings, curvature=config.curvature, fisher=config.fisher,
+                    samples=config.fisher_samples, rank=config.rank, n_data=config.n_data,
+                    prior_precision=config.prior_precision, seed=config.seed,
+                    progress=lambda b, i: rep.track(b, f"calibration pass {i + 1}"))(weights)
 
         # ---- plan: one candidate per weight, with the exact values to store -------------------------
         with rep.stage(f"plan ({config.method})"):
-            plan = _plan(config, weights)
+            plan = _plan(config, weights, posteriors, rep)
 
         # ---- rewrite the ONNX graph --------------------------------------------------------------
         with rep.stage("rewrite ONNX"):
@@ -133,9 +143,20 @@ def compile_model(config: CompileConfig, reporter: Reporter | None = None,
     return CompileResult(files[artifact.MODEL], report, plan)
 
 
-def _plan(config: CompileConfig, weights: dict[str, WeightInfo]) -> Plan:
+def _plan(config: CompileConfig, weights: dict[str, WeightInfo], posteriors, rep: Reporter) -> Plan:
     if config.method == "rtn":
         return PlanRoundToNearestPass(int(config.bits), group_size=config.group_size)(weights)
+    if config.method == "bayesq-fixed":
+        group = config.codebook_rows if config.family == "codebook" else config.group_size
+        for w in weights.values():
+            if config.family == "codebook" and w.layout.rows % group:
+                raise UserError(f"--codebook-rows {group} does not divide the {w.layout.rows} rows of {w.name}")
+            if config.family == "uniform" and group and w.layout.in_channels % group:
+                raise UserError(f"group size {group} does not divide the {w.layout.in_channels} input "
+                                f"channels of {w.name}; pick a divisor or --group-size 0 (per row)")
+        cand = Candidate(config.family, int(config.bits), group)
+        return PlanBayesFixedPass(cand, posteriors, curvature=config.curvature, temperature=config.temperature,
+                                  progress=lambda n: rep.track(n, "design quantizers"))(weights)
     raise UserError(f"unknown method {config.method!r}")
 
 

@@ -31,6 +31,8 @@ class ModelBundle:
     metric: Callable[[np.ndarray, np.ndarray], dict]
     headline: str
     info: dict = field(default_factory=dict)
+    likelihood: str = "gaussian"                        # the output's likelihood for the Fisher: gaussian | categorical
+    calibration_targets: list[np.ndarray] | None = None  # labels, for the empirical Fisher
 
     def example_inputs(self) -> tuple[torch.Tensor, ...]:
         first = self.calibration[0]
