@@ -7,7 +7,8 @@ from pathlib import Path
 
 import click
 
-from .config import CURVATURES, DEFAULT_METHOD, FAMILIES, FISHERS, METHODS, CompileConfig
+from .candidates import TARGETS
+from .config import CURVATURES, DEFAULT_METHOD, FAMILIES, FISHERS, METHODS, RISKS, CompileConfig
 from .errors import BayesQError, UserError
 from .passes.collect_weights import SCOPES
 from .runtime.session import PROVIDERS
@@ -21,8 +22,8 @@ def main():
 
     \b
     Quick start:
-      bayesq compile                     # bundled MiniLM, 4-bit, into ./bayesq-out
-      bayesq compile minilm --bits 3 --out out/minilm-3b
+      bayesq compile                     # bundled MiniLM, 4.0 all-in bits, into ./bayesq-out
+      bayesq compile minilm --bits 3.5 --out out/minilm-3.5
       bayesq models                      # what MODEL can be
     """
 
@@ -30,11 +31,19 @@ def main():
 @main.command()
 @click.argument("model", default="minilm")
 @click.option("--bits", type=float, default=4.0, show_default=True,
-              help="Average all-in bits per weight (codes + scales + zero points + codebooks). "
-                   "rtn: one of 2, 3, 4, 8.")
+              help="Budget: average all-in bits per weight (codes + scales + zero points + codebooks). "
+                   "bayesq takes any reachable value (e.g. 3.5); rtn and bayesq-fixed one of 2, 3, 4, 8.")
 @click.option("--method", type=click.Choice(METHODS), default=DEFAULT_METHOD, show_default=True,
-              help="Planner: rtn = round-to-nearest baseline (per-row min-max); bayesq-fixed = one bit-width, "
-                   "every quantizer designed and rounded on the Laplace posterior.")
+              help="Planner: bayesq = Bayesian design + mixed precision by knapsack under the budget; "
+                   "bayesq-fixed = one bit-width, Bayesian design; rtn = round-to-nearest baseline.")
+@click.option("--target", type=click.Choice(TARGETS), default="size", show_default=True,
+              help="bayesq: size (any stored form, decodes fold at load), speed (Linear as 4/8-bit blocks "
+                   "ORT fuses to MatMulNBits), cuda (4/8-bit and FP16 only).")
+@click.option("--keep-first-last", is_flag=True, help="bayesq: pin the first and last quantized layers to 8-bit.")
+@click.option("--overrides", type=click.Path(path_type=Path), default=None,
+              help="bayesq: JSON/YAML file mapping tensor-name patterns to allowed candidate labels.")
+@click.option("--risk", type=click.Choice(RISKS), default="closed", show_default=True,
+              help="bayesq: closed-form posterior risk, or Monte Carlo on calibration data (slower).")
 @click.option("--family", type=click.Choice(FAMILIES), default="uniform", show_default=True,
               help="bayesq-fixed: uniform grids (DequantizeLinear) or per-row codebooks (FP16 levels).")
 @click.option("--group-size", type=int, default=0, show_default=True,
@@ -47,10 +56,11 @@ def main():
               help="true: targets sampled from the model (no labels); empirical: the data's labels.")
 @click.option("--fisher-samples", type=int, default=1, show_default=True, help="Target samples per item.")
 @click.option("--rank", type=int, default=8, show_default=True, help="lowrank: directions per layer.")
-@click.option("--n-data", type=float, default=None, help="Effective data size N in Λ = N·F + τ [calibration items].")
+@click.option("--n-data", type=float, default=1e6, show_default=True,
+              help="Effective data size N in Λ = N·F + τ (the pretrained model's data, not the calibration set).")
 @click.option("--prior-precision", type=float, default=None,
               help="Prior precision τ [empirical Bayes per layer].")
-@click.option("--temperature", type=float, default=1.0, show_default=True,
+@click.option("--temperature", type=float, default=0.0, show_default=True,
               help="Posterior temperature in the design objective (0: design on the trained weights alone).")
 @click.option("--scope", type=click.Choice(SCOPES), default="linear", show_default=True,
               help="linear: Conv/Gemm/MatMul weights; all: also Gather embedding tables.")
@@ -67,14 +77,15 @@ def main():
 @click.option("--verify-each", is_flag=True, help="Run onnx.checker after every pass.")
 @click.option("--dump-dir", type=click.Path(path_type=Path), default=None, help="Save the model after every pass.")
 @click.option("-q", "--quiet", is_flag=True, help="Print only the final summary line.")
-def compile(model, bits, method, family, group_size, codebook_rows, curvature, fisher, fisher_samples, rank,
+def compile(model, bits, method, target, keep_first_last, overrides, risk, family, group_size, codebook_rows, curvature, fisher, fisher_samples, rank,
             n_data, prior_precision, temperature, scope, out, calib_size, eval_size, provider, seed,
             latency_runs, latency_batch, latency_seq, verify_each, dump_dir, quiet):
     """Quantize MODEL (default: minilm) and validate it in ONNX Runtime."""
     from .pipeline import compile_model
     from .progress import Reporter
 
-    config = CompileConfig(model=model, bits=bits, method=method, family=family, group_size=group_size,
+    config = CompileConfig(model=model, bits=bits, method=method, target=target, keep_first_last=keep_first_last,
+                           overrides=overrides, risk=risk, family=family, group_size=group_size,
                            codebook_rows=codebook_rows, curvature=curvature, fisher=fisher,
                            fisher_samples=fisher_samples, rank=rank, n_data=n_data,
                            prior_precision=prior_precision, temperature=temperature, scope=scope, out=out,

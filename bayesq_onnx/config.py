@@ -10,8 +10,9 @@ from .passes.collect_weights import SCOPES
 from .plan import CODE_BITS
 from .runtime.session import PROVIDERS
 
-METHODS = ("rtn", "bayesq-fixed")
-DEFAULT_METHOD = "rtn"
+METHODS = ("bayesq", "bayesq-fixed", "rtn")
+DEFAULT_METHOD = "bayesq"
+RISKS = ("closed", "mc")
 FAMILIES = ("uniform", "codebook")
 CURVATURES = ("diag", "kfac", "lowrank")
 FISHERS = ("true", "empirical")
@@ -31,9 +32,16 @@ class CompileConfig:
     fisher: str = "true"         # true (targets sampled from the model) | empirical (labels)
     fisher_samples: int = 1      # target samples per calibration item
     rank: int = 8                # low-rank directions per layer
-    n_data: float | None = None  # effective data size N (default: calibration items)
+    # Effective data size N in Λ = N·F + τ. The data a pretrained model was fitted to is unknown here and
+    # far larger than the calibration set; with N = 256 calibration items the prior outweighs the data term
+    # 10–30× and the design degrades (README: sensitivity to N). 10^6 is the order of a training corpus.
+    n_data: float | None = 1e6
     prior_precision: float | None = None  # τ (default: empirical Bayes per layer)
-    temperature: float = 1.0     # posterior temperature in the design objective (0: design on μ alone)
+    temperature: float = 0.0     # posterior temperature in the design objective (0: design on μ alone)
+    target: str = "size"         # bayesq: size | speed | cuda (which candidates each op may take)
+    keep_first_last: bool = False  # bayesq: pin the first and last quantized layers to 8-bit
+    overrides: Path | None = None  # bayesq: JSON/YAML file, tensor-name pattern -> allowed candidate labels
+    risk: str = "closed"         # bayesq: closed-form proxy or Monte Carlo on calibration data
     scope: str = "linear"        # linear: Conv/Gemm/MatMul weights; all: + Gather embedding tables
     out: Path = Path("bayesq-out")
     calib_size: int = 256
@@ -55,7 +63,12 @@ class CompileConfig:
         if self.method in ("rtn", "bayesq-fixed") and self.bits not in CODE_BITS:
             raise UserError(f"--bits {self.bits:g} is not available for --method {self.method}; "
                             f"choose one of {', '.join(map(str, CODE_BITS))}")
-        for name, allowed in (("family", FAMILIES), ("curvature", CURVATURES), ("fisher", FISHERS)):
+        if self.method == "bayesq" and not 1.0 <= self.bits <= 32.0:
+            raise UserError(f"--bits {self.bits:g} is outside any candidate set; budgets lie between 1 and 32")
+        from .candidates import TARGETS
+
+        for name, allowed in (("family", FAMILIES), ("curvature", CURVATURES), ("fisher", FISHERS),
+                              ("target", TARGETS), ("risk", RISKS)):
             if getattr(self, name) not in allowed:
                 raise UserError(f"unknown {name} {getattr(self, name)!r}; choose one of {', '.join(allowed)}")
         if self.codebook_rows < 1:
@@ -82,4 +95,5 @@ class CompileConfig:
         d = asdict(self)
         d["out"] = str(self.out)
         d["dump_dir"] = str(self.dump_dir) if self.dump_dir else None
+        d["overrides"] = str(self.overrides) if self.overrides else None
         return d

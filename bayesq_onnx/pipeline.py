@@ -17,7 +17,7 @@ import onnx
 import onnx_ir as ir
 import torch
 
-from . import __version__, artifact
+from . import __version__, artifact, candidates
 from .config import CompileConfig
 from .errors import BayesQError, PassFailure, UserError
 from .export import export_model, map_parameters, torch_outputs
@@ -25,6 +25,8 @@ from .models import check_model_spec, load_model
 from .models.base import ModelBundle
 from .passes.collect_weights import CollectWeightsPass, WeightInfo
 from .passes.fit_posterior import FitPosteriorPass
+from .passes.mc_risk import MonteCarloRisk
+from .passes.plan_bayesq import PlanBayesQPass
 from .passes.plan_bayesq_fixed import PlanBayesFixedPass
 from .passes.plan_rtn import PlanRoundToNearestPass
 from .passes.quantize_weights import QuantizeWeightsPass
@@ -33,7 +35,7 @@ from .plan import Candidate, Plan
 from .progress import Reporter
 from .report import bits_plot, file_accounting, to_json_bytes, to_markdown
 from .runtime.latency import compare_latency
-from .runtime.session import SIZE_MODE_SESSION_CONFIG, make_session, resolve_providers, run_batches
+from .runtime.session import make_session, resolve_providers, run_batches, session_config_for
 
 
 @dataclass
@@ -49,6 +51,7 @@ def compile_model(config: CompileConfig, reporter: Reporter | None = None,
     config.validate()
     if bundle is None:
         check_model_spec(config.model)
+    overrides = candidates.load_overrides(config.overrides) if config.overrides else None
     rep = reporter or Reporter(quiet=True)
     artifact.check_output_dir(config.out)
     providers, provider_note = resolve_providers(config.provider)
@@ -84,6 +87,12 @@ def compile_model(config: CompileConfig, reporter: Reporter | None = None,
             weights = collect.weights
             if not weights:
                 raise UserError(f"model {config.model!r} has no weights in scope {config.scope!r} to quantize")
+        allowed = None
+        if config.method == "bayesq":
+            order = sorted(weights, key=lambda n: (weights[n].first_use, n))
+            allowed = candidates.allowed(weights, target=config.target, keep_first_last=config.keep_first_last,
+                                         overrides=overrides, order=order)
+            candidates.check_budget(config.bits, weights, allowed)  # before the expensive analysis
         posteriors = None
         if config.method != "rtn":
             with rep.stage(f"fit posterior ({config.curvature}, {config.fisher} Fisher)"):
@@ -95,7 +104,7 @@ def compile_model(config: CompileConfig, reporter: Reporter | None = None,
 
         # ---- plan: one candidate per weight, with the exact values to store -------------------------
         with rep.stage(f"plan ({config.method})"):
-            plan = _plan(config, weights, posteriors, rep)
+            plan = _plan(config, weights, posteriors, allowed, bundle, bindings, rep)
 
         # ---- rewrite the ONNX graph --------------------------------------------------------------
         with rep.stage("rewrite ONNX"):
@@ -105,7 +114,7 @@ def compile_model(config: CompileConfig, reporter: Reporter | None = None,
             q_model.metadata_props.update({
                 "bayesq.version": __version__, "bayesq.method": plan.method,
                 "bayesq.all_in_bits": f"{plan.all_in_bits:.6f}",
-                "bayesq.ort_session_config": json.dumps(SIZE_MODE_SESSION_CONFIG, sort_keys=True)})
+                "bayesq.ort_session_config": json.dumps(session_config_for(config.target), sort_keys=True)})
             q_bytes = _serialize(q_model)
             onnx.checker.check_model(onnx.load_from_string(q_bytes), full_check=True)
             accounting = file_accounting(q_bytes, plan)
@@ -131,7 +140,7 @@ def compile_model(config: CompileConfig, reporter: Reporter | None = None,
         "latency": validation["latency"],
         "session_start_s": validation["session_start_s"],
         "provider": {"requested": config.provider, "used": providers[0], "note": provider_note,
-                     "artifact_session_config": SIZE_MODE_SESSION_CONFIG},
+                     "artifact_session_config": session_config_for(config.target)},
         "plan": plan.to_json(),
         "timings_s": dict(rep.timings),
         "seed": config.seed,
@@ -143,7 +152,14 @@ def compile_model(config: CompileConfig, reporter: Reporter | None = None,
     return CompileResult(files[artifact.MODEL], report, plan)
 
 
-def _plan(config: CompileConfig, weights: dict[str, WeightInfo], posteriors, rep: Reporter) -> Plan:
+def _plan(config: CompileConfig, weights: dict[str, WeightInfo], posteriors, allowed, bundle, bindings,
+          rep: Reporter) -> Plan:
+    if config.method == "bayesq":
+        mc = MonteCarloRisk(bundle, bindings, temperature=config.temperature, seed=config.seed) \
+            if config.risk == "mc" else None
+        return PlanBayesQPass(config.bits, posteriors, allowed, curvature=config.curvature,
+                              temperature=config.temperature, mc_risk=mc,
+                              progress=lambda n: rep.track(n, "risk tables"))(weights)
     if config.method == "rtn":
         return PlanRoundToNearestPass(int(config.bits), group_size=config.group_size)(weights)
     if config.method == "bayesq-fixed":
@@ -197,7 +213,7 @@ def _check_export(bundle: ModelBundle, fp_path: Path, batches: int = 2) -> dict:
 def _validate(bundle: ModelBundle, fp_path: Path, q_path: Path, providers: list[str],
               config: CompileConfig, rep: Reporter) -> dict:
     fp_session, fp_start = make_session(fp_path, providers)
-    q_session, q_start = make_session(q_path, providers, SIZE_MODE_SESSION_CONFIG)
+    q_session, q_start = make_session(q_path, providers, session_config_for(config.target))
     reference = run_batches(fp_session, bundle.evaluation, progress=lambda b: rep.track(b, "FP32 outputs"))
     candidate = run_batches(q_session, bundle.evaluation, progress=lambda b: rep.track(b, "quantized outputs"))
     fidelity = bundle.metric(reference, candidate)

@@ -54,7 +54,8 @@ class Candidate:
             per = "row" if self.group_size == 1 else f"{self.group_size}rows"
             return f"codebook{self.bits}-{per}"
         per = "row" if self.group_size == 0 else f"g{self.group_size}"
-        return f"{'int' if self.symmetric else 'uint'}{self.bits}-{per}"
+        scale = "-s32" if self.scale_dtype == "float32" else ""
+        return f"{'int' if self.symmetric else 'uint'}{self.bits}-{per}{scale}"
 
     def to_json(self) -> dict:
         return {"family": self.family, "bits": self.bits, "group_size": self.group_size,
@@ -79,6 +80,19 @@ class QuantizedTensor:
     levels: np.ndarray | None = None
     values: np.ndarray | None = None
     info: dict = field(default_factory=dict)
+
+    @classmethod
+    def placeholder(cls, name: str, layout: WeightLayout, candidate: Candidate) -> "QuantizedTensor":
+        """Zero-valued arrays of the right shapes: its :meth:`stored_bits` is the candidate's exact cost."""
+        rows, cols, c = layout.rows, layout.cols, candidate
+        if c.family == "float":
+            return cls(name, layout, c, values=np.zeros(layout.shape, np.float32))
+        codes = np.zeros((rows, cols), np.int16)
+        if c.family == "codebook":
+            return cls(name, layout, c, codes=codes, levels=np.zeros((rows // c.group_size, 2**c.bits), np.float16))
+        groups = 1 if c.group_size == 0 else cols // c.group_size
+        return cls(name, layout, c, codes=codes, scale=np.ones((rows, groups), np.float32),
+                   zero=np.zeros((rows, groups), np.float32))
 
     @property
     def n_weights(self) -> int:

@@ -42,3 +42,20 @@ def test_minilm_report_markdown_and_plot(compiled):
     md = (out / "report.md").read_text()
     assert "cosine_mean" in md and "all-in" in md
     assert (out / "bits.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bayesian_quantizer_beats_rtn_on_minilm(tmp_path):
+    """At 3 bits the posterior-designed, error-fed-back quantizer must beat round-to-nearest clearly."""
+    from bayesq_onnx.models import load_model
+
+    bundle = load_model("minilm", calib_size=32, eval_size=64)
+    common = dict(model="minilm", bits=3, calib_size=32, eval_size=64, latency_runs=1, latency_warmup=0,
+                  latency_batch=1, latency_seq=8)
+    rtn = compile_model(CompileConfig(out=tmp_path / "rtn", method="rtn", **common), bundle=bundle).report
+    bq = compile_model(CompileConfig(out=tmp_path / "bq", method="bayesq-fixed", curvature="kfac", **common),
+                       bundle=bundle).report
+    assert bq["bits"]["all_in"] == pytest.approx(rtn["bits"]["all_in"])
+    assert bq["fidelity"]["cosine_mean"] > rtn["fidelity"]["cosine_mean"] + 0.1
+    assert bq["plan"]["method"] == "bayesq-fixed"
+    t = bq["plan"]["tensors"][0]
+    assert t["curvature"] == "kfac" and t["fisher_mass"] > 0 and t["whitened_error"] > 0

@@ -37,4 +37,5 @@ def tiny_bundle(seed: int = 0, calib: int = 4, evaluation: int = 4) -> ModelBund
         name="tiny-lm", module=module, input_names=["ids"], output_names=["logits"],
         dynamic_axes={"ids": {0: "batch", 1: "sequence"}},
         calibration=[batch() for _ in range(calib)], evaluation=[batch() for _ in range(evaluation)],
-        latency_feed=batch(), metric=logits_fidelity, headline="top1_agreement", info={"source": "tests"})
+        latency_feed=batch(), metric=logits_fidelity, headline="top1_agreement", info={"source": "tests"},
+        likelihood="categorical")

@@ -28,6 +28,7 @@ class WeightInfo:
     layout: WeightLayout
     array: np.ndarray
     consumers: tuple[str, ...]
+    first_use: int = 0  # index of its first consumer in graph order (first/last layer pins)
 
     @property
     def size(self) -> int:
@@ -59,6 +60,7 @@ class CollectWeightsPass(ir.passes.PassBase):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         in_scope = set(_LINEAR_CONSUMERS) | (set(_EMBEDDING_CONSUMERS) if self.scope == "all" else set())
         graph_inputs = {v.name for v in model.graph.inputs}
+        position = {id(node): i for i, node in enumerate(model.graph)}
         self.weights = {}
         for name, value in model.graph.initializers.items():
             if name in graph_inputs or value.const_value is None:
@@ -71,7 +73,8 @@ class CollectWeightsPass(ir.passes.PassBase):
             layout, ops = self._layout(value, shape)
             if layout is None or not in_scope.intersection(ops):
                 continue
-            self.weights[name] = WeightInfo(name, layout, value.const_value.numpy(), ops)
+            first = min(position.get(id(node), 0) for node, _ in value.uses())
+            self.weights[name] = WeightInfo(name, layout, value.const_value.numpy(), ops, first)
         return ir.passes.PassResult(model, modified=False)
 
     @staticmethod

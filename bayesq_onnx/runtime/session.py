@@ -20,6 +20,12 @@ CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
 SIZE_MODE_SESSION_CONFIG = {"session.disable_quant_qdq": "1"}
 
 
+def session_config_for(target: str) -> dict[str, str]:
+    """Session settings an artifact is meant to run with: speed-mode artifacts need ORT's QDQ handling on
+    (it fuses DequantizeLinear → MatMul into MatMulNBits); every other artifact folds its decodes."""
+    return {} if target == "speed" else dict(SIZE_MODE_SESSION_CONFIG)
+
+
 @functools.lru_cache(maxsize=1)
 def cuda_status() -> tuple[bool, str]:
     """Whether the CUDA EP really runs here (not just whether this ORT build lists it), and why not."""

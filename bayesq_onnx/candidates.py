@@ -1,0 +1,146 @@
+"""Which candidates each weight may take (DESIGN §3.5): per target, pins, and a user override file.
+
+Targets:
+* ``size`` — everything the rewrite stores exactly: uniform 2/3/4/8-bit per row and per group of 128 input
+  channels, per-row codebooks of 2/3/4 bits, and FP16. Decodes fold at session start (FP32 speed).
+* ``speed`` — MatMul/Gemm weights only as uniform 4/8-bit blocks with float32 scales: the
+  DequantizeLinear → MatMul form ONNX Runtime fuses into ``MatMulNBits`` (faster inference); Conv weights
+  as in ``size``.
+* ``cuda`` — dtypes the CUDA execution provider runs natively: uniform 4/8-bit (per row, per 128) and FP16.
+
+An override file (JSON, or YAML when PyYAML is installed) maps tensor-name patterns (``fnmatch``) to the
+candidate labels allowed for them, e.g. ``{"*.attention.*": ["uint4-g128", "uint8-row"]}``.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+from pathlib import Path
+
+from .errors import UserError
+from .passes.collect_weights import WeightInfo
+from .plan import Candidate
+
+TARGETS = ("size", "speed", "cuda")
+GROUP = 128
+PIN = Candidate("uniform", 8)
+
+
+def _label_table() -> dict[str, Candidate]:
+    table = {}
+    for bits in (2, 3, 4, 8):
+        for group in (0, 32, 64, 128):
+            for sym in (False, True):
+                for sdt in ("float16", "float32"):
+                    c = Candidate("uniform", bits, group, symmetric=sym, scale_dtype=sdt)
+                    table[c.label] = c
+        for rows in (1, 2, 4, 8):
+            c = Candidate("codebook", bits, rows)
+            table[c.label] = c
+    for bits in (16, 32):
+        c = Candidate("float", bits)
+        table[c.label] = c
+    return table
+
+
+LABELS = _label_table()
+
+
+def parse(label: str) -> Candidate:
+    """Candidate for a label such as ``uint4-g128``, ``int8-row``, ``uint4-g128-s32``, ``codebook3-row``, ``fp16``."""
+    try:
+        return LABELS[label]
+    except KeyError:
+        raise UserError(f"unknown candidate {label!r}; examples: uint4-g128, int8-row, uint4-g32-s32, "
+                        f"codebook3-row, fp16") from None
+
+
+def for_target(weight: WeightInfo, target: str) -> list[Candidate]:
+    """The default candidates of one weight under ``target`` (only groups that divide its channels)."""
+    fits = weight.layout.in_channels % GROUP == 0
+    linear = any(op in ("MatMul", "Gemm") for op in weight.consumers)
+    if target == "speed" and linear:
+        groups = [GROUP] if fits else []
+        return [Candidate("uniform", b, g, scale_dtype="float32") for b in (4, 8) for g in groups] or \
+               [Candidate("uniform", 8, 0, scale_dtype="float32")]
+    if target == "cuda":
+        out = [Candidate("uniform", b, g) for b in (4, 8) for g in ([0, GROUP] if fits else [0])]
+        return out + [Candidate("float", 16)]
+    out = [Candidate("uniform", b, g) for b in (2, 3, 4, 8) for g in ([0, GROUP] if fits else [0])]
+    out += [Candidate("codebook", b, 1) for b in (2, 3, 4)]
+    return out + [Candidate("float", 16)]
+
+
+def load_overrides(path: Path) -> list[tuple[str, list[Candidate]]]:
+    """Parse an override file into (pattern, allowed candidates), in file order."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise UserError(f"--overrides {path}: cannot read it ({exc.strerror})") from exc
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except Exception as exc:  # noqa: BLE001 - any parse error is the user's file
+        raise UserError(f"--overrides {path}: not valid {'YAML' if path.suffix in ('.yaml', '.yml') else 'JSON'} "
+                        f"({str(exc).splitlines()[0]})") from exc
+    if not isinstance(data, dict) or not all(isinstance(v, list) and v for v in data.values()):
+        raise UserError(f"--overrides {path}: expected a mapping from name pattern to a non-empty list of "
+                        "candidate labels")
+    return [(str(pattern), [parse(str(label)) for label in labels]) for pattern, labels in data.items()]
+
+
+def allowed(weights: dict[str, WeightInfo], *, target: str = "size", keep_first_last: bool = False,
+            overrides: list[tuple[str, list[Candidate]]] | None = None,
+            order: list[str] | None = None) -> dict[str, list[Candidate]]:
+    """Candidates per weight after target, pins and overrides; a conflict is a :class:`UserError`.
+
+    ``order`` lists the weights in graph order (first and last layers for ``keep_first_last``).
+    """
+    if target not in TARGETS:
+        raise UserError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
+    out = {name: for_target(w, target) for name, w in weights.items()}
+    for pattern, cands in overrides or []:
+        matched = [n for n in weights if fnmatch.fnmatchcase(n, pattern)]
+        if not matched:
+            raise UserError(f"override pattern {pattern!r} matches no quantized tensor")
+        for name in matched:
+            usable = [c for c in cands if _fits(c, weights[name])]
+            if not usable:
+                raise UserError(f"override {pattern!r}: none of {[c.label for c in cands]} fits {name} "
+                                f"({weights[name].layout.rows} rows × {weights[name].layout.in_channels} inputs)")
+            out[name] = usable
+    if keep_first_last:
+        names = order or sorted(weights)
+        for name in {names[0], names[-1]}:
+            if overrides and any(fnmatch.fnmatchcase(name, p) for p, _ in overrides) and PIN not in out[name]:
+                raise UserError(f"--keep-first-last pins {name} to {PIN.label}, but the override file excludes it")
+            out[name] = [PIN]
+    return out
+
+
+def _fits(c: Candidate, w: WeightInfo) -> bool:
+    if c.family == "uniform" and c.group_size:
+        return w.layout.in_channels % c.group_size == 0
+    if c.family == "codebook":
+        return w.layout.rows % c.group_size == 0
+    return True
+
+
+def check_budget(budget: float, weights: dict[str, WeightInfo], allowed: dict[str, list[Candidate]]) -> None:
+    """Raise :class:`UserError` unless some choice of allowed candidates meets ``budget`` all-in bits."""
+    from .plan import QuantizedTensor
+
+    total = sum(w.size for w in weights.values())
+    costs = {n: [QuantizedTensor.placeholder(n, weights[n].layout, c).stored_bits() for c in cands]
+             for n, cands in allowed.items()}
+    lo = sum(min(c) for c in costs.values()) / total
+    hi = sum(max(c) for c in costs.values()) / total
+    if not lo - 1e-9 <= budget <= hi + 1e-9:
+        raise UserError(f"--bits {budget:g} cannot be met: the allowed candidates give between {lo:.3f} and "
+                        f"{hi:.3f} all-in bits per weight for this model; pick a budget in that range")

@@ -1,0 +1,70 @@
+"""PlanBayesQPass: mixed precision under an exact all-in bits budget (``--method bayesq``, DESIGN §3.4–3.5).
+
+1. Risk table: for every weight and every allowed candidate, the exact stored cost in bits and the risk
+   R = expected loss increase. ``closed`` (default): R = ½ Σ λ_i E[(Q(w_i) − w_i)²], the second-order
+   proxy in the posterior metric, from the designed grid (closed form). ``mc``: R measured by running the
+   model with that one block quantized (see :class:`~bayesq_onnx.passes.mc_risk.MonteCarloRisk`).
+2. Greedy multiple-choice knapsack on each block's lower convex hull (:mod:`bayesq_onnx.quant.knapsack`).
+3. The chosen grids are rounded in the posterior metric (GPTQ / low-rank feedback), as in bayesq-fixed.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from ..design import canonical_mu, design_grid, round_on_grid
+from ..candidates import check_budget
+from ..plan import Candidate, Plan, QuantizedTensor
+from ..quant import knapsack
+from .collect_weights import WeightInfo
+from .fit_posterior import WeightPosterior
+
+
+class PlanBayesQPass:
+    """Choose one candidate per weight so that all-in bits ≤ ``budget`` and total risk is least."""
+
+    def __init__(self, budget: float, posteriors: dict[str, WeightPosterior], allowed: dict[str, list[Candidate]], *,
+                 curvature: str = "kfac", temperature: float = 0.0, mc_risk: Callable | None = None,
+                 progress: Callable | None = None):
+        self.budget, self.posteriors, self.allowed = budget, posteriors, allowed
+        self.curvature, self.temperature, self.mc_risk, self.progress = curvature, temperature, mc_risk, progress
+        self.table: dict[str, list[dict]] = {}
+
+    def __call__(self, weights: dict[str, WeightInfo]) -> Plan:
+        names = sorted(weights)
+        grids = {}
+        check_budget(self.budget, weights, self.allowed)
+        for name in (self.progress(names) if self.progress else names):
+            w, post = weights[name], self.posteriors[name]
+            mu = canonical_mu(w)
+            rows = []
+            for cand in self.allowed[name]:
+                grid, dist = design_grid(w, post, cand, temperature=self.temperature, mu=mu)
+                cost = QuantizedTensor.placeholder(name, w.layout, cand).stored_bits()
+                closed = 0.5 * float(dist.sum())
+                entry = {"candidate": cand, "cost_bits": cost, "risk_closed": closed, "risk": closed}
+                if self.mc_risk is not None:
+                    entry["risk_mc"] = entry["risk"] = self.mc_risk(w, post, cand, grid, mu)
+                rows.append(entry)
+                grids[name, cand] = (grid, dist)
+            self.table[name] = rows
+        total = sum(weights[n].size for n in names)
+        costs = [[e["cost_bits"] for e in self.table[n]] for n in names]
+        risks = [[e["risk"] for e in self.table[n]] for n in names]
+        choice = knapsack.greedy(costs, risks, self.budget * total)
+        tensors = {}
+        for name, i in zip(names, choice):
+            entry = self.table[name][i]
+            cand = entry["candidate"]
+            grid, dist = grids[name, cand]
+            qt = round_on_grid(weights[name], self.posteriors[name], cand, grid, dist, curvature=self.curvature)
+            qt.info.update(risk=entry["risk"], candidates=len(self.table[name]))
+            tensors[name] = qt
+        settings = {"budget": self.budget, "curvature": self.curvature, "temperature": self.temperature,
+                    "risk": "mc" if self.mc_risk else "closed",
+                    "risk_table": {n: [{"candidate": e["candidate"].label, "cost_bits": e["cost_bits"],
+                                        **{k: e[k] for k in ("risk", "risk_closed", "risk_mc") if k in e}}
+                                       for e in self.table[n]] for n in names}}
+        return Plan("bayesq", tensors, settings=settings)

@@ -1,0 +1,98 @@
+"""Fixed bit-width comparison on one model: RTN vs bayesq-fixed (uniform, codebook) and the posterior forms.
+
+Prints a table, writes it as Markdown and CSV, and plots the headline metric against all-in bits.
+
+    python benchmarks/fixed_bits.py                      # MiniLM, 4/3/2 bits, into benchmarks/results/
+    python benchmarks/fixed_bits.py --bits 3 --quick     # small data slice, for a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bayesq_onnx.config import CompileConfig
+from bayesq_onnx.models import load_model
+from bayesq_onnx.pipeline import compile_model
+from bayesq_onnx.progress import Reporter
+
+
+def configs(bits: list[int]) -> list[tuple[str, dict]]:
+    rows = []
+    for b in bits:
+        rows.append((f"rtn", dict(method="rtn", bits=b)))
+        rows.append((f"bayesq-fixed uniform kfac", dict(method="bayesq-fixed", bits=b, family="uniform", curvature="kfac")))
+        rows.append((f"bayesq-fixed codebook kfac", dict(method="bayesq-fixed", bits=b, family="codebook", curvature="kfac")))
+        if b == 3:
+            for curv in ("diag", "lowrank"):
+                rows.append((f"bayesq-fixed uniform {curv}", dict(method="bayesq-fixed", bits=b, family="uniform", curvature=curv)))
+            rows.append(("bayesq-fixed uniform kfac T=1", dict(method="bayesq-fixed", bits=b, family="uniform", curvature="kfac", temperature=1.0)))
+    return rows
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="minilm")
+    ap.add_argument("--bits", type=int, nargs="+", default=[4, 3, 2])
+    ap.add_argument("--calib-size", type=int, default=256)
+    ap.add_argument("--eval-size", type=int, default=1024)
+    ap.add_argument("--quick", action="store_true", help="64 calibration / 128 evaluation items")
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    args = ap.parse_args()
+    calib, evals = (64, 128) if args.quick else (args.calib_size, args.eval_size)
+    bundle = load_model(args.model, calib_size=calib, eval_size=evals)
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, (label, kw) in enumerate(configs(args.bits)):
+            config = CompileConfig(model=args.model, out=Path(tmp) / str(i), calib_size=calib, eval_size=evals,
+                                   latency_runs=5, **kw)
+            start = time.perf_counter()
+            with Reporter(quiet=True) as rep:
+                r = compile_model(config, rep, bundle=bundle).report
+            wall = time.perf_counter() - start
+            f = r["fidelity"]
+            analysis = sum(v for k, v in r["timings_s"].items() if k.startswith(("fit posterior", "plan")))
+            row = {"method": label, "bits": kw["bits"], "all_in_bits": round(r["bits"]["all_in"], 4),
+                   "cosine_mean": round(f.get("cosine_mean", float("nan")), 4),
+                   "cosine_p5": round(f.get("cosine_p5", float("nan")), 4),
+                   "top10_overlap": round(f.get("top10_overlap", float("nan")), 4),
+                   "analysis_s": round(analysis, 1), "compile_s": round(wall, 1)}
+            results.append(row)
+            print(" | ".join(f"{k}={v}" for k, v in row.items()), file=sys.stderr, flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / f"fixed_bits_{args.model}"
+    header = list(results[0])
+    md = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    md += ["| " + " | ".join(str(r[h]) for h in header) + " |" for r in results]
+    text = "\n".join(md) + "\n"
+    print(text)
+    stem.with_suffix(".md").write_text(text)
+    with open(stem.with_suffix(".csv"), "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=header)
+        w.writeheader()
+        w.writerows(results)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
+    for method in dict.fromkeys(r["method"] for r in results):
+        pts = sorted((r["all_in_bits"], r["cosine_mean"]) for r in results if r["method"] == method)
+        ax.plot(*zip(*pts), marker="o", label=method)
+    ax.set_xlabel("all-in bits per weight")
+    ax.set_ylabel("cosine to FP32 (mean, held-out)")
+    ax.set_title(f"{args.model}: fixed bit-width")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(stem.with_suffix(".png"))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
