@@ -39,8 +39,10 @@ def _assert_user_error(result, out, needle):
 
 @pytest.mark.parametrize("args,needle", [
     (["no-such-model"], "unknown model 'no-such-model'"),
-    (["--bits", "5"], "--bits 5 is not available"),
-    (["--bits", "3.5"], "--bits 3.5 is not available"),
+    (["--method", "rtn", "--bits", "5"], "--bits 5 is not available"),
+    (["--method", "bayesq-fixed", "--bits", "3.5"], "--bits 3.5 is not available"),
+    (["--bits", "0.5"], "outside any candidate set"),
+    (["--overrides", "/no/such/file.json"], "cannot read it"),
     (["--group-size", "48"], "power of two"),
     (["--calib-size", "0"], "--calib-size must be at least 1"),
 ])
@@ -78,9 +80,18 @@ def test_provider_cuda_without_cuda(tmp_path):
 def test_console_script_exit_code(tmp_path):
     """The installed entry point, as a user runs it: exit 2 and a single stderr line."""
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "-m", "bayesq_onnx", "compile", "--bits", "7", "--out", str(out)],
+    proc = subprocess.run([sys.executable, "-m", "bayesq_onnx", "compile", "--method", "rtn", "--bits", "7",
+                           "--out", str(out)],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == ["error: --bits 7 is not available for --method rtn; "
                                                 "choose one of 2, 3, 4, 8"]
     assert not out.exists()
+
+
+@pytest.mark.slow
+def test_budget_below_the_cheapest_candidates(tmp_path):
+    """Known only once the model's tensors are known: still one line, exit 2, nothing written."""
+    out = tmp_path / "out"
+    _assert_user_error(invoke("compile", "--bits", "1.5", "-q", "--calib-size", "8", "--eval-size", "8",
+                              "--out", str(out)), out, "--bits 1.5 cannot be met")

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory):
     out = tmp_path_factory.mktemp("minilm") / "out"
-    config = CompileConfig(model="minilm", bits=8, out=out, calib_size=32, eval_size=64, latency_runs=2,
+    config = CompileConfig(model="minilm", method="rtn", bits=8, out=out, calib_size=32, eval_size=64, latency_runs=2,
                            latency_warmup=1, latency_batch=2, latency_seq=16)
     return compile_model(config), out
 

@@ -18,6 +18,7 @@ from tiny_torch import logits_fidelity, tiny_bundle
 
 
 def _compile(tmp_path, name="out", **kw):
+    kw.setdefault("method", "rtn")
     config = CompileConfig(model="tiny", out=tmp_path / name, latency_runs=2, latency_warmup=1, **kw)
     return compile_model(config, bundle=tiny_bundle())
 
@@ -48,6 +49,12 @@ def test_same_inputs_same_bytes(tmp_path):
     digest = lambda p: hashlib.sha256(p.read_bytes()).hexdigest()  # noqa: E731
     assert digest(a.artifact) == digest(b.artifact)
     assert a.report["plan"] == b.report["plan"]
+
+
+def test_bayesq_is_deterministic(tmp_path):
+    a = _compile(tmp_path, "a", method="bayesq", bits=3.5)
+    b = _compile(tmp_path, "b", method="bayesq", bits=3.5)
+    assert a.artifact.read_bytes() == b.artifact.read_bytes()
 
 
 def test_rtn_rejects_fractional_bits_before_writing(tmp_path):

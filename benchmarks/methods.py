@@ -1,15 +1,20 @@
-"""Fixed bit-width comparison on one model: RTN vs bayesq-fixed (uniform, codebook) and the posterior forms.
+"""Method comparisons on one model, in one run, on the same data. Prints a table, writes it as Markdown and
+CSV under benchmarks/results/, and plots the headline metric against all-in bits.
 
-Prints a table, writes it as Markdown and CSV, and plots the headline metric against all-in bits.
+Suites:
+  fixed    RTN vs bayesq-fixed (uniform, codebook) at 4/3/2 bits, and the posterior forms at 3 bits
+  budgets  bayesq at all-in budgets 4.0/3.5/3.0/2.5 vs RTN and bayesq-fixed at the same or higher bits
+  risk     bayesq at 3.0 bits with the closed-form vs the Monte Carlo risk (and their rank correlation)
 
-    python benchmarks/fixed_bits.py                      # MiniLM, 4/3/2 bits, into benchmarks/results/
-    python benchmarks/fixed_bits.py --bits 3 --quick     # small data slice, for a smoke run
+    python benchmarks/methods.py --suite budgets
+    python benchmarks/methods.py --suite fixed --quick     # small data slice, for a smoke run
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import math
 import sys
 import tempfile
 import time
@@ -21,9 +26,19 @@ from bayesq_onnx.pipeline import compile_model
 from bayesq_onnx.progress import Reporter
 
 
-def configs(bits: list[int]) -> list[tuple[str, dict]]:
+def configs(suite: str, bits: list[float]) -> list[tuple[str, dict]]:
+    if suite == "budgets":
+        rows = []
+        for b in bits:
+            up = int(math.ceil(b))
+            rows += [("bayesq", dict(method="bayesq", bits=b)),
+                     ("bayesq-fixed uniform kfac", dict(method="bayesq-fixed", bits=up, curvature="kfac")),
+                     ("rtn", dict(method="rtn", bits=up))]
+        return rows
+    if suite == "risk":
+        return [(f"bayesq risk={r}", dict(method="bayesq", bits=b, risk=r)) for b in bits for r in ("closed", "mc")]
     rows = []
-    for b in bits:
+    for b in map(int, bits):
         rows.append((f"rtn", dict(method="rtn", bits=b)))
         rows.append((f"bayesq-fixed uniform kfac", dict(method="bayesq-fixed", bits=b, family="uniform", curvature="kfac")))
         rows.append((f"bayesq-fixed codebook kfac", dict(method="bayesq-fixed", bits=b, family="codebook", curvature="kfac")))
@@ -34,20 +49,37 @@ def configs(bits: list[int]) -> list[tuple[str, dict]]:
     return rows
 
 
+def risk_rank_correlation(table: dict) -> float:
+    """Mean over blocks of Spearman's ρ between closed-form and Monte Carlo risks of its candidates."""
+    import numpy as np
+
+    rhos = []
+    for rows in table.values():
+        a = np.array([r["risk_closed"] for r in rows])
+        b = np.array([r["risk_mc"] for r in rows])
+        if len(rows) > 2 and np.isfinite(b).all():
+            ra, rb = a.argsort().argsort(), b.argsort().argsort()
+            rhos.append(float(np.corrcoef(ra, rb)[0, 1]))
+    return float(np.mean(rhos)) if rhos else float("nan")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="minilm")
-    ap.add_argument("--bits", type=int, nargs="+", default=[4, 3, 2])
+    ap.add_argument("--suite", choices=("fixed", "budgets", "risk"), default="fixed")
+    ap.add_argument("--bits", type=float, nargs="+", default=None,
+                    help="fixed: 4 3 2; budgets: 4.0 3.5 3.0 2.5; risk: 3.0")
     ap.add_argument("--calib-size", type=int, default=256)
     ap.add_argument("--eval-size", type=int, default=1024)
     ap.add_argument("--quick", action="store_true", help="64 calibration / 128 evaluation items")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = ap.parse_args()
     calib, evals = (64, 128) if args.quick else (args.calib_size, args.eval_size)
+    bits = args.bits or {"fixed": [4, 3, 2], "budgets": [4.0, 3.5, 3.0, 2.5], "risk": [3.0]}[args.suite]
     bundle = load_model(args.model, calib_size=calib, eval_size=evals)
     results = []
     with tempfile.TemporaryDirectory() as tmp:
-        for i, (label, kw) in enumerate(configs(args.bits)):
+        for i, (label, kw) in enumerate(configs(args.suite, bits)):
             config = CompileConfig(model=args.model, out=Path(tmp) / str(i), calib_size=calib, eval_size=evals,
                                    latency_runs=5, **kw)
             start = time.perf_counter()
@@ -61,13 +93,15 @@ def main() -> int:
                    "cosine_p5": round(f.get("cosine_p5", float("nan")), 4),
                    "top10_overlap": round(f.get("top10_overlap", float("nan")), 4),
                    "analysis_s": round(analysis, 1), "compile_s": round(wall, 1)}
+            if kw.get("risk") == "mc":
+                row["risk_rank_corr"] = round(risk_rank_correlation(r["plan"]["settings"]["risk_table"]), 3)
             results.append(row)
             print(" | ".join(f"{k}={v}" for k, v in row.items()), file=sys.stderr, flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"fixed_bits_{args.model}"
-    header = list(results[0])
+    stem = args.out / f"{args.suite}_{args.model}"
+    header = list(dict.fromkeys(k for r in results for k in r))
     md = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    md += ["| " + " | ".join(str(r[h]) for h in header) + " |" for r in results]
+    md += ["| " + " | ".join(str(r.get(h, "")) for h in header) + " |" for r in results]
     text = "\n".join(md) + "\n"
     print(text)
     stem.with_suffix(".md").write_text(text)
@@ -86,7 +120,7 @@ def main() -> int:
         ax.plot(*zip(*pts), marker="o", label=method)
     ax.set_xlabel("all-in bits per weight")
     ax.set_ylabel("cosine to FP32 (mean, held-out)")
-    ax.set_title(f"{args.model}: fixed bit-width")
+    ax.set_title(f"{args.model}: {args.suite}")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()

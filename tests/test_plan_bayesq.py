@@ -1,0 +1,157 @@
+"""Mixed precision on the tiny model: exact budgets, constraints, overrides, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bayesq_onnx import candidates
+from bayesq_onnx.config import CompileConfig
+from bayesq_onnx.errors import UserError
+from bayesq_onnx.export import export_model, map_parameters
+from bayesq_onnx.passes.collect_weights import CollectWeightsPass
+from bayesq_onnx.passes.fit_posterior import FitPosteriorPass
+from bayesq_onnx.passes.mc_risk import MonteCarloRisk
+from bayesq_onnx.passes.plan_bayesq import PlanBayesQPass
+from bayesq_onnx.pipeline import compile_model
+from bayesq_onnx.plan import Candidate, QuantizedTensor
+from tiny_torch import tiny_bundle
+
+
+@pytest.fixture(scope="module")
+def analysed():
+    bundle = tiny_bundle()
+    model = export_model(bundle)
+    bindings = map_parameters(bundle.module, model)
+    collect = CollectWeightsPass(min_size=1)
+    collect(model)
+    post = FitPosteriorPass(bundle, bindings, curvature="kfac")(collect.weights)
+    return bundle, bindings, collect.weights, post
+
+
+def test_placeholder_cost_equals_fitted_cost(analysed):
+    from bayesq_onnx.design import design_tensor
+
+    _, _, weights, post = analysed
+    for w in weights.values():
+        for cand in candidates.for_target(w, "size"):
+            fitted = design_tensor(w, post[w.name], cand, curvature="diag")
+            assert QuantizedTensor.placeholder(w.name, w.layout, cand).stored_bits() == fitted.stored_bits()
+
+
+@pytest.mark.parametrize("budget", [2.5, 3.0, 3.5, 4.0, 6.0])
+def test_budget_is_met_and_used(analysed, budget):
+    _, _, weights, post = analysed
+    allowed = candidates.allowed(weights)
+    plan = PlanBayesQPass(budget, post, allowed)(weights)
+    assert plan.all_in_bits <= budget + 1e-9
+    assert plan.all_in_bits > budget - 0.5  # three small tensors: the steps between candidates are coarse
+    assert {t.info["candidates"] for t in plan.tensors.values()} == {len(allowed[n]) for n in allowed}
+
+
+def test_more_budget_never_raises_risk(analysed):
+    _, _, weights, post = analysed
+    allowed = candidates.allowed(weights)
+    risks = [sum(t.info["risk"] for t in PlanBayesQPass(b, post, allowed)(weights).tensors.values())
+             for b in (2.5, 3.0, 4.0, 5.0)]
+    assert risks == sorted(risks, reverse=True)
+
+
+def test_infeasible_budgets(analysed):
+    _, _, weights, post = analysed
+    allowed = candidates.allowed(weights)
+    with pytest.raises(UserError, match="cannot be met"):
+        PlanBayesQPass(1.5, post, allowed)(weights)
+    with pytest.raises(UserError, match="cannot be met"):
+        PlanBayesQPass(17.0, post, allowed)(weights)
+
+
+def test_targets_restrict_candidates(analysed):
+    _, _, weights, _ = analysed
+    speed = candidates.allowed(weights, target="speed")
+    for name, cands in speed.items():
+        if "Gemm" in weights[name].consumers or "MatMul" in weights[name].consumers:
+            assert all(c.family == "uniform" and c.bits in (4, 8) and c.scale_dtype == "float32" for c in cands)
+    cuda = candidates.allowed(weights, target="cuda")
+    assert all(c.bits in (4, 8, 16) for cs in cuda.values() for c in cs)
+
+
+def test_keep_first_last_pins_to_8_bit(analysed):
+    _, _, weights, post = analysed
+    order = sorted(weights, key=lambda n: weights[n].first_use)
+    allowed = candidates.allowed(weights, keep_first_last=True, order=order)
+    assert allowed[order[0]] == [candidates.PIN] and allowed[order[-1]] == [candidates.PIN]
+    plan = PlanBayesQPass(8.5, post, allowed)(weights)
+    assert plan.tensors[order[0]].candidate.label == plan.tensors[order[-1]].candidate.label == "uint8-row"
+
+
+def test_overrides(tmp_path, analysed):
+    _, _, weights, post = analysed
+    path = tmp_path / "o.json"
+    path.write_text(json.dumps({"conv.*": ["uint4-g32", "codebook3-row"], "proj.weight": ["fp16"]}))
+    allowed = candidates.allowed(weights, overrides=candidates.load_overrides(path))
+    assert [c.label for c in allowed["conv.weight"]] == ["uint4-g32", "codebook3-row"]
+    assert [c.label for c in allowed["proj.weight"]] == ["fp16"]
+    path.write_text(json.dumps({"nothing.*": ["uint4-row"]}))
+    with pytest.raises(UserError, match="matches no quantized tensor"):
+        candidates.allowed(weights, overrides=candidates.load_overrides(path))
+    path.write_text(json.dumps({"conv.*": ["uint5-row"]}))
+    with pytest.raises(UserError, match="unknown candidate 'uint5-row'"):
+        candidates.load_overrides(path)
+    path.write_text("{not json")
+    with pytest.raises(UserError, match="not valid JSON"):
+        candidates.load_overrides(path)
+    path.write_text(json.dumps({"proj.weight": ["uint4-g128"]}))  # 32 input channels: no group of 128
+    with pytest.raises(UserError, match="fits"):
+        candidates.allowed(weights, overrides=candidates.load_overrides(path))
+    order = sorted(weights, key=lambda n: weights[n].first_use)
+    path.write_text(json.dumps({order[0]: ["uint4-row"]}))
+    with pytest.raises(UserError, match="keep-first-last"):
+        candidates.allowed(weights, overrides=candidates.load_overrides(path), keep_first_last=True, order=order)
+
+
+def test_labels_roundtrip():
+    for label, cand in candidates.LABELS.items():
+        assert cand.label == label and candidates.parse(label) == cand
+
+
+def test_monte_carlo_risk_tracks_the_closed_form(analysed):
+    bundle, bindings, weights, post = analysed
+    allowed = candidates.allowed(weights)
+    mc = MonteCarloRisk(bundle, bindings, items=16)
+    plan = PlanBayesQPass(3.5, post, allowed, mc_risk=mc)(weights)
+    table = plan.settings["risk_table"]
+    assert plan.settings["risk"] == "mc" and mc.forward_passes > 0
+    for name, rows in table.items():
+        mc_r = [r["risk_mc"] for r in rows]
+        closed = [r["risk_closed"] for r in rows]
+        assert all(v >= 0 for v in mc_r)
+        # the 2-bit candidates are riskier than the 8-bit ones under both measures
+        two = [i for i, r in enumerate(rows) if r["candidate"].startswith("uint2")]
+        eight = [i for i, r in enumerate(rows) if r["candidate"].startswith("uint8")]
+        assert min(mc_r[i] for i in two) > max(mc_r[i] for i in eight)
+        assert min(closed[i] for i in two) > max(closed[i] for i in eight)
+    # restoring the parameters: the module is unchanged after the risk runs
+    import torch
+
+    fresh = tiny_bundle()
+    for (n, p), (_, q) in zip(bundle.module.named_parameters(), fresh.module.named_parameters()):
+        assert torch.equal(p, q), n
+
+
+def test_compile_default_method_writes_report_with_risks(tmp_path):
+    config = CompileConfig(model="tiny", bits=3.5, out=tmp_path / "out", latency_runs=1, latency_warmup=0)
+    report = compile_model(config, bundle=tiny_bundle()).report
+    assert report["plan"]["method"] == "bayesq"
+    assert report["bits"]["all_in"] <= 3.5 and report["bits"]["all_in"] == pytest.approx(report["bits"]["all_in_from_file"])
+    for t in report["plan"]["tensors"]:
+        assert {"risk", "fisher_mass", "whitened_error", "candidate"} <= set(t)
+    assert (tmp_path / "out" / "bits.png").exists()
+
+
+def test_compile_infeasible_budget_writes_nothing(tmp_path):
+    config = CompileConfig(model="tiny", bits=1.2, out=tmp_path / "out")
+    with pytest.raises(UserError, match="cannot be met"):
+        compile_model(config, bundle=tiny_bundle())
+    assert not (tmp_path / "out").exists()
