@@ -76,6 +76,8 @@ def test_kfac_factors(setup):
     torch.testing.assert_close(post["lin.weight"].A, h.T @ h / h.shape[0], rtol=1e-5, atol=1e-7)
     assert post["conv.weight"].A.shape == (18, 18) and post["conv.weight"].G.shape == (5, 5)
     assert post["emb.weight"].A is None  # embeddings: diagonal only
+    lin = post["lin.weight"]  # K-FAC's own diagonal stands in for the per-item one (no per-item gradients)
+    torch.testing.assert_close(lin.fisher_diag, torch.diag(lin.G)[:, None] * torch.diag(lin.A)[None, :])
     for p in ("conv.weight", "lin.weight"):
         eig = torch.linalg.eigvalsh(post[p].A)
         assert eig.min() > -1e-6  # a second moment is positive semi-definite

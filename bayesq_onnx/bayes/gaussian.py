@@ -59,11 +59,12 @@ def expected_sq_error(m: torch.Tensor, s: torch.Tensor, levels: torch.Tensor) ->
     s = torch.as_tensor(s, dtype=m.dtype).expand_as(m)
     levels = levels.expand(*m.shape, levels.shape[-1]) if levels.dim() == 1 else levels
     point = s <= 0
+    hard = (levels - m[..., None]).abs().amin(dim=-1) ** 2
+    if bool(point.all()):  # the point design needs no cell integrals
+        return hard
     safe_s = torch.where(point, torch.ones_like(s), s)
     _, _, sq = cell_moments(m, safe_s, levels)
-    soft = sq.sum(dim=-1).clamp_min(0)
-    hard = (levels - m[..., None]).abs().amin(dim=-1) ** 2
-    return torch.where(point, hard, soft)
+    return torch.where(point, hard, sq.sum(dim=-1).clamp_min(0))
 
 
 @functools.lru_cache(maxsize=None)

@@ -145,15 +145,19 @@ def fit_laplace(
     result = {}
     for name, layer in layers.items():
         w = layer.module.weight.detach().float()
-        fisher_diag = layer.fisher / (items * samples * noise)
+        A = G = None
+        if curvature == "kfac" and layer.A is not None:
+            A = layer.A / max(layer.tokens, 1)
+            G = layer.G / (items * samples * noise)
+            # K-FAC "expand": F ≈ G ⊗ A, so its diagonal is diag(G) ⊗ diag(A) (no per-item gradients needed)
+            fisher_diag = (torch.diag(G)[:, None] * torch.diag(A)[None, :]).reshape(layer.fisher.shape)
+        else:
+            fisher_diag = layer.fisher / (items * samples * noise)
         tau = float(prior_precision) if prior_precision is not None else evidence_prior_precision(w, n * fisher_diag)
-        post = LayerPosterior(name, fisher_diag, tau, n,
+        post = LayerPosterior(name, fisher_diag, tau, n, A=A, G=G,
                               info={"items": items, "samples": samples, "likelihood": likelihood,
                                     "fisher": fisher, "curvature": curvature, "kind": layer.kind,
                                     "output_noise_var": noise})
-        if curvature == "kfac" and layer.A is not None:
-            post.A = layer.A / max(layer.tokens, 1)
-            post.G = layer.G / (items * samples * noise)
         if curvature == "lowrank" and layer.proj:
             b = torch.cat(layer.proj, dim=1)                        # [k', items·samples]
             u_small, sing, _ = torch.linalg.svd(b, full_matrices=False)
@@ -227,15 +231,16 @@ def _pseudo_loss(out: torch.Tensor, likelihood: str, fisher: str, target, gen: t
     return (out * eps).sum()
 
 
-def _per_item(layer: _Layer):
-    """Per-item gradient [B, out, in'] and the (a, δ) token matrices, summed over the calls of a layer."""
+def _per_item(layer: _Layer, need_grads: bool = True):
+    """Per-item gradient [B, out, in'] (summed over the calls of a layer; ``None`` unless ``need_grads``)
+    and the (a, δ) token matrices of every call."""
     grads, tokens = None, []
     for x, d in layer.calls:
         mod = layer.module
         if layer.kind == "linear":
             a = x.reshape(x.shape[0], -1, x.shape[-1]).float()          # [B, T, in]
             dd = d.reshape(d.shape[0], -1, d.shape[-1]).float()         # [B, T, out]
-            g = torch.einsum("bto,bti->boi", dd, a)
+            g = torch.einsum("bto,bti->boi", dd, a) if need_grads else None
         else:  # conv: unfold input patches; groups handled by splitting channels
             x4 = x if x.dim() == 4 else x.unsqueeze(2)
             d4 = d if d.dim() == 4 else d.unsqueeze(2)
@@ -248,11 +253,12 @@ def _per_item(layer: _Layer):
             b, ckk, L = patches.shape
             pg = patches.reshape(b, groups, ckk // groups, L)
             dg = d4.float().reshape(b, groups, d4.shape[1] // groups, -1)            # [B, g, out_g, L]
-            g = torch.einsum("bgol,bgil->bgoi", dg, pg).reshape(b, d4.shape[1], -1)
+            g = torch.einsum("bgol,bgil->bgoi", dg, pg).reshape(b, d4.shape[1], -1) if need_grads else None
             # K-FAC factors only for ungrouped convs (a grouped conv's A is block-diagonal)
             a = patches.transpose(1, 2) if groups == 1 else None                  # [B, L, C·kk]
             dd = d4.float().reshape(b, d4.shape[1], -1).transpose(1, 2)           # [B, L, out]
-        grads = g if grads is None else grads + g
+        if g is not None:
+            grads = g if grads is None else grads + g
         tokens.append((a, dd))
     return grads, tokens
 
@@ -266,11 +272,13 @@ def _accumulate(layer: _Layer, curvature: str, pass_index: int, rank: int, gen: 
                 d2 = d.reshape(-1, d.shape[-1]).float() ** 2
                 layer.fisher.index_add_(0, ids.reshape(-1), d2)
         return
-    g, tokens = _per_item(layer)
-    flat = g.reshape(g.shape[0], -1)                                    # [B, numel]
+    kfac = curvature == "kfac" and layer.A is not None
+    g, tokens = _per_item(layer, need_grads=not kfac)  # K-FAC needs only the token factors
+    flat = g.reshape(g.shape[0], -1) if g is not None else None        # [B, numel]
     if pass_index == 0:
-        layer.fisher += (g * g).sum(dim=0).reshape(layer.fisher.shape)
-        if curvature == "kfac" and layer.A is not None:
+        if g is not None:
+            layer.fisher += (g * g).sum(dim=0).reshape(layer.fisher.shape)
+        if kfac:
             for a, dd in tokens:
                 if a is None:
                     continue

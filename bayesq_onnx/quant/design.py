@@ -90,18 +90,31 @@ def _nearest(w: torch.Tensor, sorted_levels: torch.Tensor) -> torch.Tensor:
 def fit_uniform(w2: torch.Tensor, lam: torch.Tensor, bits: int, group_size: int, *, symmetric: bool = False,
                 scale_dtype: torch.dtype = torch.float16, temperature: float = 1.0,
                 ratios: tuple[float, ...] = CLIP_RATIOS) -> tuple[UniformGrid, torch.Tensor]:
-    """Search the clipping ratio per row/group; returns the grid and ``D`` per row/group ``[rows, n_groups]``."""
+    """Search the clipping ratio per row/group; returns the grid and ``D`` per row/group ``[rows, n_groups]``.
+
+    Ratio α clips the min-max range to ``[α·min, α·max]`` (asymmetric) or ``α·max|w|`` (symmetric); the
+    scale and zero point follow as in :func:`uniform.minmax_params`, rounded to their storage dtype.
+    """
     g_w = uniform.grouped(w2.float(), group_size)                          # [R, G, n]
     g_lam = uniform.grouped(lam.float(), group_size)
-    g_sd = _temperature_sd(g_lam, temperature if 2**bits <= _SOFT_MAX_LEVELS else 0.0)
+    soft = temperature > 0 and 2**bits <= _SOFT_MAX_LEVELS
+    g_sd = _temperature_sd(g_lam, temperature) if soft else None
     lo_code, hi_code = uniform.code_range(bits, symmetric)
     k = torch.arange(lo_code, hi_code + 1, dtype=torch.float32)
+    if symmetric:
+        top, bottom = g_w.abs().amax(-1), None
+    else:
+        top, bottom = g_w.amax(-1).clamp(min=0.0), g_w.amin(-1).clamp(max=0.0)
     best_d = torch.full(g_w.shape[:2], float("inf"))
     best_s = torch.ones(g_w.shape[:2])
     best_z = torch.zeros(g_w.shape[:2])
     for ratio in ratios:
-        scale, zero = uniform.minmax_params(w2 * ratio, bits, group_size, symmetric=symmetric,
-                                            scale_dtype=scale_dtype)
+        if symmetric:
+            scale = uniform.round_scale(ratio * top / max(hi_code, 1), scale_dtype)
+            zero = torch.zeros_like(scale)
+        else:
+            scale = uniform.round_scale(ratio * (top - bottom) / (hi_code - lo_code), scale_dtype)
+            zero = torch.round(-ratio * bottom / scale).clamp(lo_code, hi_code)
         d = _grid_distortion(g_w, g_lam, g_sd, scale, zero, k, scale_dtype)
         better = d < best_d
         best_d = torch.where(better, d, best_d)
@@ -111,9 +124,10 @@ def fit_uniform(w2: torch.Tensor, lam: torch.Tensor, bits: int, group_size: int,
 
 
 def _grid_distortion(g_w, g_lam, g_sd, scale, zero, k, scale_dtype) -> torch.Tensor:
-    """Σ λ·E[(Q(w) − w)²] per row/group for the uniform grids ``(k − z)·s`` (values rounded as stored)."""
-    if bool((g_sd == 0).all()):  # point design: nearest-level error in closed form, no cell sums needed
-        q = (torch.round(g_w / scale[..., None]) + zero[..., None]).clamp(k[0], k[-1])
+    """Σ λ·E[(Q(w) − w)²] per row/group for the uniform grids ``(k − z)·s`` (values rounded as stored);
+    ``g_sd = None`` is the point design (nearest-level error, no cell integrals)."""
+    if g_sd is None:
+        q = (torch.round(g_w / scale[..., None]) + zero[..., None]).clamp_(k[0], k[-1])
         err = ((q - zero[..., None]) * scale[..., None]).to(scale_dtype).float() - g_w
         return (g_lam * err * err).sum(-1)
     out = torch.empty(g_w.shape[:2])
@@ -129,7 +143,7 @@ def _grid_distortion(g_w, g_lam, g_sd, scale, zero, k, scale_dtype) -> torch.Ten
 
 # ---------------------------------------------------------------------------------------------------
 def fit_codebook(w2: torch.Tensor, lam: torch.Tensor, bits: int, rows_per_table: int, *,
-                 temperature: float = 1.0, iters: int = 30) -> tuple[CodebookGrid, torch.Tensor]:
+                 temperature: float = 1.0, iters: int = 25) -> tuple[CodebookGrid, torch.Tensor]:
     """Weighted (posterior) Lloyd per table; returns the grid (float16 levels) and ``D`` per table."""
     rows, cols = w2.shape
     t = rows // rows_per_table
@@ -145,10 +159,11 @@ def fit_codebook(w2: torch.Tensor, lam: torch.Tensor, bits: int, rows_per_table:
         num, den = _lloyd_statistics(x, lw, sd, levels, soft)
         new = torch.where(den > 0, num / den.clamp_min(1e-30), levels)
         new, _ = torch.sort(new, dim=1)
-        if torch.allclose(new, levels, rtol=0, atol=1e-7):
-            levels = new
-            break
+        # converged once no level moves by more than a thousandth of its table's spread
+        done = bool(((new - levels).abs() <= 1e-3 * spread).all())
         levels = new
+        if done:
+            break
     levels = levels.to(torch.float16).float()
     levels, _ = torch.sort(levels, dim=1)
     d = _codebook_distortion(x, lw, sd, levels)
