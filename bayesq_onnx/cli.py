@@ -60,6 +60,8 @@ def main():
               help="Effective data size N in Λ = N·F + τ (the pretrained model's data, not the calibration set).")
 @click.option("--prior-precision", type=float, default=None,
               help="Prior precision τ [empirical Bayes per layer].")
+@click.option("--act-order/--no-act-order", default=True, show_default=True,
+              help="kfac: round columns in decreasing curvature order (GPTQ's act-order).")
 @click.option("--temperature", type=float, default=0.0, show_default=True,
               help="Posterior temperature in the design objective (0: design on the trained weights alone).")
 @click.option("--scope", type=click.Choice(SCOPES), default="linear", show_default=True,
@@ -78,7 +80,7 @@ def main():
 @click.option("--dump-dir", type=click.Path(path_type=Path), default=None, help="Save the model after every pass.")
 @click.option("-q", "--quiet", is_flag=True, help="Print only the final summary line.")
 def compile(model, bits, method, target, keep_first_last, overrides, risk, family, group_size, codebook_rows, curvature, fisher, fisher_samples, rank,
-            n_data, prior_precision, temperature, scope, out, calib_size, eval_size, provider, seed,
+            n_data, prior_precision, act_order, temperature, scope, out, calib_size, eval_size, provider, seed,
             latency_runs, latency_batch, latency_seq, verify_each, dump_dir, quiet):
     """Quantize MODEL (default: minilm) and validate it in ONNX Runtime."""
     from .pipeline import compile_model
@@ -88,7 +90,8 @@ def compile(model, bits, method, target, keep_first_last, overrides, risk, famil
                            overrides=overrides, risk=risk, family=family, group_size=group_size,
                            codebook_rows=codebook_rows, curvature=curvature, fisher=fisher,
                            fisher_samples=fisher_samples, rank=rank, n_data=n_data,
-                           prior_precision=prior_precision, temperature=temperature, scope=scope, out=out,
+                           prior_precision=prior_precision, act_order=act_order, temperature=temperature,
+                           scope=scope, out=out,
                            calib_size=calib_size, eval_size=eval_size, provider=provider, seed=seed,
                            latency_runs=latency_runs, latency_batch=latency_batch, latency_seq=latency_seq,
                            verify_each=verify_each, dump_dir=dump_dir)

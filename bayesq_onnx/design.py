@@ -2,7 +2,8 @@
 
     μ, diag Λ  ──design──►  grid   uniform scales/zero points or codebook levels minimizing
                                    Σ λ_i E_{w~N(μ_i, T/λ_i)}[(Q(w) − w)²]            (:mod:`quant.design`)
-    grid, Λ    ──round───►  codes  diag: nearest · kfac: GPTQ with H = A + τ/(N·Ḡ)·I ·
+    grid, Λ    ──round───►  codes  diag: nearest · kfac: GPTQ with H = A + τ/(N·Ḡ)·I (columns in
+                                   decreasing H_jj order by default: "act-order") ·
                                    lowrank: D + UUᵀ block feedback                   (:mod:`quant.feedback`)
 
 The fitted values go in ``QuantizedTensor.info``: the design objective ``expected_distortion``, the
@@ -45,7 +46,7 @@ def design_grid(weight: WeightInfo, post: WeightPosterior, cand: Candidate, *, t
 
 
 def round_on_grid(weight: WeightInfo, post: WeightPosterior, cand: Candidate, grid, dist: torch.Tensor, *,
-                  curvature: str, mu: torch.Tensor | None = None) -> QuantizedTensor:
+                  curvature: str, mu: torch.Tensor | None = None, act_order: bool = True) -> QuantizedTensor:
     """Codes on ``grid`` chosen in the posterior metric; the tensor as the artifact stores it."""
     lay = weight.layout
     mu = canonical_mu(weight) if mu is None else mu
@@ -63,7 +64,7 @@ def round_on_grid(weight: WeightInfo, post: WeightPosterior, cand: Candidate, gr
         # dampening. GPTQ shares one H across rows, so the typical row's G_rr (the mean) sets it.
         damping = post.prior_precision / (post.n_data * float(post.G_diag.mean().clamp_min(1e-30)))
         hessian = post.A + damping * torch.eye(post.A.shape[0])
-        codes, values = feedback.gptq_round(mu, hessian, grid, damp=1e-6)
+        codes, values = feedback.gptq_round(mu, hessian, grid, damp=1e-6, act_order=act_order)
     elif curvature == "lowrank" and post.U is not None:
         d = (post.precision - (post.U * post.U).sum(1).reshape(post.precision.shape)).clamp_min(post.prior_precision)
         codes, values = feedback.lowrank_round(mu, d, post.U, grid)
@@ -92,8 +93,8 @@ def whitened_error(x: torch.Tensor, post: WeightPosterior) -> float:
 
 
 def design_tensor(weight: WeightInfo, post: WeightPosterior, cand: Candidate, *, curvature: str,
-                  temperature: float = 0.0) -> QuantizedTensor:
+                  temperature: float = 0.0, act_order: bool = True) -> QuantizedTensor:
     """Design the grid and round the codes of one weight (see the module docstring)."""
     mu = canonical_mu(weight)
     grid, dist = design_grid(weight, post, cand, temperature=temperature, mu=mu)
-    return round_on_grid(weight, post, cand, grid, dist, curvature=curvature, mu=mu)
+    return round_on_grid(weight, post, cand, grid, dist, curvature=curvature, mu=mu, act_order=act_order)

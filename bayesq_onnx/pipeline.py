@@ -158,7 +158,7 @@ def _plan(config: CompileConfig, weights: dict[str, WeightInfo], posteriors, all
         mc = MonteCarloRisk(bundle, bindings, temperature=config.temperature, seed=config.seed) \
             if config.risk == "mc" else None
         return PlanBayesQPass(config.bits, posteriors, allowed, curvature=config.curvature,
-                              temperature=config.temperature, mc_risk=mc,
+                              temperature=config.temperature, act_order=config.act_order, mc_risk=mc,
                               progress=lambda n: rep.track(n, "risk tables"))(weights)
     if config.method == "rtn":
         return PlanRoundToNearestPass(int(config.bits), group_size=config.group_size)(weights)
@@ -172,7 +172,7 @@ def _plan(config: CompileConfig, weights: dict[str, WeightInfo], posteriors, all
                                 f"channels of {w.name}; pick a divisor or --group-size 0 (per row)")
         cand = Candidate(config.family, int(config.bits), group)
         return PlanBayesFixedPass(cand, posteriors, curvature=config.curvature, temperature=config.temperature,
-                                  progress=lambda n: rep.track(n, "design quantizers"))(weights)
+                                  act_order=config.act_order, progress=lambda n: rep.track(n, "design quantizers"))(weights)
     raise UserError(f"unknown method {config.method!r}")
 
 

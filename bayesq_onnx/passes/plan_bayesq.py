@@ -26,10 +26,11 @@ class PlanBayesQPass:
     """Choose one candidate per weight so that all-in bits ≤ ``budget`` and total risk is least."""
 
     def __init__(self, budget: float, posteriors: dict[str, WeightPosterior], allowed: dict[str, list[Candidate]], *,
-                 curvature: str = "kfac", temperature: float = 0.0, mc_risk: Callable | None = None,
-                 progress: Callable | None = None):
+                 curvature: str = "kfac", temperature: float = 0.0, act_order: bool = True,
+                 mc_risk: Callable | None = None, progress: Callable | None = None):
         self.budget, self.posteriors, self.allowed = budget, posteriors, allowed
         self.curvature, self.temperature, self.mc_risk, self.progress = curvature, temperature, mc_risk, progress
+        self.act_order = act_order
         self.table: dict[str, list[dict]] = {}
 
     def __call__(self, weights: dict[str, WeightInfo]) -> Plan:
@@ -59,10 +60,12 @@ class PlanBayesQPass:
             entry = self.table[name][i]
             cand = entry["candidate"]
             grid, dist = grids[name, cand]
-            qt = round_on_grid(weights[name], self.posteriors[name], cand, grid, dist, curvature=self.curvature)
+            qt = round_on_grid(weights[name], self.posteriors[name], cand, grid, dist, curvature=self.curvature,
+                               act_order=self.act_order)
             qt.info.update(risk=entry["risk"], candidates=len(self.table[name]))
             tensors[name] = qt
         settings = {"budget": self.budget, "curvature": self.curvature, "temperature": self.temperature,
+                    "act_order": self.act_order,
                     "risk": "mc" if self.mc_risk else "closed",
                     "risk_table": {n: [{"candidate": e["candidate"].label, "cost_bits": e["cost_bits"],
                                         **{k: e[k] for k in ("risk", "risk_closed", "risk_mc") if k in e}}
