@@ -60,7 +60,7 @@ def main():
               help="Effective data size N in Λ = N·F + τ (the pretrained model's data, not the calibration set).")
 @click.option("--prior-precision", type=float, default=None,
               help="Prior precision τ [empirical Bayes per layer].")
-@click.option("--act-order/--no-act-order", default=True, show_default=True,
+@click.option("--act-order/--no-act-order", default=False, show_default=True,
               help="kfac: round columns in decreasing curvature order (GPTQ's act-order).")
 @click.option("--temperature", type=float, default=0.0, show_default=True,
               help="Posterior temperature in the design objective (0: design on the trained weights alone).")

@@ -38,7 +38,7 @@ class CompileConfig:
     n_data: float | None = 1e6
     prior_precision: float | None = None  # τ (default: empirical Bayes per layer)
     temperature: float = 0.0     # posterior temperature in the design objective (0: design on μ alone)
-    act_order: bool = True       # kfac rounding: columns in decreasing curvature order (GPTQ's act-order)
+    act_order: bool = False      # kfac rounding: columns in decreasing curvature order (GPTQ's act-order)
     target: str = "size"         # bayesq: size | speed | cuda (which candidates each op may take)
     keep_first_last: bool = False  # bayesq: pin the first and last quantized layers to 8-bit
     overrides: Path | None = None  # bayesq: JSON/YAML file, tensor-name pattern -> allowed candidate labels

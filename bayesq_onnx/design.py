@@ -2,8 +2,8 @@
 
     μ, diag Λ  ──design──►  grid   uniform scales/zero points or codebook levels minimizing
                                    Σ λ_i E_{w~N(μ_i, T/λ_i)}[(Q(w) − w)²]            (:mod:`quant.design`)
-    grid, Λ    ──round───►  codes  diag: nearest · kfac: GPTQ with H = A + τ/(N·Ḡ)·I (columns in
-                                   decreasing H_jj order by default: "act-order") ·
+    grid, Λ    ──round───►  codes  diag: nearest · kfac: GPTQ with H = A + τ/(N·Ḡ)·I (optionally in
+                                   decreasing H_jj order: "act-order") ·
                                    lowrank: D + UUᵀ block feedback                   (:mod:`quant.feedback`)
 
 The fitted values go in ``QuantizedTensor.info``: the design objective ``expected_distortion``, the
@@ -46,7 +46,7 @@ def design_grid(weight: WeightInfo, post: WeightPosterior, cand: Candidate, *, t
 
 
 def round_on_grid(weight: WeightInfo, post: WeightPosterior, cand: Candidate, grid, dist: torch.Tensor, *,
-                  curvature: str, mu: torch.Tensor | None = None, act_order: bool = True) -> QuantizedTensor:
+                  curvature: str, mu: torch.Tensor | None = None, act_order: bool = False) -> QuantizedTensor:
     """Codes on ``grid`` chosen in the posterior metric; the tensor as the artifact stores it."""
     lay = weight.layout
     mu = canonical_mu(weight) if mu is None else mu
@@ -93,7 +93,7 @@ def whitened_error(x: torch.Tensor, post: WeightPosterior) -> float:
 
 
 def design_tensor(weight: WeightInfo, post: WeightPosterior, cand: Candidate, *, curvature: str,
-                  temperature: float = 0.0, act_order: bool = True) -> QuantizedTensor:
+                  temperature: float = 0.0, act_order: bool = False) -> QuantizedTensor:
     """Design the grid and round the codes of one weight (see the module docstring)."""
     mu = canonical_mu(weight)
     grid, dist = design_grid(weight, post, cand, temperature=temperature, mu=mu)

@@ -6,27 +6,20 @@ import numpy as np
 import pytest
 import torch
 
-from bayesq_onnx.export import export_model, map_parameters
-from bayesq_onnx.passes.collect_weights import CollectWeightsPass
 from bayesq_onnx.passes.fit_posterior import FitPosteriorPass
 from bayesq_onnx.design import whitened_error
 from bayesq_onnx.passes.plan_bayesq_fixed import PlanBayesFixedPass
 from bayesq_onnx.passes.plan_rtn import PlanRoundToNearestPass
 from bayesq_onnx.plan import Candidate
-from tiny_torch import tiny_bundle
 
 
 @pytest.fixture(scope="module")
-def analysed():
-    bundle = tiny_bundle()
-    model = export_model(bundle)
-    bindings = map_parameters(bundle.module, model)
-    collect = CollectWeightsPass(min_size=1)
-    collect(model)
+def analysed(tiny_exported):
+    bundle, bindings, weights = tiny_exported
     # N large: the data term dominates the prior, as for a pretrained model's posterior
-    posts = {c: FitPosteriorPass(bundle, bindings, curvature=c, n_data=1e6)(collect.weights)
+    posts = {c: FitPosteriorPass(bundle, bindings, curvature=c, n_data=1e6)(weights)
              for c in ("diag", "kfac", "lowrank")}
-    return bundle, bindings, collect.weights, posts
+    return bundle, bindings, weights, posts
 
 
 def test_posteriors_are_canonical(analysed):

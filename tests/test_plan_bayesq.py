@@ -9,8 +9,6 @@ import pytest
 from bayesq_onnx import candidates
 from bayesq_onnx.config import CompileConfig
 from bayesq_onnx.errors import UserError
-from bayesq_onnx.export import export_model, map_parameters
-from bayesq_onnx.passes.collect_weights import CollectWeightsPass
 from bayesq_onnx.passes.fit_posterior import FitPosteriorPass
 from bayesq_onnx.passes.mc_risk import MonteCarloRisk
 from bayesq_onnx.passes.plan_bayesq import PlanBayesQPass
@@ -20,14 +18,9 @@ from tiny_torch import tiny_bundle
 
 
 @pytest.fixture(scope="module")
-def analysed():
-    bundle = tiny_bundle()
-    model = export_model(bundle)
-    bindings = map_parameters(bundle.module, model)
-    collect = CollectWeightsPass(min_size=1)
-    collect(model)
-    post = FitPosteriorPass(bundle, bindings, curvature="kfac")(collect.weights)
-    return bundle, bindings, collect.weights, post
+def analysed(tiny_exported):
+    bundle, bindings, weights = tiny_exported
+    return bundle, bindings, weights, FitPosteriorPass(bundle, bindings, curvature="kfac")(weights)
 
 
 def test_placeholder_cost_equals_fitted_cost(analysed):

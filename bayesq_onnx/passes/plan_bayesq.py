@@ -26,7 +26,7 @@ class PlanBayesQPass:
     """Choose one candidate per weight so that all-in bits ≤ ``budget`` and total risk is least."""
 
     def __init__(self, budget: float, posteriors: dict[str, WeightPosterior], allowed: dict[str, list[Candidate]], *,
-                 curvature: str = "kfac", temperature: float = 0.0, act_order: bool = True,
+                 curvature: str = "kfac", temperature: float = 0.0, act_order: bool = False,
                  mc_risk: Callable | None = None, progress: Callable | None = None):
         self.budget, self.posteriors, self.allowed = budget, posteriors, allowed
         self.curvature, self.temperature, self.mc_risk, self.progress = curvature, temperature, mc_risk, progress

@@ -14,7 +14,7 @@ class PlanBayesFixedPass:
     """Plan every weight with the same candidate, designed and rounded on its posterior."""
 
     def __init__(self, candidate: Candidate, posteriors: dict[str, WeightPosterior], *, curvature: str = "diag",
-                 temperature: float = 0.0, act_order: bool = True, progress=None):
+                 temperature: float = 0.0, act_order: bool = False, progress=None):
         self.candidate, self.posteriors = candidate, posteriors
         self.curvature, self.temperature, self.progress = curvature, temperature, progress
         self.act_order = act_order
