@@ -68,10 +68,14 @@ def to_markdown(report: dict) -> str:
         lines.append(f"| {key} | {lat[key]['median_ms']:.2f} | {lat[key]['p90_ms']:.2f} | "
                      f"{report['session_start_s'][key]:.3f} |")
     lines += [f"", f"Latency ratio quantized / FP32 (median): **{lat['ratio']:.3f}**", "",
-              "## Per tensor", "", "| tensor | shape | candidate | all-in bits |", "|---|---|---|---|"]
+              "## Per tensor", "",
+              "| tensor | shape | candidate | all-in bits | risk | Fisher mass | whitened error |",
+              "|---|---|---|---|---|---|---|"]
+    fmt = lambda v: "" if v is None else f"{v:.3g}"  # noqa: E731 - rtn plans carry no posterior figures
     for t in report["plan"]["tensors"]:
         lines.append(f"| `{t['name']}` | {'×'.join(map(str, t['shape']))} | {t['candidate']['label']} | "
-                     f"{t['all_in_bits']:.3f} |")
+                     f"{t['all_in_bits']:.3f} | {fmt(t.get('risk'))} | {fmt(t.get('fisher_mass'))} | "
+                     f"{fmt(t.get('whitened_error'))} |")
     return "\n".join(lines) + "\n"
 
 

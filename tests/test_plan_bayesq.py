@@ -141,6 +141,8 @@ def test_compile_default_method_writes_report_with_risks(tmp_path):
     for t in report["plan"]["tensors"]:
         assert {"risk", "fisher_mass", "whitened_error", "candidate"} <= set(t)
     assert (tmp_path / "out" / "bits.png").exists()
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "| risk | Fisher mass |" in md and md.count("| `") == len(report["plan"]["tensors"])
 
 
 def test_compile_infeasible_budget_writes_nothing(tmp_path):
