@@ -67,7 +67,7 @@ def to_markdown(report: dict) -> str:
     for key in ("fp32", "quantized"):
         lines.append(f"| {key} | {lat[key]['median_ms']:.2f} | {lat[key]['p90_ms']:.2f} | "
                      f"{report['session_start_s'][key]:.3f} |")
-    lines += [f"", f"Latency ratio quantized / FP32 (median): **{lat['ratio']:.3f}**", "",
+    lines += ["", f"Latency ratio quantized / FP32 (median): **{lat['ratio']:.3f}**", "",
               "## Per tensor", "",
               "| tensor | shape | candidate | all-in bits | risk | Fisher mass | whitened error |",
               "|---|---|---|---|---|---|---|"]

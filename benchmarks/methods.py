@@ -39,9 +39,9 @@ def configs(suite: str, bits: list[float]) -> list[tuple[str, dict]]:
         return [(f"bayesq risk={r}", dict(method="bayesq", bits=b, risk=r)) for b in bits for r in ("closed", "mc")]
     rows = []
     for b in map(int, bits):
-        rows.append((f"rtn", dict(method="rtn", bits=b)))
-        rows.append((f"bayesq-fixed uniform kfac", dict(method="bayesq-fixed", bits=b, family="uniform", curvature="kfac")))
-        rows.append((f"bayesq-fixed codebook kfac", dict(method="bayesq-fixed", bits=b, family="codebook", curvature="kfac")))
+        rows.append(("rtn", dict(method="rtn", bits=b)))
+        rows.append(("bayesq-fixed uniform kfac", dict(method="bayesq-fixed", bits=b, family="uniform", curvature="kfac")))
+        rows.append(("bayesq-fixed codebook kfac", dict(method="bayesq-fixed", bits=b, family="codebook", curvature="kfac")))
         if b == 3:
             for curv in ("diag", "lowrank"):
                 rows.append((f"bayesq-fixed uniform {curv}", dict(method="bayesq-fixed", bits=b, family="uniform", curvature=curv)))

@@ -13,7 +13,7 @@ from bayesq_onnx.passes.fit_posterior import FitPosteriorPass
 from bayesq_onnx.passes.mc_risk import MonteCarloRisk
 from bayesq_onnx.passes.plan_bayesq import PlanBayesQPass
 from bayesq_onnx.pipeline import compile_model
-from bayesq_onnx.plan import Candidate, QuantizedTensor
+from bayesq_onnx.plan import QuantizedTensor
 from tiny_torch import tiny_bundle
 
 

@@ -10,7 +10,6 @@ as the closed-form proxy ``½ (ŵ − μ)ᵀΛ(ŵ − μ)``. With a posterior te
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from ..export import ParameterBinding

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from typing import Callable
 
-import torch
 
 from ..design import canonical_mu, design_grid, round_on_grid
 from ..candidates import check_budget
