@@ -15,12 +15,14 @@ candidate labels allowed for them, e.g. ``{"*.attention.*": ["uint4-g128", "uint
 from __future__ import annotations
 
 import fnmatch
+import functools
 import json
 from pathlib import Path
 
 from .errors import UserError
 from .passes.collect_weights import WeightInfo
-from .plan import Candidate
+from .plan import Candidate, QuantizedTensor
+from .quant.layout import WeightLayout
 
 TARGETS = ("size", "speed", "cuda")
 GROUP = 128
@@ -110,7 +112,7 @@ def allowed(weights: dict[str, WeightInfo], *, target: str = "size", keep_first_
         if not matched:
             raise UserError(f"override pattern {pattern!r} matches no quantized tensor")
         for name in matched:
-            usable = [c for c in cands if _fits(c, weights[name])]
+            usable = [c for c in cands if c.fits(weights[name].layout)]
             if not usable:
                 raise UserError(f"override {pattern!r}: none of {[c.label for c in cands]} fits {name} "
                                 f"({weights[name].layout.rows} rows × {weights[name].layout.in_channels} inputs)")
@@ -124,21 +126,16 @@ def allowed(weights: dict[str, WeightInfo], *, target: str = "size", keep_first_
     return out
 
 
-def _fits(c: Candidate, w: WeightInfo) -> bool:
-    if c.family == "uniform" and c.group_size:
-        return w.layout.in_channels % c.group_size == 0
-    if c.family == "codebook":
-        return w.layout.rows % c.group_size == 0
-    return True
+@functools.lru_cache(maxsize=4096)
+def cost_bits(layout: WeightLayout, candidate: Candidate) -> int:
+    """Exact stored bits of a weight of ``layout`` under ``candidate`` (independent of its values)."""
+    return QuantizedTensor.placeholder("", layout, candidate).stored_bits()
 
 
 def check_budget(budget: float, weights: dict[str, WeightInfo], allowed: dict[str, list[Candidate]]) -> None:
     """Raise :class:`UserError` unless some choice of allowed candidates meets ``budget`` all-in bits."""
-    from .plan import QuantizedTensor
-
     total = sum(w.size for w in weights.values())
-    costs = {n: [QuantizedTensor.placeholder(n, weights[n].layout, c).stored_bits() for c in cands]
-             for n, cands in allowed.items()}
+    costs = {n: [cost_bits(weights[n].layout, c) for c in cands] for n, cands in allowed.items()}
     lo = sum(min(c) for c in costs.values()) / total
     hi = sum(max(c) for c in costs.values()) / total
     if not lo - 1e-9 <= budget <= hi + 1e-9:

@@ -20,9 +20,6 @@ from .passes.fit_posterior import WeightPosterior
 from .plan import Candidate, QuantizedTensor
 from .quant import design, feedback
 
-_SCALE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
-
-
 def canonical_mu(weight: WeightInfo) -> torch.Tensor:
     return weight.layout.to_canonical(torch.from_numpy(np.array(weight.array, dtype=np.float32)))
 
@@ -37,11 +34,11 @@ def design_grid(weight: WeightInfo, post: WeightPosterior, cand: Candidate, *, t
     if cand.family == "float":
         err = mu.to(torch.float16 if cand.bits == 16 else torch.float32).float() - mu
         return None, (lam * err * err).sum(1)
+    if not cand.fits(lay):
+        raise ValueError(f"{cand.label} does not fit {weight.name} ({lay.rows} rows × {lay.in_channels} inputs)")
     if cand.family == "uniform":
-        if cand.group_size and lay.in_channels % cand.group_size:
-            raise ValueError(f"group size {cand.group_size} does not divide {lay.in_channels} input channels")
         return design.fit_uniform(mu, lam, cand.bits, cand.group_size, symmetric=cand.symmetric,
-                                  scale_dtype=_SCALE_DTYPES[cand.scale_dtype], temperature=temperature)
+                                  scale_dtype=cand.scale_torch_dtype, temperature=temperature)
     return design.fit_codebook(mu, lam, cand.bits, cand.group_size, temperature=temperature)
 
 

@@ -164,13 +164,12 @@ def _plan(config: CompileConfig, weights: dict[str, WeightInfo], posteriors, all
         return PlanRoundToNearestPass(int(config.bits), group_size=config.group_size)(weights)
     if config.method == "bayesq-fixed":
         group = config.codebook_rows if config.family == "codebook" else config.group_size
-        for w in weights.values():
-            if config.family == "codebook" and w.layout.rows % group:
-                raise UserError(f"--codebook-rows {group} does not divide the {w.layout.rows} rows of {w.name}")
-            if config.family == "uniform" and group and w.layout.in_channels % group:
-                raise UserError(f"group size {group} does not divide the {w.layout.in_channels} input "
-                                f"channels of {w.name}; pick a divisor or --group-size 0 (per row)")
         cand = Candidate(config.family, int(config.bits), group)
+        for w in weights.values():
+            if not cand.fits(w.layout):
+                flag = "--codebook-rows" if config.family == "codebook" else "--group-size"
+                raise UserError(f"{flag} {group} does not divide the {w.layout.rows} rows × "
+                                f"{w.layout.in_channels} input channels of {w.name}; pick a divisor")
         return PlanBayesFixedPass(cand, posteriors, curvature=config.curvature, temperature=config.temperature,
                                   act_order=config.act_order, progress=lambda n: rep.track(n, "design quantizers"))(weights)
     raise UserError(f"unknown method {config.method!r}")

@@ -47,6 +47,19 @@ class Candidate:
             raise ValueError(f"scale dtype must be one of {tuple(_SCALE_DTYPES)}")
 
     @property
+    def scale_torch_dtype(self) -> torch.dtype:
+        return _SCALE_DTYPES[self.scale_dtype][1]
+
+    def fits(self, layout: WeightLayout) -> bool:
+        """Whether the candidate can store a weight of this layout: uniform groups must divide the input
+        channels, codebook row groups the rows."""
+        if self.family == "uniform" and self.group_size:
+            return layout.in_channels % self.group_size == 0
+        if self.family == "codebook":
+            return layout.rows % self.group_size == 0
+        return True
+
+    @property
     def label(self) -> str:
         if self.family == "float":
             return f"fp{self.bits}"
@@ -106,7 +119,7 @@ class QuantizedTensor:
             return self.values.astype(np.float16 if c.bits == 16 else np.float32).astype(np.float32)
         if c.family == "uniform":
             w2 = uniform.dequantize(torch.from_numpy(self.codes), torch.from_numpy(self.scale),
-                                    torch.from_numpy(self.zero), c.group_size, _SCALE_DTYPES[c.scale_dtype][1])
+                                    torch.from_numpy(self.zero), c.group_size, c.scale_torch_dtype)
         else:
             w2 = codebook.dequantize(torch.from_numpy(self.codes), torch.from_numpy(self.levels), c.group_size)
         return self.layout.from_canonical(w2.numpy())

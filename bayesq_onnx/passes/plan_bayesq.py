@@ -14,8 +14,8 @@ from typing import Callable
 
 
 from ..design import canonical_mu, design_grid, round_on_grid
-from ..candidates import check_budget
-from ..plan import Candidate, Plan, QuantizedTensor
+from ..candidates import check_budget, cost_bits
+from ..plan import Candidate, Plan
 from ..quant import knapsack
 from .collect_weights import WeightInfo
 from .fit_posterior import WeightPosterior
@@ -42,7 +42,7 @@ class PlanBayesQPass:
             rows = []
             for cand in self.allowed[name]:
                 grid, dist = design_grid(w, post, cand, temperature=self.temperature, mu=mu)
-                cost = QuantizedTensor.placeholder(name, w.layout, cand).stored_bits()
+                cost = cost_bits(w.layout, cand)
                 closed = 0.5 * float(dist.sum())
                 entry = {"candidate": cand, "cost_bits": cost, "risk_closed": closed, "risk": closed}
                 if self.mc_risk is not None:

@@ -18,13 +18,12 @@ from .collect_weights import WeightInfo
 def fit_minmax(weight: WeightInfo, candidate: Candidate) -> QuantizedTensor:
     """Min-max grid + nearest rounding for one weight (vectorized over all rows and groups)."""
     lay = weight.layout
-    if candidate.group_size and lay.in_channels % candidate.group_size:
+    if not candidate.fits(lay):
         raise UserError(f"group size {candidate.group_size} does not divide the {lay.in_channels} input "
                         f"channels of {weight.name}; pick a divisor or --group-size 0 (per row)")
     w2 = lay.to_canonical(torch.from_numpy(np.array(weight.array, dtype=np.float32)))
-    sdt = torch.float16 if candidate.scale_dtype == "float16" else torch.float32
     scale, zero = uniform.minmax_params(w2, candidate.bits, candidate.group_size,
-                                        symmetric=candidate.symmetric, scale_dtype=sdt)
+                                        symmetric=candidate.symmetric, scale_dtype=candidate.scale_torch_dtype)
     codes = uniform.quantize(w2, scale, zero, candidate.bits, candidate.group_size,
                              symmetric=candidate.symmetric)
     return QuantizedTensor(weight.name, lay, candidate, codes=codes.numpy(), scale=scale.numpy(),
