@@ -30,6 +30,13 @@ def main():
 
 @main.command()
 @click.argument("model", default="minilm")
+@click.option("--weights", type=click.Path(path_type=Path), default=None,
+              help="torchvision:/module: a state dict file (.pt/.pth/.safetensors).")
+@click.option("--data", type=click.Path(path_type=Path), default=None,
+              help="Evaluation data: an ImageFolder dir (torchvision:) or a GLUE task dir (hf: --task glue:NAME).")
+@click.option("--calib", type=click.Path(path_type=Path), default=None,
+              help="Calibration data: an ImageFolder dir (torchvision:) or an .npz of named inputs (onnx:).")
+@click.option("--task", default=None, help="hf: the task, e.g. glue:sst2 (reads --data DIR/train.tsv, dev.tsv).")
 @click.option("--bits", type=float, default=4.0, show_default=True,
               help="Budget: average all-in bits per weight (codes + scales + zero points + codebooks). "
                    "bayesq takes any reachable value (e.g. 3.5); rtn and bayesq-fixed one of 2, 3, 4, 8.")
@@ -79,14 +86,14 @@ def main():
 @click.option("--verify-each", is_flag=True, help="Run onnx.checker after every pass.")
 @click.option("--dump-dir", type=click.Path(path_type=Path), default=None, help="Save the model after every pass.")
 @click.option("-q", "--quiet", is_flag=True, help="Print only the final summary line.")
-def compile(model, bits, method, target, keep_first_last, overrides, risk, family, group_size, codebook_rows, curvature, fisher, fisher_samples, rank,
+def compile(model, weights, data, calib, task, bits, method, target, keep_first_last, overrides, risk, family, group_size, codebook_rows, curvature, fisher, fisher_samples, rank,
             n_data, prior_precision, act_order, temperature, scope, out, calib_size, eval_size, provider, seed,
             latency_runs, latency_batch, latency_seq, verify_each, dump_dir, quiet):
     """Quantize MODEL (default: minilm) and validate it in ONNX Runtime."""
     from .pipeline import compile_model
     from .progress import Reporter
 
-    config = CompileConfig(model=model, bits=bits, method=method, target=target, keep_first_last=keep_first_last,
+    config = CompileConfig(model=model, weights=weights, data=data, calib=calib, task=task, bits=bits, method=method, target=target, keep_first_last=keep_first_last,
                            overrides=overrides, risk=risk, family=family, group_size=group_size,
                            codebook_rows=codebook_rows, curvature=curvature, fisher=fisher,
                            fisher_samples=fisher_samples, rank=rank, n_data=n_data,
@@ -106,10 +113,10 @@ def compile(model, bits, method, target, keep_first_last, overrides, risk, famil
 @main.command()
 def models():
     """List the models MODEL can name and what each needs."""
-    from .models import MODELS
+    from .models import SOURCES
 
-    for name, (_, needs) in MODELS.items():
-        click.echo(f"{name:16s} {needs}")
+    for source in SOURCES.values():
+        click.echo(f"{source.usage:34s} {source.needs}")
 
 
 def _guard(fn):

@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .errors import UserError
+from .models.base import SourceOptions
 from .passes.collect_weights import SCOPES
 from .plan import CODE_BITS
 from .runtime.session import PROVIDERS
@@ -23,6 +24,10 @@ class CompileConfig:
     """Everything a compile depends on. Same config + same inputs -> byte-identical artifact."""
 
     model: str = "minilm"
+    weights: Path | None = None  # model source: a state dict (torchvision:, module:)
+    data: Path | None = None     # model source: evaluation data (ImageFolder dir, GLUE task dir)
+    calib: Path | None = None    # model source: calibration data (ImageFolder dir, .npz of named inputs)
+    task: str | None = None      # model source: hf: glue:<name>
     bits: float = 4.0
     method: str = DEFAULT_METHOD
     group_size: int = 0          # uniform: input channels per scale (0: one scale per output row)
@@ -92,9 +97,16 @@ class CompileConfig:
             raise UserError("--eval-size must be at least 2 (fidelity compares items against each other)")
         return self
 
+    def source_options(self) -> SourceOptions:
+        """What the model source takes from this config."""
+        return SourceOptions(weights=self.weights, data=self.data, calib=self.calib, task=self.task,
+                             calib_size=self.calib_size, eval_size=self.eval_size,
+                             latency_batch=self.latency_batch, latency_seq=self.latency_seq, seed=self.seed)
+
     def to_json(self) -> dict:
         d = asdict(self)
         d["out"] = str(self.out)
         d["dump_dir"] = str(self.dump_dir) if self.dump_dir else None
-        d["overrides"] = str(self.overrides) if self.overrides else None
+        for name in ("overrides", "weights", "data", "calib"):
+            d[name] = str(getattr(self, name)) if getattr(self, name) else None
         return d

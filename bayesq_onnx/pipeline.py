@@ -61,8 +61,7 @@ def compile_model(config: CompileConfig, reporter: Reporter | None = None,
     # ---- load and export --------------------------------------------------------------------------
     if bundle is None:
         with rep.stage(f"load {config.model}"):
-            bundle = load_model(config.model, calib_size=config.calib_size, eval_size=config.eval_size,
-                                latency_batch=config.latency_batch, latency_seq=config.latency_seq)
+            bundle = load_model(config.model, config.source_options())
     with rep.stage("export to ONNX"):
         fp_model = export_model(bundle)
         bindings = map_parameters(bundle.module, fp_model)

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from bayesq_onnx.config import CompileConfig
 from bayesq_onnx.models import load_model
+from bayesq_onnx.models.base import SourceOptions
 from bayesq_onnx.pipeline import compile_model
 from bayesq_onnx.progress import Reporter
 
@@ -76,7 +77,7 @@ def main() -> int:
     args = ap.parse_args()
     calib, evals = (64, 128) if args.quick else (args.calib_size, args.eval_size)
     bits = args.bits or {"fixed": [4, 3, 2], "budgets": [4.0, 3.5, 3.0, 2.5], "risk": [3.0]}[args.suite]
-    bundle = load_model(args.model, calib_size=calib, eval_size=evals)
+    bundle = load_model(args.model, SourceOptions(calib_size=calib, eval_size=evals))
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for i, (label, kw) in enumerate(configs(args.suite, bits)):

@@ -3,12 +3,28 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 
 Batch = dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class SourceOptions:
+    """What a model source may take from the user besides its spec (CLI flags of the same names)."""
+
+    weights: Path | None = None   # a state dict (torchvision:, module:)
+    data: Path | None = None      # evaluation data (ImageFolder dir, GLUE task dir)
+    calib: Path | None = None     # calibration data (ImageFolder dir, .npz of named inputs)
+    task: str | None = None       # hf: glue:<name>
+    calib_size: int = 256
+    eval_size: int = 1024
+    latency_batch: int = 8
+    latency_seq: int = 128
+    seed: int = 0                 # data-sampling seed (fixed splits use their own)
 
 
 @dataclass

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
-from .base import Batch, ModelBundle, embedding_fidelity
+from .base import Batch, ModelBundle, SourceOptions, embedding_fidelity
 from .text import pydoc_sentences, split_corpus
 
 MAX_LENGTH = 128
@@ -57,8 +57,9 @@ def _batches(tokenizer, sentences: list[str], batch: int) -> list[Batch]:
     return out
 
 
-def load(calib_size: int = 256, eval_size: int = 1024, latency_batch: int = 8, latency_seq: int = 128,
-         **_) -> ModelBundle:
+def load(argument: str | None, options: SourceOptions) -> ModelBundle:
+    calib_size, eval_size = options.calib_size, options.eval_size
+    latency_batch, latency_seq = options.latency_batch, options.latency_seq
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import transformers
     from transformers import AutoModel, AutoTokenizer

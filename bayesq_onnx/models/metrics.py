@@ -1,0 +1,55 @@
+"""Task metrics on model outputs (pure numpy/scipy): what a quantized classifier keeps of the FP32 one."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+from scipy.special import log_softmax
+
+
+def top_k_accuracy(logits: np.ndarray, labels: np.ndarray, k: int = 1) -> float:
+    """Fraction of items whose label is among the ``k`` largest logits."""
+    k = min(k, logits.shape[1])
+    top = np.argpartition(-logits, k - 1, axis=1)[:, :k]
+    return float((top == labels[:, None]).any(axis=1).mean())
+
+
+def negative_log_likelihood(logits: np.ndarray, labels: np.ndarray) -> float:
+    """Mean −log softmax(logits)[label]."""
+    logp = log_softmax(logits.astype(np.float64), axis=1)
+    return float(-logp[np.arange(len(labels)), labels].mean())
+
+
+def expected_calibration_error(logits: np.ndarray, labels: np.ndarray, bins: int = 15) -> float:
+    """ECE = Σ_b (n_b / n)·|accuracy_b − confidence_b| over ``bins`` equal-width confidence bins,
+    confidence = max softmax probability (Guo et al., 2017)."""
+    prob = np.exp(log_softmax(logits.astype(np.float64), axis=1))
+    conf, pred = prob.max(axis=1), prob.argmax(axis=1)
+    correct = (pred == labels).astype(np.float64)
+    # bin b holds conf in (b/bins, (b+1)/bins]; conf > 0 always
+    index = np.clip(np.ceil(conf * bins).astype(np.int64) - 1, 0, bins - 1)
+    n = np.bincount(index, minlength=bins)
+    acc = np.bincount(index, weights=correct, minlength=bins)
+    cf = np.bincount(index, weights=conf, minlength=bins)
+    return float(np.abs(acc - cf).sum() / len(labels))
+
+
+def classification_metric(labels: np.ndarray) -> Callable[[np.ndarray, np.ndarray], dict]:
+    """Metric for a classifier with true ``labels``: the candidate's top-1/top-5/NLL/ECE, the FP32
+    reference's, the top-1 drop in points, and argmax agreement between the two models."""
+    labels = np.asarray(labels, dtype=np.int64)
+
+    def metric(reference: np.ndarray, candidate: np.ndarray) -> dict:
+        out = {"items": int(len(labels))}
+        for tag, logits in (("", candidate), ("_fp32", reference)):
+            out[f"top1{tag}"] = top_k_accuracy(logits, labels, 1)
+            if logits.shape[1] > 5:
+                out[f"top5{tag}"] = top_k_accuracy(logits, labels, 5)
+            out[f"nll{tag}"] = negative_log_likelihood(logits, labels)
+            out[f"ece{tag}"] = expected_calibration_error(logits, labels)
+        out["top1_drop_points"] = 100.0 * (out["top1_fp32"] - out["top1"])
+        out["agreement"] = float((reference.argmax(1) == candidate.argmax(1)).mean())
+        return out
+
+    return metric
