@@ -24,6 +24,7 @@ from .export import export_model, map_parameters, torch_outputs
 from .models import check_model_spec, load_model
 from .models.base import ModelBundle
 from .passes.collect_weights import CollectWeightsPass, WeightInfo
+from .passes.fit_layer_posterior import FitLayerPosteriorPass
 from .passes.fit_posterior import FitPosteriorPass
 from .passes.mc_risk import MonteCarloRisk
 from .passes.plan_bayesq import PlanBayesQPass
@@ -62,22 +63,20 @@ def compile_model(config: CompileConfig, reporter: Reporter | None = None,
     if bundle is None:
         with rep.stage(f"load {config.model}"):
             bundle = load_model(config.model, config.source_options())
-    with rep.stage("export to ONNX"):
-        fp_model = export_model(bundle)
-        bindings = map_parameters(bundle.module, fp_model)
+    _check_source_supports(config, bundle)
+    with rep.stage("export to ONNX" if bundle.module is not None else "read ONNX"):
+        fp_model, bindings = _fp32_model(bundle)
         fp_bytes = _serialize(fp_model)
 
     with tempfile.TemporaryDirectory(prefix="bayesq-") as tmp:
         fp_path = Path(tmp) / "fp32.onnx"
         fp_path.write_bytes(fp_bytes)
-        with rep.stage("check export against PyTorch"):
-            export_check = _check_export(bundle, fp_path)
-            all_params = [n for n, _ in bundle.module.named_parameters(remove_duplicate=False)]
-            bound = {alias for b in bindings.values() for alias in b.aliases}
-            export_check.update(
-                parameters=len(all_params), parameters_bound=len(bound), opset=fp_model.opset_imports[""],
-                # parameters the graph does not hold as such: unused, or folded into other constants
-                parameters_unbound=[n for n in all_params if n not in bound])
+        if bundle.module is not None:
+            with rep.stage("check export against PyTorch"):
+                export_check = _check_export(bundle, fp_path, bindings)
+        else:
+            export_check = {"source": f"ONNX input {bundle.onnx_file} (no export)"}
+        export_check["opset"] = fp_model.opset_imports[""]
 
         # ---- analyse: which weights, and what the posterior says about them ------------------------
         with rep.stage("analyse weights"):
@@ -94,12 +93,20 @@ def compile_model(config: CompileConfig, reporter: Reporter | None = None,
             candidates.check_budget(config.bits, weights, allowed)  # before the expensive analysis
         posteriors = None
         if config.method != "rtn":
-            with rep.stage(f"fit posterior ({config.curvature}, {config.fisher} Fisher)"):
-                posteriors = FitPosteriorPass(
-                    bundle, bindings, curvature=config.curvature, fisher=config.fisher,
-                    samples=config.fisher_samples, rank=config.rank, n_data=config.n_data,
-                    prior_precision=config.prior_precision, seed=config.seed,
-                    progress=lambda b, i: rep.track(b, f"calibration pass {i + 1}"))(weights)
+            likelihood = f"{config.fisher} Fisher" if bundle.module is not None else "layer-wise likelihood"
+            with rep.stage(f"fit posterior ({config.curvature}, {likelihood})"):
+                if bundle.module is not None:
+                    fit = FitPosteriorPass(
+                        bundle, bindings, curvature=config.curvature, fisher=config.fisher,
+                        samples=config.fisher_samples, rank=config.rank, n_data=config.n_data,
+                        prior_precision=config.prior_precision, seed=config.seed,
+                        progress=lambda b, i: rep.track(b, f"calibration pass {i + 1}"))
+                else:  # no gradients to take: the layer-wise likelihood on ORT activations
+                    fit = FitLayerPosteriorPass(
+                        onnx.load_from_string(fp_bytes), bundle.calibration, curvature=config.curvature,
+                        n_data=config.n_data, prior_precision=config.prior_precision,
+                        progress=lambda b: rep.track(b, "calibration activations (ORT)"))
+                posteriors = fit(weights)
 
         # ---- plan: one candidate per weight, with the exact values to store -------------------------
         with rep.stage(f"plan ({config.method})"):
@@ -199,13 +206,42 @@ def _serialize(model: ir.Model) -> bytes:
     return ir.serde.serialize_model(model).SerializeToString()
 
 
-def _check_export(bundle: ModelBundle, fp_path: Path, batches: int = 2) -> dict:
-    """Max |ONNX − PyTorch| over the first calibration batches, on the CPU provider."""
+def _check_source_supports(config: CompileConfig, bundle: ModelBundle) -> None:
+    """Settings that need a PyTorch model, refused for an ONNX input before any work is done."""
+    if bundle.module is not None or config.method == "rtn":
+        return
+    if config.risk == "mc":
+        raise UserError("--risk mc perturbs a PyTorch model; an ONNX input takes --risk closed")
+    if config.curvature == "lowrank":
+        raise UserError("--curvature lowrank needs per-item gradients of a PyTorch model; "
+                        "an ONNX input takes --curvature kfac or diag")
+    if config.fisher != "true":
+        raise UserError("--fisher empirical needs a PyTorch model and labels; an ONNX input uses the layer-wise "
+                        "likelihood on activations: drop --fisher")
+
+
+def _fp32_model(bundle: ModelBundle) -> tuple[ir.Model, dict]:
+    """The FP32 ONNX model and its initializer → PyTorch parameter bindings (none for an ONNX input)."""
+    if bundle.module is None:
+        # onnx.load pulls external data in, so the model is self-contained from here on
+        return ir.serde.deserialize_model(onnx.load(str(bundle.onnx_file))), {}
+    fp_model = export_model(bundle)
+    return fp_model, map_parameters(bundle.module, fp_model)
+
+
+def _check_export(bundle: ModelBundle, fp_path: Path, bindings: dict, batches: int = 2) -> dict:
+    """Max |ONNX − PyTorch| over the first calibration batches (CPU provider), and which parameters the
+    exported graph holds as initializers."""
     session, _ = make_session(fp_path, ["CPUExecutionProvider"])
     sample = bundle.calibration[:batches]
     ref = torch_outputs(bundle.module, sample, bundle.input_names)
     got = run_batches(session, sample)
-    return {"max_abs_diff": float(np.abs(ref - got).max()), "batches": len(sample), "items": int(len(ref))}
+    all_params = [n for n, _ in bundle.module.named_parameters(remove_duplicate=False)]
+    bound = {alias for b in bindings.values() for alias in b.aliases}
+    return {"max_abs_diff": float(np.abs(ref - got).max()), "batches": len(sample), "items": int(len(ref)),
+            "parameters": len(all_params), "parameters_bound": len(bound),
+            # parameters the graph does not hold as such: unused, or folded into other constants
+            "parameters_unbound": [n for n in all_params if n not in bound]}
 
 
 def _validate(bundle: ModelBundle, fp_path: Path, q_path: Path, providers: list[str],

@@ -51,9 +51,10 @@ def to_markdown(report: dict) -> str:
         f"- artifact {sz['artifact_bytes'] / 1e6:.2f} MB vs FP32 ONNX {sz['fp32_bytes'] / 1e6:.2f} MB "
         f"({sz['fp32_bytes'] / sz['artifact_bytes']:.2f}× smaller)",
         f"- provider: {report['provider']['note']}",
-        f"- export check: max |ONNX − PyTorch| = {report['export']['max_abs_diff']:.2e}",
+        f"- export check: max |ONNX − PyTorch| = {report['export']['max_abs_diff']:.2e}"
+        if "max_abs_diff" in report["export"] else f"- input: {report['export']['source']}",
         "",
-        "## Fidelity to the FP32 model (held-out data)",
+        "## Metrics on held-out data (FP32 reference and quantized artifact)",
         "",
         "| metric | value |",
         "|---|---|",

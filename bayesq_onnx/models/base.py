@@ -31,13 +31,15 @@ class SourceOptions:
 class ModelBundle:
     """Everything the pipeline needs from a model source.
 
-    ``calibration`` feeds the analysis (and the export check); ``evaluation`` is held out and only used to
-    compare the artifact with the FP32 model; ``metric(reference, candidate)`` maps the two models'
-    concatenated outputs on ``evaluation`` to named figures, ``headline`` naming the one to optimize.
+    ``module`` is exported to ONNX, or, for a source that is already ONNX, ``onnx_file`` is the FP32 model
+    and ``module`` is ``None``. ``calibration`` feeds the analysis (and the export check); ``evaluation`` is
+    held out and only used to compare the artifact with the FP32 model; ``metric(reference, candidate)`` maps
+    the two models' concatenated outputs on ``evaluation`` to named figures, ``headline`` naming the one to
+    optimize.
     """
 
     name: str
-    module: torch.nn.Module
+    module: torch.nn.Module | None                      # None for an ONNX input (onnx_file)
     input_names: list[str]
     output_names: list[str]
     dynamic_axes: dict[str, dict[int, str]]
@@ -49,6 +51,7 @@ class ModelBundle:
     info: dict = field(default_factory=dict)
     likelihood: str = "gaussian"                        # the output's likelihood for the Fisher: gaussian | categorical
     calibration_targets: list[np.ndarray] | None = None  # labels, for the empirical Fisher
+    onnx_file: Path | None = None                       # the FP32 ONNX model itself, when there is no module
 
     def example_inputs(self) -> tuple[torch.Tensor, ...]:
         first = self.calibration[0]

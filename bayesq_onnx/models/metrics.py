@@ -53,3 +53,19 @@ def classification_metric(labels: np.ndarray) -> Callable[[np.ndarray, np.ndarra
         return out
 
     return metric
+
+
+def output_fidelity(reference: np.ndarray, candidate: np.ndarray) -> dict:
+    """Fidelity of any model output to the FP32 one, item by item (rows of the first axis, flattened):
+    cosine (mean, 5th percentile), relative L2 error ‖c − r‖ / ‖r‖ over all items, max |c − r|, and for
+    2-D outputs the argmax agreement (meaningful when the output is class scores)."""
+    r = reference.reshape(len(reference), -1).astype(np.float64)
+    c = candidate.reshape(len(candidate), -1).astype(np.float64)
+    norms = np.linalg.norm(r, axis=1) * np.linalg.norm(c, axis=1)
+    cos = np.where(norms > 0, np.sum(r * c, axis=1) / np.maximum(norms, 1e-300), 1.0)
+    out = {"cosine_mean": float(cos.mean()), "cosine_p5": float(np.percentile(cos, 5)),
+           "relative_l2": float(np.linalg.norm(c - r) / max(np.linalg.norm(r), 1e-300)),
+           "max_abs_diff": float(np.abs(c - r).max()), "items": int(len(r))}
+    if reference.ndim == 2 and reference.shape[1] > 1:
+        out["argmax_agreement"] = float((reference.argmax(1) == candidate.argmax(1)).mean())
+    return out

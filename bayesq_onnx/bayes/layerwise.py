@@ -1,0 +1,136 @@
+"""Layer-wise Gaussian likelihood: the posterior of a weight matrix from its input activations alone.
+
+Used when there is no PyTorch model to differentiate (an ``onnx:`` input). Each layer is treated as a
+regression of its own output, ``y = W x + ε`` with ``ε ~ N(0, σ² I)``, so for the canonical ``[rows, cols]``
+weight the Fisher of the ``N`` data items is exactly Kronecker-factored:
+
+    Λ = N · (G ⊗ A) + τ,    A = E[x xᵀ] (over tokens / conv patches),    G = I / σ²
+
+``A`` is GPTQ's Hessian; ``σ²`` is set by empirical Bayes to the layer output's mean per-coordinate variance,
+``σ² = mean_j Var(y_j) = mean_j (w_jᵀ A w_j − (w_j·m)²)`` with ``m = E[x]``, so a change of one output
+standard deviation costs the same in every layer (the same rule the PyTorch path uses for a Gaussian output).
+``τ`` is MacKay's evidence fixed point (:func:`~bayesq_onnx.bayes.laplace.evidence_prior_precision`).
+Pure torch: nothing here knows about ONNX.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .laplace import evidence_prior_precision
+
+
+def conv_patches(x: torch.Tensor, kernel: tuple[int, ...], *, strides: tuple[int, ...], pads: tuple[int, ...],
+                 dilations: tuple[int, ...], groups: int = 1) -> torch.Tensor:
+    """Input patches of a 1-D or 2-D convolution as rows ``[B·L, groups, k… · C/groups]``.
+
+    ``x`` is ``[B, C, spatial…]``; ``pads`` follows ONNX (all begins, then all ends). Columns are ordered
+    kernel taps first, input channel (within the group) last — the canonical column order of a Conv weight
+    (:class:`~bayesq_onnx.quant.layout.WeightLayout`), so for one group ``patches @ W_canonicalᵀ`` is the
+    convolution.
+    """
+    nd = len(kernel)
+    if nd not in (1, 2) or x.dim() != nd + 2:
+        raise ValueError(f"conv patches for 1-D and 2-D convolutions only, got kernel {kernel} and input {tuple(x.shape)}")
+    if nd == 1:  # treat as 2-D with a unit height
+        x, kernel, strides, dilations = x.unsqueeze(2), (1, *kernel), (1, *strides), (1, *dilations)
+        pads = (0, pads[0], 0, pads[1])
+    # F.pad takes (last-dim begin, last-dim end, previous-dim begin, previous-dim end)
+    x = F.pad(x, (pads[1], pads[3], pads[0], pads[2]))
+    c = x.shape[1]
+    patches = F.unfold(x, kernel, dilation=dilations, stride=strides)          # [B, C·kh·kw, L] (c-major)
+    b, _, length = patches.shape
+    taps = kernel[0] * kernel[1]
+    patches = patches.reshape(b, groups, c // groups, taps, length).permute(0, 4, 1, 3, 2)  # [B, L, g, taps, C/g]
+    return patches.reshape(b * length, groups, taps * (c // groups))
+
+
+@dataclass
+class InputMoments:
+    """Running first and second moments of a layer's input rows (float64), per channel group.
+
+    An ungrouped layer keeps the full ``Σ x xᵀ``; a grouped convolution (each output row reads one group's
+    input channels) keeps the diagonal per group, ``[groups, cols]``.
+    """
+
+    cols: int
+    groups: int = 1
+
+    def __post_init__(self):
+        self.diagonal_only = self.groups > 1
+        self.total = torch.zeros(self.groups, self.cols, dtype=torch.float64)
+        self.outer = torch.zeros((self.groups, self.cols) if self.diagonal_only else (self.cols, self.cols),
+                                 dtype=torch.float64)
+        self.count = 0
+
+    def update(self, rows: torch.Tensor) -> None:
+        """Add input rows ``[tokens, cols]`` (grouped: ``[tokens, groups, cols]``)."""
+        r = rows.reshape(-1, self.groups, self.cols).double()
+        self.total += r.sum(0)
+        self.outer += (r * r).sum(0) if self.diagonal_only else r[:, 0].T @ r[:, 0]
+        self.count += r.shape[0]
+
+    @property
+    def mean(self) -> torch.Tensor:
+        """E[x], ``[groups, cols]``."""
+        return self.total / max(self.count, 1)
+
+    @property
+    def second_moment(self) -> torch.Tensor:
+        """A = E[x xᵀ] ``[cols, cols]``; grouped: its diagonal per group, ``[groups, cols]``."""
+        return self.outer / max(self.count, 1)
+
+
+@dataclass
+class LayerwisePosterior:
+    """Λ = N·(G ⊗ A) + τ for one canonical weight (``A`` is ``None`` when only its diagonal is kept)."""
+
+    precision: torch.Tensor        # diag Λ, [rows, cols]
+    A: torch.Tensor | None         # [cols, cols]
+    G_diag: torch.Tensor           # [rows], all 1/σ²
+    prior_precision: float
+    output_noise_var: float
+
+
+def layerwise_posterior(w: torch.Tensor, moments: InputMoments, n_data: float,
+                        prior_precision: float | None = None) -> LayerwisePosterior:
+    """Posterior precision of the canonical weight ``w [rows, cols]`` under the layer-wise Gaussian likelihood
+    (module docstring), ``σ²`` by empirical Bayes and ``τ`` by the evidence fixed point unless given.
+
+    Grouped layers (diagonal moments only): row ``r`` reads group ``r // (rows / groups)``, and ``E[y_r²]`` is
+    taken as ``Σ_i w_ri² A_ii`` (the cross terms are not kept).
+    """
+    w64 = w.double()
+    per_group = w.shape[0] // moments.groups
+    mean = moments.mean.repeat_interleave(per_group, dim=0)                        # [rows, cols]
+    if moments.diagonal_only:
+        diag_a = moments.second_moment.repeat_interleave(per_group, dim=0)         # [rows, cols]
+        energy = (w64 * w64 * diag_a).sum(1)
+    else:
+        second = moments.second_moment
+        diag_a = torch.diagonal(second)[None, :].expand_as(w64)
+        energy = ((w64 @ second) * w64).sum(1)
+    variance = (energy - (w64 * mean).sum(1) ** 2).clamp_min(0)
+    noise = max(float(variance.mean()), 1e-12)
+    fisher_diag = diag_a / noise
+    tau = float(prior_precision) if prior_precision is not None else evidence_prior_precision(w64, n_data * fisher_diag)
+    A = None if moments.diagonal_only else moments.second_moment.float()
+    return LayerwisePosterior((n_data * fisher_diag + tau).float(), A,
+                              torch.full((w.shape[0],), 1.0 / noise), tau, noise)
+
+
+def token_frequency_posterior(table: torch.Tensor, counts: torch.Tensor, n_data: float,
+                              prior_precision: float | None = None) -> LayerwisePosterior:
+    """Embedding table ``[V, D]`` read by lookups: row ``v`` is seen with frequency ``p_v = counts_v / Σ counts``,
+    so under ``y = table[v] + ε`` the Fisher diagonal is ``p_v / σ²`` for every coordinate of the row, with
+    ``σ²`` the table's mean per-coordinate variance."""
+    t = table.double()
+    freq = counts.double() / max(float(counts.sum()), 1.0)
+    noise = max(float(t.var(dim=0).mean()), 1e-12)
+    fisher_diag = (freq[:, None] / noise).expand_as(t)
+    tau = float(prior_precision) if prior_precision is not None else evidence_prior_precision(t, n_data * fisher_diag)
+    return LayerwisePosterior((n_data * fisher_diag + tau).float(), None, torch.full((t.shape[0],), 1.0 / noise),
+                              tau, noise)
