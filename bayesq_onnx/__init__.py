@@ -1,3 +1,25 @@
-"""BayesQ-ONNX: uncertainty-guided Bayesian post-training quantization that ships standard ONNX."""
+"""BayesQ-ONNX: uncertainty-guided Bayesian post-training quantization that ships standard ONNX.
+
+``bayesq_onnx.compile(model, calibration, config=CompileConfig(...))`` is the Python API (see
+:mod:`bayesq_onnx.api`); the ``bayesq`` command line runs the same pipeline.
+"""
 
 __version__ = "0.1.0"
+__all__ = ["compile", "CompileConfig", "CompileResult", "__version__"]
+
+
+def __getattr__(name):
+    # Imported on first use so that `bayesq --help` does not pay for torch and onnx.
+    if name == "compile":
+        from .api import compile
+
+        return compile
+    if name == "CompileConfig":
+        from .config import CompileConfig
+
+        return CompileConfig
+    if name == "CompileResult":
+        from .pipeline import CompileResult
+
+        return CompileResult
+    raise AttributeError(f"module 'bayesq_onnx' has no attribute {name!r}")

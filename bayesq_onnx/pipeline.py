@@ -131,6 +131,7 @@ def compile_model(config: CompileConfig, reporter: Reporter | None = None,
         with rep.stage("validate in ONNX Runtime"):
             validation = _validate(bundle, fp_path, q_path, providers, config, rep)
 
+    headline = bundle.headline or next(iter(validation["fidelity"]))
     report = {
         "bayesq_onnx": __version__,
         "versions": _versions(),
@@ -142,7 +143,7 @@ def compile_model(config: CompileConfig, reporter: Reporter | None = None,
                  "quantized_tensors": len(plan.tensors)},
         "sizes": {"fp32_bytes": len(fp_bytes), "artifact_bytes": len(q_bytes), **accounting},
         "fidelity": validation["fidelity"],
-        "headline": {"metric": bundle.headline, "value": validation["fidelity"][bundle.headline]},
+        "headline": {"metric": headline, "value": validation["fidelity"][headline]},
         "latency": validation["latency"],
         "session_start_s": validation["session_start_s"],
         "provider": {"requested": config.provider, "used": providers[0], "note": provider_note,

@@ -47,7 +47,7 @@ def test_minilm_report_markdown_and_plot(compiled):
 def test_bayesian_quantizer_beats_rtn_on_minilm(tmp_path):
     """At 3 bits the posterior-designed, error-fed-back quantizer must beat round-to-nearest clearly."""
     from bayesq_onnx.models import load_model
-from bayesq_onnx.models.base import SourceOptions
+    from bayesq_onnx.models.base import SourceOptions
 
     bundle = load_model("minilm", SourceOptions(calib_size=32, eval_size=64))
     common = dict(model="minilm", bits=3, calib_size=32, eval_size=64, latency_runs=1, latency_warmup=0,

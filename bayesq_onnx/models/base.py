@@ -52,9 +52,10 @@ class ModelBundle:
     likelihood: str = "gaussian"                        # the output's likelihood for the Fisher: gaussian | categorical
     calibration_targets: list[np.ndarray] | None = None  # labels, for the empirical Fisher
     onnx_file: Path | None = None                       # the FP32 ONNX model itself, when there is no module
+    example: Batch | None = None                        # export example (default: the first calibration batch)
 
     def example_inputs(self) -> tuple[torch.Tensor, ...]:
-        first = self.calibration[0]
+        first = self.example if self.example is not None else self.calibration[0]
         return tuple(torch.from_numpy(first[n]) for n in self.input_names)
 
 

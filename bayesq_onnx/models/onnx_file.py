@@ -90,7 +90,8 @@ def read_model(path: Path) -> onnx.ModelProto:
 
 
 def read_inputs(path: Path, specs: dict, flag: str) -> dict[str, np.ndarray]:
-    """Arrays of an .npz, checked against the model's inputs (names, dtype, rank, fixed dims)."""
+    """Arrays of an .npz, checked against the model's inputs: names, and for ONNX tensor specs (``specs``
+    values not ``None``) dtype, rank and fixed dims."""
     if not Path(path).is_file():
         raise UserError(f"{flag} {path}: no such file; give an .npz with one array per model input")
     try:
@@ -103,6 +104,8 @@ def read_inputs(path: Path, specs: dict, flag: str) -> dict[str, np.ndarray]:
         raise UserError(f"{flag} {path}: arrays {sorted(arrays)} do not match the model inputs {sorted(specs)}"
                         + (f" (missing {missing})" if missing else "") + (f" (unexpected {extra})" if extra else ""))
     for name, t in specs.items():
+        if t is None:
+            continue
         a = arrays[name]
         want = onnx.helper.tensor_dtype_to_np_dtype(t.elem_type)
         if a.dtype != want:
