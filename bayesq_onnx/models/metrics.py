@@ -29,7 +29,6 @@ def expected_calibration_error(logits: np.ndarray, labels: np.ndarray, bins: int
     correct = (pred == labels).astype(np.float64)
     # bin b holds conf in (b/bins, (b+1)/bins]; conf > 0 always
     index = np.clip(np.ceil(conf * bins).astype(np.int64) - 1, 0, bins - 1)
-    n = np.bincount(index, minlength=bins)
     acc = np.bincount(index, weights=correct, minlength=bins)
     cf = np.bincount(index, weights=conf, minlength=bins)
     return float(np.abs(acc - cf).sum() / len(labels))
