@@ -120,6 +120,11 @@ def compile_model(config: CompileConfig, reporter: Reporter | None = None,
             q_model.metadata_props.update({
                 "bayesq.version": __version__, "bayesq.method": plan.method,
                 "bayesq.all_in_bits": f"{plan.all_in_bits:.6f}",
+                # what each quantized tensor is and which stored arrays (initializers) hold it: lets
+                # `bayesq inspect` account for any artifact without its report
+                "bayesq.tensors": json.dumps({n: {"label": t.candidate.label, "shape": list(t.layout.shape),
+                                                  "arrays": [f"{n}.{role}" for role in t.stored()]}
+                                              for n, t in sorted(plan.tensors.items())}, sort_keys=True),
                 "bayesq.ort_session_config": json.dumps(session_config_for(config.target), sort_keys=True)})
             q_bytes = _serialize(q_model)
             onnx.checker.check_model(onnx.load_from_string(q_bytes), full_check=True)
