@@ -132,12 +132,16 @@ def cost_bits(layout: WeightLayout, candidate: Candidate) -> int:
     return QuantizedTensor.placeholder("", layout, candidate).stored_bits()
 
 
+def budget_range(weights: dict[str, WeightInfo], allowed: dict[str, list[Candidate]]) -> tuple[float, float]:
+    """The least and the most all-in bits per weight any choice of allowed candidates gives."""
+    total = sum(w.size for w in weights.values())
+    costs = [[cost_bits(weights[n].layout, c) for c in cands] for n, cands in allowed.items()]
+    return sum(min(c) for c in costs) / total, sum(max(c) for c in costs) / total
+
+
 def check_budget(budget: float, weights: dict[str, WeightInfo], allowed: dict[str, list[Candidate]]) -> None:
     """Raise :class:`UserError` unless some choice of allowed candidates meets ``budget`` all-in bits."""
-    total = sum(w.size for w in weights.values())
-    costs = {n: [cost_bits(weights[n].layout, c) for c in cands] for n, cands in allowed.items()}
-    lo = sum(min(c) for c in costs.values()) / total
-    hi = sum(max(c) for c in costs.values()) / total
+    lo, hi = budget_range(weights, allowed)
     if not lo - 1e-9 <= budget <= hi + 1e-9:
         raise UserError(f"--bits {budget:g} cannot be met: the allowed candidates give between {lo:.3f} and "
                         f"{hi:.3f} all-in bits per weight for this model; pick a budget in that range")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -49,6 +50,9 @@ def main():
 @click.option("--keep-first-last", is_flag=True, help="bayesq: pin the first and last quantized layers to 8-bit.")
 @click.option("--overrides", type=click.Path(path_type=Path), default=None,
               help="bayesq: JSON/YAML file mapping tensor-name patterns to allowed candidate labels.")
+@click.option("--max-drop", type=float, default=None,
+              help="bayesq: instead of --bits, find the least all-in budget whose validated headline metric "
+                   "drops by at most this (its units: 0.003 = 0.3 points of top-1, 0.01 of cosine).")
 @click.option("--risk", type=click.Choice(RISKS), default="closed", show_default=True,
               help="bayesq: closed-form posterior risk, or Monte Carlo on calibration data (slower).")
 @click.option("--family", type=click.Choice(FAMILIES), default="uniform", show_default=True,
@@ -86,23 +90,14 @@ def main():
 @click.option("--verify-each", is_flag=True, help="Run onnx.checker after every pass.")
 @click.option("--dump-dir", type=click.Path(path_type=Path), default=None, help="Save the model after every pass.")
 @click.option("-q", "--quiet", is_flag=True, help="Print only the final summary line.")
-def compile(model, weights, data, calib, task, bits, method, target, keep_first_last, overrides, risk, family, group_size, codebook_rows, curvature, fisher, fisher_samples, rank,
-            n_data, prior_precision, act_order, temperature, scope, out, calib_size, eval_size, provider, seed,
-            latency_runs, latency_batch, latency_seq, verify_each, dump_dir, quiet):
+@click.option("-v", "--verbose", is_flag=True, help="Also print each pass's outcome and each tensor's choice.")
+def compile(model, quiet, verbose, **options):
     """Quantize MODEL (default: minilm) and validate it in ONNX Runtime."""
     from .pipeline import compile_model
     from .progress import Reporter
 
-    config = CompileConfig(model=model, weights=weights, data=data, calib=calib, task=task, bits=bits, method=method, target=target, keep_first_last=keep_first_last,
-                           overrides=overrides, risk=risk, family=family, group_size=group_size,
-                           codebook_rows=codebook_rows, curvature=curvature, fisher=fisher,
-                           fisher_samples=fisher_samples, rank=rank, n_data=n_data,
-                           prior_precision=prior_precision, act_order=act_order, temperature=temperature,
-                           scope=scope, out=out,
-                           calib_size=calib_size, eval_size=eval_size, provider=provider, seed=seed,
-                           latency_runs=latency_runs, latency_batch=latency_batch, latency_seq=latency_seq,
-                           verify_each=verify_each, dump_dir=dump_dir)
-    with Reporter(quiet=quiet) as reporter:
+    config = CompileConfig(model=model, **options)  # every other option is a CompileConfig field of its name
+    with Reporter(quiet=quiet, verbose=verbose) as reporter:
         result = _guard(lambda: compile_model(config, reporter))
     r = result.report
     click.echo(f"{result.artifact}: {r['bits']['all_in']:.3f} bits/weight all-in, "
@@ -117,6 +112,115 @@ def models():
 
     for source in SOURCES.values():
         click.echo(f"{source.usage:34s} {source.needs}")
+
+
+@main.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON instead of a table.")
+def inspect(artifact, as_json):
+    """Per-tensor family, code bits, all-in bits and size of ARTIFACT (model.onnx or a compile output
+    directory), recomputed from the file. On a plain ONNX model: the weights compile would quantize."""
+    from .inspect import inspect_artifact
+
+    info = _guard(lambda: inspect_artifact(artifact))
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+    else:
+        _print_inspect(info)
+
+
+@main.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--reference", type=click.Path(path_type=Path), required=True,
+              help="The FP32 ONNX model to compare against (same input and output names).")
+@click.option("--data", type=click.Path(path_type=Path), default=None,
+              help="Evaluation inputs: an .npz with one array per model input, items along the first axis "
+                   "(metric: fidelity of the first output).")
+@click.option("--model", "model_spec", default=None,
+              help="Instead of --data: the evaluation set and metric of a model source, e.g. minilm.")
+@click.option("--calib-size", type=int, default=256, show_default=True,
+              help="--model: as given to compile (some sources draw evaluation items after calibration ones).")
+@click.option("--eval-size", type=int, default=1024, show_default=True, help="--model: evaluation items.")
+@click.option("--seed", type=int, default=0, show_default=True, help="--model: data-sampling seed.")
+@click.option("--provider", type=click.Choice(PROVIDERS), default="auto", show_default=True,
+              help="ONNX Runtime provider; 'cuda' fails if CUDA is not usable.")
+@click.option("--runs", type=int, default=20, show_default=True, help="Timed runs per model.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON instead of tables.")
+def validate(artifact, reference, data, model_spec, calib_size, eval_size, seed, provider, runs, as_json):
+    """Re-run validation of ARTIFACT against an FP32 --reference in ONNX Runtime: fidelity on --data or
+    a --model's evaluation set, latency of both, session start times."""
+    from .inspect import validate_pair
+    from .models.base import SourceOptions
+
+    options = SourceOptions(calib_size=calib_size, eval_size=eval_size, seed=seed)
+    result = _guard(lambda: validate_pair(artifact, reference, data=data, model=model_spec, options=options,
+                                          provider=provider, runs=runs))
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+    else:
+        _print_validation(result)
+
+
+def _print_inspect(info: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(highlight=False)
+    kb = lambda n: f"{n / 1024:,.1f}"  # noqa: E731
+    shape = lambda s: "×".join(map(str, s))  # noqa: E731
+    head = f"{info['path']}: {info['file_bytes'] / 1e6:.3f} MB, opset {info['opset']}"
+    if not info["bayesq_artifact"]:
+        console.print(f"{head}\n{info['note']}")
+        table = Table("tensor", "shape", "consumers", "scope", "weights", "KB")
+        for w in info["weights"]:
+            table.add_row(w["name"], shape(w["shape"]), ",".join(w["consumers"]), w["scope"], f"{w['weights']:,}",
+                          kb(w["bytes"]))
+        console.print(table)
+        t, f = info["totals"], info["float_initializers"]
+        console.print(f"{len(info['weights'])} weights, {t['weights']:,} values ({kb(t['bytes'])} KB), "
+                      f"{t['linear_scope_weights']:,} in the default --scope linear; "
+                      f"float initializers: {f['count']} ({kb(f['bytes'])} KB)")
+        return
+    console.print(f"{head}, method {info['method']}, bayesq-onnx {info['version']}, "
+                  f"ORT session config {info['ort_session_config']}")
+    if "totals" not in info:
+        console.print(info["note"])
+        return
+    table = Table("tensor", "shape", "label", "family", "bits", "all-in bits", "KB")
+    for t in info["tensors"]:
+        table.add_row(t["name"], shape(t["shape"]), t["label"], t["family"], str(t["bits"]),
+                      f"{t['all_in_bits']:.4f}", kb(t["bytes"]))
+    tot = info["totals"]
+    table.add_section()
+    table.add_row(f"total: {tot['quantized_tensors']} tensors", f"{tot['quantized_weights']:,} weights", "", "",
+                  f"{tot['nominal_bits']:.3f}", f"{tot['all_in_bits']:.4f}", kb(tot["quantized_bytes"]))
+    console.print(table)
+    check = "matches" if tot["accounting_ok"] else "[bold red]MISMATCH[/]"
+    missing = f", missing arrays {tot['missing_arrays']}" if tot["missing_arrays"] else ""
+    f, o = info["float_initializers"], info["other_initializers"]
+    console.print(f"all-in bits from the file {tot['all_in_bits']:.6f}, metadata {tot['all_in_bits_metadata']}: "
+                  f"{check}{missing}\nfloat initializers kept as they are: {f['count']} ({kb(f['bytes'])} KB); "
+                  f"other initializers: {o['count']} ({kb(o['bytes'])} KB)")
+
+
+def _print_validation(result: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(highlight=False)
+    console.print(f"{result['artifact']} vs {result['reference']} on {result['inputs']}\n{result['provider']['note']}")
+    table = Table("metric", "value", title="fidelity to the reference")
+    for k, v in result["fidelity"].items():
+        table.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
+    console.print(table)
+    lat = result["latency"]
+    table = Table("model", "median ms", "p90 ms", "session start s", title=f"latency ({lat['feed']})")
+    for key in ("fp32", "quantized"):
+        table.add_row(key, f"{lat[key]['median_ms']:.2f}", f"{lat[key]['p90_ms']:.2f}",
+                      f"{result['session_start_s'][key]:.3f}")
+    console.print(table)
+    console.print(f"{result['headline']['metric']} {result['headline']['value']:.4f}; "
+                  f"latency ratio quantized / FP32 (median): {lat['ratio']:.3f}")
 
 
 def _guard(fn):

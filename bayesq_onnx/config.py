@@ -48,6 +48,7 @@ class CompileConfig:
     keep_first_last: bool = False  # bayesq: pin the first and last quantized layers to 8-bit
     overrides: Path | None = None  # bayesq: JSON/YAML file, tensor-name pattern -> allowed candidate labels
     risk: str = "closed"         # bayesq: closed-form proxy or Monte Carlo on calibration data
+    max_drop: float | None = None  # bayesq: search the least budget whose headline drop is at most this
     scope: str = "linear"        # linear: Conv/Gemm/MatMul weights; all: + Gather embedding tables
     out: Path = Path("bayesq-out")
     calib_size: int = 256
@@ -77,6 +78,9 @@ class CompileConfig:
                               ("target", TARGETS), ("risk", RISKS)):
             if getattr(self, name) not in allowed:
                 raise UserError(f"unknown {name} {getattr(self, name)!r}; choose one of {', '.join(allowed)}")
+        if self.max_drop is not None and (self.method != "bayesq" or not self.max_drop >= 0):
+            raise UserError("--max-drop needs --method bayesq and a value >= 0 (in the headline metric's units, "
+                            "e.g. 0.003 for 0.3 points of top-1)")
         if self.codebook_rows < 1:
             raise UserError("--codebook-rows must be at least 1")
         if self.fisher_samples < 1 or self.rank < 1:

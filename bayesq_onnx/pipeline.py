@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import platform
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,7 +82,8 @@ def compile_model(config: CompileConfig, reporter: Reporter | None = None,
         # ---- analyse: which weights, and what the posterior says about them ------------------------
         with rep.stage("analyse weights"):
             collect = CollectWeightsPass(scope=config.scope)
-            _run(collect, fp_model, config)
+            _check_finite(fp_model)
+            _run(collect, fp_model, config, rep)
             weights = collect.weights
             if not weights:
                 raise UserError(f"model {config.model!r} has no weights in scope {config.scope!r} to quantize")
@@ -109,25 +111,20 @@ def compile_model(config: CompileConfig, reporter: Reporter | None = None,
                 posteriors = fit(weights)
 
         # ---- plan: one candidate per weight, with the exact values to store -------------------------
+        search = None
         with rep.stage(f"plan ({config.method})"):
-            plan = _plan(config, weights, posteriors, allowed, bundle, bindings, rep)
+            planner = _planner(config, weights, posteriors, allowed, bundle, bindings, rep)
+            plan = planner(weights) if config.max_drop is None else None
+        if config.max_drop is not None:  # accuracy target: the least budget that validates within it
+            with rep.stage(f"search the budget (drop ≤ {config.max_drop:g})"):
+                plan, search = _search_budget(planner, weights, allowed, bundle, fp_path, fp_bytes, providers,
+                                              config, rep)
+        for name, t in sorted(plan.tensors.items()):
+            rep.debug(f"  {name}: {t.candidate.label}, {t.stored_bits() / t.n_weights:.3f} bits all-in")
 
         # ---- rewrite the ONNX graph --------------------------------------------------------------
         with rep.stage("rewrite ONNX"):
-            q_model = ir.serde.deserialize_model(onnx.load_from_string(fp_bytes))
-            _run(UpgradeOpsetPass(plan.min_opset), q_model, config)
-            _run(QuantizeWeightsPass(plan), q_model, config)
-            q_model.metadata_props.update({
-                "bayesq.version": __version__, "bayesq.method": plan.method,
-                "bayesq.all_in_bits": f"{plan.all_in_bits:.6f}",
-                # what each quantized tensor is and which stored arrays (initializers) hold it: lets
-                # `bayesq inspect` account for any artifact without its report
-                "bayesq.tensors": json.dumps({n: {"label": t.candidate.label, "shape": list(t.layout.shape),
-                                                  "arrays": [f"{n}.{role}" for role in t.stored()]}
-                                              for n, t in sorted(plan.tensors.items())}, sort_keys=True),
-                "bayesq.ort_session_config": json.dumps(session_config_for(config.target), sort_keys=True)})
-            q_bytes = _serialize(q_model)
-            onnx.checker.check_model(onnx.load_from_string(q_bytes), full_check=True)
+            q_bytes = _rewrite(fp_bytes, plan, config, rep)
             accounting = file_accounting(q_bytes, plan)
         q_path = Path(tmp) / "model.onnx"
         q_path.write_bytes(q_bytes)
@@ -143,7 +140,7 @@ def compile_model(config: CompileConfig, reporter: Reporter | None = None,
         "config": config.to_json(),
         "model": {"name": bundle.name, **bundle.info},
         "export": export_check,
-        "bits": {"budget": config.bits, "all_in": plan.all_in_bits, "all_in_from_file": accounting["all_in_bits_file"],
+        "bits": {"budget": plan.settings.get("budget", config.bits), "all_in": plan.all_in_bits, "all_in_from_file": accounting["all_in_bits_file"],
                  "nominal": plan.nominal_bits, "quantized_weights": plan.n_weights,
                  "quantized_tensors": len(plan.tensors)},
         "sizes": {"fp32_bytes": len(fp_bytes), "artifact_bytes": len(q_bytes), **accounting},
@@ -154,6 +151,7 @@ def compile_model(config: CompileConfig, reporter: Reporter | None = None,
         "provider": {"requested": config.provider, "used": providers[0], "note": provider_note,
                      "artifact_session_config": session_config_for(config.target)},
         "plan": plan.to_json(),
+        **({"search": search} if search is not None else {}),
         "timings_s": dict(rep.timings),
         "seed": config.seed,
     }
@@ -164,16 +162,17 @@ def compile_model(config: CompileConfig, reporter: Reporter | None = None,
     return CompileResult(files[artifact.MODEL], report, plan)
 
 
-def _plan(config: CompileConfig, weights: dict[str, WeightInfo], posteriors, allowed, bundle, bindings,
-          rep: Reporter) -> Plan:
+def _planner(config: CompileConfig, weights: dict[str, WeightInfo], posteriors, allowed, bundle, bindings,
+             rep: Reporter):
+    """The planning pass for ``config.method`` (called with the weights, it returns the plan)."""
     if config.method == "bayesq":
         mc = MonteCarloRisk(bundle, bindings, temperature=config.temperature, seed=config.seed) \
             if config.risk == "mc" else None
         return PlanBayesQPass(config.bits, posteriors, allowed, curvature=config.curvature,
                               temperature=config.temperature, act_order=config.act_order, mc_risk=mc,
-                              progress=lambda n: rep.track(n, "risk tables"))(weights)
+                              progress=lambda n: rep.track(n, "risk tables"))
     if config.method == "rtn":
-        return PlanRoundToNearestPass(int(config.bits), group_size=config.group_size)(weights)
+        return PlanRoundToNearestPass(int(config.bits), group_size=config.group_size)
     if config.method == "bayesq-fixed":
         group = config.codebook_rows if config.family == "codebook" else config.group_size
         cand = Candidate(config.family, int(config.bits), group)
@@ -183,13 +182,85 @@ def _plan(config: CompileConfig, weights: dict[str, WeightInfo], posteriors, all
                 raise UserError(f"{flag} {group} does not divide the {w.layout.rows} rows × "
                                 f"{w.layout.in_channels} input channels of {w.name}; pick a divisor")
         return PlanBayesFixedPass(cand, posteriors, curvature=config.curvature, temperature=config.temperature,
-                                  act_order=config.act_order, progress=lambda n: rep.track(n, "design quantizers"))(weights)
+                                  act_order=config.act_order, progress=lambda n: rep.track(n, "design quantizers"))
     raise UserError(f"unknown method {config.method!r}")
 
 
-def _run(p: ir.passes.PassBase, model: ir.Model, config: CompileConfig) -> ir.passes.PassResult:
+def _rewrite(fp_bytes: bytes, plan: Plan, config: CompileConfig, rep: Reporter) -> bytes:
+    """The FP32 model with the plan's weights stored quantized, checked, serialized."""
+    q_model = ir.serde.deserialize_model(onnx.load_from_string(fp_bytes))
+    _run(UpgradeOpsetPass(plan.min_opset), q_model, config, rep)
+    _run(QuantizeWeightsPass(plan), q_model, config, rep)
+    q_model.metadata_props.update({
+        "bayesq.version": __version__, "bayesq.method": plan.method,
+        "bayesq.all_in_bits": f"{plan.all_in_bits:.6f}",
+        # what each quantized tensor is and which stored arrays (initializers) hold it: lets
+        # `bayesq inspect` account for any artifact without its report
+        "bayesq.tensors": json.dumps({n: {"label": t.candidate.label, "shape": list(t.layout.shape),
+                                          "arrays": [f"{n}.{role}" for role in t.stored()]}
+                                      for n, t in sorted(plan.tensors.items())}, sort_keys=True),
+        "bayesq.ort_session_config": json.dumps(session_config_for(config.target), sort_keys=True)})
+    q_bytes = _serialize(q_model)
+    onnx.checker.check_model(onnx.load_from_string(q_bytes), full_check=True)
+    return q_bytes
+
+
+def _search_budget(planner: PlanBayesQPass, weights: dict[str, WeightInfo], allowed, bundle: ModelBundle,
+                   fp_path: Path, fp_bytes: bytes, providers: list[str], config: CompileConfig,
+                   rep: Reporter, tolerance: float = 0.05) -> tuple[Plan, dict]:
+    """Bisection over the all-in budget for the least one whose validated headline drop is ≤ ``max_drop``.
+
+    drop(b) = m(FP32, FP32) − m(FP32, Q_b) for the bundle's metric m and headline (so FP32's own score is the
+    reference: 1 for a fidelity metric, its accuracy for a labelled one). The posterior and the risk table
+    are built once; each step is a knapsack, the roundings it has not seen yet, a rewrite and one ORT run
+    over the evaluation set. Stops when the bracket is narrower than ``tolerance`` bits.
+    """
+    planner.build_table(weights)
+    lo, hi = candidates.budget_range(weights, allowed)
+    reference = run_batches(make_session(fp_path, providers)[0], bundle.evaluation)
+    first = bundle.metric(reference, reference)
+    headline = bundle.headline or next(iter(first))
+    own = first[headline]
+    tried: list[dict] = []
+
+    def validated(budget: float) -> tuple[Plan, bool]:
+        plan = planner.plan_at(budget, weights)
+        session, _ = make_session(_rewrite(fp_bytes, plan, config, rep), providers, session_config_for(config.target))
+        score = bundle.metric(reference, run_batches(session, bundle.evaluation))[headline]
+        ok = own - score <= config.max_drop
+        tried.append({"budget": budget, "all_in_bits": plan.all_in_bits, headline: score, "drop": own - score,
+                      "within": ok})
+        rep.note(f"  budget {budget:.3f}: {headline} {score:.4f} (drop {own - score:.4f}) "
+                 f"{'[green]within[/]' if ok else '[red]over[/]'}")
+        return plan, ok
+
+    # A feasible plan's own all-in bits bound the answer from above: the greedy knapsack picks the same plan
+    # at any budget between its cost and the budget it was given.
+    best, ok = validated(hi)
+    hi = best.all_in_bits
+    if not ok:
+        raise UserError(f"--max-drop {config.max_drop:g}: even the largest budget ({hi:.3f} bits) drops {headline} "
+                        f"by {tried[-1]['drop']:.4f}; raise --max-drop or allow larger candidates")
+    plan, ok = validated(lo)
+    if ok:
+        best, hi = plan, lo
+    while hi - lo > tolerance:
+        mid = 0.5 * (lo + hi)
+        plan, ok = validated(mid)
+        if ok:
+            best, hi = plan, plan.all_in_bits
+        else:
+            lo = mid
+    return best, {"max_drop": config.max_drop, "headline": headline, "fp32_score": own, "tolerance_bits": tolerance,
+                  "chosen_all_in_bits": best.all_in_bits, "steps": tried,
+                  "note": "each step validates on the evaluation set the report scores"}
+
+
+def _run(p: ir.passes.PassBase, model: ir.Model, config: CompileConfig,
+         rep: Reporter | None = None) -> ir.passes.PassResult:
     """Run one pass; with --verify-each check the model after it, with --dump-dir save it."""
     name = type(p).__name__
+    start = time.perf_counter()
     try:
         result = p(model)
     except BayesQError:
@@ -205,6 +276,9 @@ def _run(p: ir.passes.PassBase, model: ir.Model, config: CompileConfig) -> ir.pa
         Path(config.dump_dir).mkdir(parents=True, exist_ok=True)
         index = len(list(Path(config.dump_dir).glob("*.onnx")))
         ir.save(result.model, Path(config.dump_dir) / f"{index:02d}-{name}.onnx")
+    if rep is not None:
+        rep.debug(f"  pass {name}: {'modified' if result.modified else 'no change'} "
+                  f"({time.perf_counter() - start:.2f} s)")
     return result
 
 
@@ -224,6 +298,14 @@ def _check_source_supports(config: CompileConfig, bundle: ModelBundle) -> None:
     if config.fisher != "true":
         raise UserError("--fisher empirical needs a PyTorch model and labels; an ONNX input uses the layer-wise "
                         "likelihood on activations: drop --fisher")
+
+
+def _check_finite(model: ir.Model) -> None:
+    """A NaN or Inf in any float initializer makes every metric meaningless: refuse, naming the tensor."""
+    for name, value in model.graph.initializers.items():
+        if value.const_value is not None and value.dtype in (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE):
+            if not np.isfinite(value.const_value.numpy()).all():
+                raise UserError(f"weight {name!r} holds NaN or Inf values; fix the checkpoint before quantizing")
 
 
 def _fp32_model(bundle: ModelBundle) -> tuple[ir.Model, dict]:

@@ -10,14 +10,16 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn
 
 
 class Reporter:
-    """Stage timings for the report plus what the user sees; ``quiet`` prints nothing.
+    """Stage timings for the report plus what the user sees; ``quiet`` prints nothing, ``verbose`` adds
+    each pass's outcome and each tensor's choice.
 
     One rich ``Progress`` display carries both the running stage (spinner) and any bar inside it, since
     rich allows one live display at a time.
     """
 
-    def __init__(self, quiet: bool = False):
+    def __init__(self, quiet: bool = False, verbose: bool = False):
         self.console = Console(stderr=True, quiet=quiet, highlight=False, soft_wrap=True)
+        self.verbose = verbose
         self.timings: dict[str, float] = {}
         self._live = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
                               MofNCompleteColumn(), TimeElapsedColumn(), console=self.console, transient=True)
@@ -67,3 +69,8 @@ class Reporter:
 
     def note(self, text: str) -> None:
         self.console.print(text)
+
+    def debug(self, text: str) -> None:
+        """A detail line, shown with ``verbose`` only."""
+        if self.verbose:
+            self.console.print(f"[dim]{text}[/]")

@@ -68,8 +68,17 @@ def to_markdown(report: dict) -> str:
     for key in ("fp32", "quantized"):
         lines.append(f"| {key} | {lat[key]['median_ms']:.2f} | {lat[key]['p90_ms']:.2f} | "
                      f"{report['session_start_s'][key]:.3f} |")
-    lines += ["", f"Latency ratio quantized / FP32 (median): **{lat['ratio']:.3f}**", "",
-              "## Per tensor", "",
+    lines += ["", f"Latency ratio quantized / FP32 (median): **{lat['ratio']:.3f}**", ""]
+    if "search" in report:
+        sr = report["search"]
+        lines += [f"## Budget search: least all-in bits with {sr['headline']} drop ≤ {sr['max_drop']:g}", "",
+                  f"FP32 {sr['headline']} {sr['fp32_score']:.4f}; chosen {sr['chosen_all_in_bits']:.3f} bits "
+                  f"after {len(sr['steps'])} validations ({sr['note']}).", "",
+                  f"| budget | all-in bits | {sr['headline']} | drop | within |", "|---|---|---|---|---|"]
+        lines += [f"| {st['budget']:.3f} | {st['all_in_bits']:.3f} | {st[sr['headline']]:.4f} | {st['drop']:.4f} | "
+                  f"{'yes' if st['within'] else 'no'} |" for st in sr["steps"]]
+        lines.append("")
+    lines += ["## Per tensor", "",
               "| tensor | shape | candidate | all-in bits | risk | Fisher mass | whitened error |",
               "|---|---|---|---|---|---|---|"]
     fmt = lambda v: "" if v is None else f"{v:.3g}"  # noqa: E731 - rtn plans carry no posterior figures

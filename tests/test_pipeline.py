@@ -73,3 +73,36 @@ def test_verify_each_and_dump_dir(tmp_path):
     _compile(tmp_path, bits=4, verify_each=True, dump_dir=tmp_path / "dump")
     dumps = sorted(p.name for p in (tmp_path / "dump").iterdir())
     assert dumps == ["00-CollectWeightsPass.onnx", "01-UpgradeOpsetPass.onnx", "02-QuantizeWeightsPass.onnx"]
+
+
+def test_max_drop_finds_the_least_budget_within_the_drop(tmp_path):
+    """--max-drop: the chosen plan validates within the drop, every cheaper validated step that was over it
+    is cheaper than the choice, and the report's fidelity is the chosen plan's."""
+    result = _compile(tmp_path, method="bayesq", max_drop=0.1)
+    search = result.report["search"]
+    chosen = result.report["bits"]["all_in"]
+    assert chosen == pytest.approx(search["chosen_all_in_bits"])
+    assert 1.0 - result.report["fidelity"]["top1_agreement"] <= 0.1 + 1e-12
+    assert len(search["steps"]) >= 3
+    for step in search["steps"]:
+        if step["all_in_bits"] < chosen - 1e-9:
+            assert not step["within"] or step["all_in_bits"] >= chosen - search["tolerance_bits"]
+    assert "Budget search" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_max_drop_needs_bayesq(tmp_path):
+    with pytest.raises(UserError, match="--max-drop needs --method bayesq"):
+        _compile(tmp_path, method="rtn", bits=4, max_drop=0.01)
+    assert not (tmp_path / "out").exists()
+
+
+def test_nan_weights_are_refused(tmp_path):
+    import torch
+
+    bundle = tiny_bundle()
+    with torch.no_grad():
+        bundle.module.proj.weight[0, 0] = float("nan")
+    config = CompileConfig(model="tiny", out=tmp_path / "out", method="rtn", bits=4, latency_runs=1)
+    with pytest.raises(UserError, match="'proj.weight' holds NaN or Inf"):
+        compile_model(config, bundle=bundle)
+    assert not (tmp_path / "out").exists()

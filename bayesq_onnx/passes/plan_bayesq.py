@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Callable
 
 
@@ -31,11 +32,19 @@ class PlanBayesQPass:
         self.curvature, self.temperature, self.mc_risk, self.progress = curvature, temperature, mc_risk, progress
         self.act_order = act_order
         self.table: dict[str, list[dict]] = {}
+        self._grids: dict = {}
+        self._rounded: dict = {}
 
     def __call__(self, weights: dict[str, WeightInfo]) -> Plan:
-        names = sorted(weights)
-        grids = {}
         check_budget(self.budget, weights, self.allowed)
+        self.build_table(weights)
+        return self.plan_at(self.budget, weights)
+
+    def build_table(self, weights: dict[str, WeightInfo]) -> None:
+        """Design every allowed candidate of every weight once: its grid, stored cost and risk."""
+        if self.table:
+            return
+        names = sorted(weights)
         for name in (self.progress(names) if self.progress else names):
             w, post = weights[name], self.posteriors[name]
             mu = canonical_mu(w)
@@ -48,22 +57,29 @@ class PlanBayesQPass:
                 if self.mc_risk is not None:
                     entry["risk_mc"] = entry["risk"] = self.mc_risk(w, post, cand, grid, mu)
                 rows.append(entry)
-                grids[name, cand] = (grid, dist)
+                self._grids[name, cand] = (grid, dist)
             self.table[name] = rows
+
+    def plan_at(self, budget: float, weights: dict[str, WeightInfo]) -> Plan:
+        """Knapsack on the risk table at ``budget`` all-in bits, then round each chosen grid (each
+        (tensor, candidate) rounding is done once and reused when another budget picks it again)."""
+        names = sorted(weights)
         total = sum(weights[n].size for n in names)
         costs = [[e["cost_bits"] for e in self.table[n]] for n in names]
         risks = [[e["risk"] for e in self.table[n]] for n in names]
-        choice = knapsack.greedy(costs, risks, self.budget * total)
+        choice = knapsack.greedy(costs, risks, budget * total)
         tensors = {}
         for name, i in zip(names, choice):
             entry = self.table[name][i]
             cand = entry["candidate"]
-            grid, dist = grids[name, cand]
-            qt = round_on_grid(weights[name], self.posteriors[name], cand, grid, dist, curvature=self.curvature,
-                               act_order=self.act_order)
+            if (name, cand) not in self._rounded:
+                grid, dist = self._grids[name, cand]
+                self._rounded[name, cand] = round_on_grid(weights[name], self.posteriors[name], cand, grid, dist,
+                                                          curvature=self.curvature, act_order=self.act_order)
+            qt = replace(self._rounded[name, cand], info=dict(self._rounded[name, cand].info))
             qt.info.update(risk=entry["risk"], candidates=len(self.table[name]))
             tensors[name] = qt
-        settings = {"budget": self.budget, "curvature": self.curvature, "temperature": self.temperature,
+        settings = {"budget": budget, "curvature": self.curvature, "temperature": self.temperature,
                     "act_order": self.act_order,
                     "risk": "mc" if self.mc_risk else "closed",
                     "risk_table": {n: [{"candidate": e["candidate"].label, "cost_bits": e["cost_bits"],
