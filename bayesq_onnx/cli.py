@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from .candidates import TARGETS
-from .config import CURVATURES, DEFAULT_METHOD, FAMILIES, FISHERS, METHODS, RISKS, CompileConfig
+from .config import CURVATURES, DEFAULT_METHOD, FAMILIES, FISHERS, GPTQ_MIXES, METHODS, RISKS, CompileConfig
 from .errors import BayesQError, UserError
 from .passes.collect_weights import SCOPES
 from .runtime.session import PROVIDERS
@@ -40,10 +40,11 @@ def main():
 @click.option("--task", default=None, help="hf: the task, e.g. glue:sst2 (reads --data DIR/train.tsv, dev.tsv).")
 @click.option("--bits", type=float, default=4.0, show_default=True,
               help="Budget: average all-in bits per weight (codes + scales + zero points + codebooks). "
-                   "bayesq takes any reachable value (e.g. 3.5); rtn and bayesq-fixed one of 2, 3, 4, 8.")
+                   "bayesq and gptq take fractional values (e.g. 3.5); rtn and bayesq-fixed one of 2, 3, 4, 8.")
 @click.option("--method", type=click.Choice(METHODS), default=DEFAULT_METHOD, show_default=True,
               help="Planner: bayesq = Bayesian design + mixed precision by knapsack under the budget; "
-                   "bayesq-fixed = one bit-width, Bayesian design; rtn = round-to-nearest baseline.")
+                   "bayesq-fixed = one bit-width, Bayesian design; rtn = round-to-nearest baseline; "
+                   "gptq = GPTQ baseline (fractional --bits mix two widths).")
 @click.option("--target", type=click.Choice(TARGETS), default="size", show_default=True,
               help="bayesq: size (any stored form, decodes fold at load), speed (Linear as 4/8-bit blocks "
                    "ORT fuses to MatMulNBits), cuda (4/8-bit and FP16 only).")
@@ -72,7 +73,10 @@ def main():
 @click.option("--prior-precision", type=float, default=None,
               help="Prior precision τ [empirical Bayes per layer].")
 @click.option("--act-order/--no-act-order", default=False, show_default=True,
-              help="kfac: round columns in decreasing curvature order (GPTQ's act-order).")
+              help="kfac and gptq: round columns in decreasing curvature order (GPTQ's act-order).")
+@click.option("--gptq-mix", type=click.Choice(GPTQ_MIXES), default="knapsack", show_default=True,
+              help="gptq at a fractional --bits: wider codes by knapsack on GPTQ's layer errors, or to layers "
+                   "in graph order (proportional).")
 @click.option("--temperature", type=float, default=0.0, show_default=True,
               help="Posterior temperature in the design objective (0: design on the trained weights alone).")
 @click.option("--scope", type=click.Choice(SCOPES), default="linear", show_default=True,
@@ -161,11 +165,27 @@ def validate(artifact, reference, data, model_spec, calib_size, eval_size, seed,
         _print_validation(result)
 
 
-def _print_inspect(info: dict) -> None:
+def _console():
+    """Plain-text rich console: tensor names are not markup, and lines do not wrap."""
     from rich.console import Console
+
+    return Console(highlight=False, markup=False, soft_wrap=True)
+
+
+def _print_table(console, table) -> None:
+    """Print ``table``; piped output gets the table's full width, not rich's 80-column default."""
+    if not console.is_terminal:
+        from rich.measure import Measurement
+
+        needed = Measurement.get(console, console.options.update(max_width=10**6), table).maximum
+        console.width = max(console.width, needed)
+    console.print(table)
+
+
+def _print_inspect(info: dict) -> None:
     from rich.table import Table
 
-    console = Console(highlight=False)
+    console = _console()
     kb = lambda n: f"{n / 1024:,.1f}"  # noqa: E731
     shape = lambda s: "×".join(map(str, s))  # noqa: E731
     head = f"{info['path']}: {info['file_bytes'] / 1e6:.3f} MB, opset {info['opset']}"
@@ -175,14 +195,14 @@ def _print_inspect(info: dict) -> None:
         for w in info["weights"]:
             table.add_row(w["name"], shape(w["shape"]), ",".join(w["consumers"]), w["scope"], f"{w['weights']:,}",
                           kb(w["bytes"]))
-        console.print(table)
+        _print_table(console, table)
         t, f = info["totals"], info["float_initializers"]
         console.print(f"{len(info['weights'])} weights, {t['weights']:,} values ({kb(t['bytes'])} KB), "
                       f"{t['linear_scope_weights']:,} in the default --scope linear; "
                       f"float initializers: {f['count']} ({kb(f['bytes'])} KB)")
         return
     console.print(f"{head}, method {info['method']}, bayesq-onnx {info['version']}, "
-                  f"ORT session config {info['ort_session_config']}")
+                  f"ORT session config {json.dumps(info['ort_session_config'])}")
     if "totals" not in info:
         console.print(info["note"])
         return
@@ -194,8 +214,8 @@ def _print_inspect(info: dict) -> None:
     table.add_section()
     table.add_row(f"total: {tot['quantized_tensors']} tensors", f"{tot['quantized_weights']:,} weights", "", "",
                   f"{tot['nominal_bits']:.3f}", f"{tot['all_in_bits']:.4f}", kb(tot["quantized_bytes"]))
-    console.print(table)
-    check = "matches" if tot["accounting_ok"] else "[bold red]MISMATCH[/]"
+    _print_table(console, table)
+    check = "matches" if tot["accounting_ok"] else "MISMATCH"
     missing = f", missing arrays {tot['missing_arrays']}" if tot["missing_arrays"] else ""
     f, o = info["float_initializers"], info["other_initializers"]
     console.print(f"all-in bits from the file {tot['all_in_bits']:.6f}, metadata {tot['all_in_bits_metadata']}: "
@@ -204,21 +224,20 @@ def _print_inspect(info: dict) -> None:
 
 
 def _print_validation(result: dict) -> None:
-    from rich.console import Console
     from rich.table import Table
 
-    console = Console(highlight=False)
+    console = _console()
     console.print(f"{result['artifact']} vs {result['reference']} on {result['inputs']}\n{result['provider']['note']}")
     table = Table("metric", "value", title="fidelity to the reference")
     for k, v in result["fidelity"].items():
         table.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
-    console.print(table)
+    _print_table(console, table)
     lat = result["latency"]
     table = Table("model", "median ms", "p90 ms", "session start s", title=f"latency ({lat['feed']})")
     for key in ("fp32", "quantized"):
         table.add_row(key, f"{lat[key]['median_ms']:.2f}", f"{lat[key]['p90_ms']:.2f}",
                       f"{result['session_start_s'][key]:.3f}")
-    console.print(table)
+    _print_table(console, table)
     console.print(f"{result['headline']['metric']} {result['headline']['value']:.4f}; "
                   f"latency ratio quantized / FP32 (median): {lat['ratio']:.3f}")
 

@@ -11,7 +11,8 @@ from .passes.collect_weights import SCOPES
 from .plan import CODE_BITS
 from .runtime.session import PROVIDERS
 
-METHODS = ("bayesq", "bayesq-fixed", "rtn")
+METHODS = ("bayesq", "bayesq-fixed", "rtn", "gptq")
+GPTQ_MIXES = ("knapsack", "proportional")
 DEFAULT_METHOD = "bayesq"
 RISKS = ("closed", "mc")
 FAMILIES = ("uniform", "codebook")
@@ -44,6 +45,7 @@ class CompileConfig:
     prior_precision: float | None = None  # τ (default: empirical Bayes per layer)
     temperature: float = 0.0     # posterior temperature in the design objective (0: design on μ alone)
     act_order: bool = False      # kfac rounding: columns in decreasing curvature order (GPTQ's act-order)
+    gptq_mix: str = "knapsack"   # gptq at a fractional budget: which layers get the wider codes
     target: str = "size"         # bayesq: size | speed | cuda (which candidates each op may take)
     keep_first_last: bool = False  # bayesq: pin the first and last quantized layers to 8-bit
     overrides: Path | None = None  # bayesq: JSON/YAML file, tensor-name pattern -> allowed candidate labels
@@ -70,12 +72,15 @@ class CompileConfig:
         if self.method in ("rtn", "bayesq-fixed") and self.bits not in CODE_BITS:
             raise UserError(f"--bits {self.bits:g} is not available for --method {self.method}; "
                             f"choose one of {', '.join(map(str, CODE_BITS))}")
+        if self.method == "gptq" and not CODE_BITS[0] <= self.bits <= CODE_BITS[-1]:
+            raise UserError(f"--bits {self.bits:g} is outside GPTQ's code widths; pick a budget between "
+                            f"{CODE_BITS[0]} and {CODE_BITS[-1]}")
         if self.method == "bayesq" and not 1.0 <= self.bits <= 32.0:
             raise UserError(f"--bits {self.bits:g} is outside any candidate set; budgets lie between 1 and 32")
         from .candidates import TARGETS
 
         for name, allowed in (("family", FAMILIES), ("curvature", CURVATURES), ("fisher", FISHERS),
-                              ("target", TARGETS), ("risk", RISKS)):
+                              ("target", TARGETS), ("risk", RISKS), ("gptq_mix", GPTQ_MIXES)):
             if getattr(self, name) not in allowed:
                 raise UserError(f"unknown {name} {getattr(self, name)!r}; choose one of {', '.join(allowed)}")
         if self.max_drop is not None and (self.method != "bayesq" or not self.max_drop >= 0):

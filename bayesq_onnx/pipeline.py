@@ -30,13 +30,14 @@ from .passes.fit_posterior import FitPosteriorPass
 from .passes.mc_risk import MonteCarloRisk
 from .passes.plan_bayesq import PlanBayesQPass
 from .passes.plan_bayesq_fixed import PlanBayesFixedPass
+from .passes.plan_gptq import PlanGPTQPass
 from .passes.plan_rtn import PlanRoundToNearestPass
 from .passes.quantize_weights import QuantizeWeightsPass
 from .passes.upgrade_opset import UpgradeOpsetPass
 from .plan import Candidate, Plan
 from .progress import Reporter
 from .report import bits_plot, file_accounting, to_json_bytes, to_markdown
-from .runtime.latency import compare_latency
+from .runtime.latency import latency_versus_fp32
 from .runtime.session import make_session, resolve_providers, run_batches, session_config_for
 
 
@@ -95,20 +96,8 @@ def compile_model(config: CompileConfig, reporter: Reporter | None = None,
             candidates.check_budget(config.bits, weights, allowed)  # before the expensive analysis
         posteriors = None
         if config.method != "rtn":
-            likelihood = f"{config.fisher} Fisher" if bundle.module is not None else "layer-wise likelihood"
-            with rep.stage(f"fit posterior ({config.curvature}, {likelihood})"):
-                if bundle.module is not None:
-                    fit = FitPosteriorPass(
-                        bundle, bindings, curvature=config.curvature, fisher=config.fisher,
-                        samples=config.fisher_samples, rank=config.rank, n_data=config.n_data,
-                        prior_precision=config.prior_precision, seed=config.seed,
-                        progress=lambda b, i: rep.track(b, f"calibration pass {i + 1}"))
-                else:  # no gradients to take: the layer-wise likelihood on ORT activations
-                    fit = FitLayerPosteriorPass(
-                        onnx.load_from_string(fp_bytes), bundle.calibration, curvature=config.curvature,
-                        n_data=config.n_data, prior_precision=config.prior_precision,
-                        progress=lambda b: rep.track(b, "calibration activations (ORT)"))
-                posteriors = fit(weights)
+            with rep.stage(_analysis_title(config, bundle)):
+                posteriors = _posterior_pass(config, bundle, bindings, fp_bytes, rep)(weights)
 
         # ---- plan: one candidate per weight, with the exact values to store -------------------------
         search = None
@@ -162,6 +151,27 @@ def compile_model(config: CompileConfig, reporter: Reporter | None = None,
     return CompileResult(files[artifact.MODEL], report, plan)
 
 
+def _analysis_title(config: CompileConfig, bundle: ModelBundle) -> str:
+    if config.method == "gptq":
+        return "collect GPTQ Hessians (E[x xᵀ] of activations)"
+    likelihood = f"{config.fisher} Fisher" if bundle.module is not None else "layer-wise likelihood"
+    return f"fit posterior ({config.curvature}, {likelihood})"
+
+
+def _posterior_pass(config: CompileConfig, bundle: ModelBundle, bindings: dict, fp_bytes: bytes, rep: Reporter):
+    """The Laplace posterior from PyTorch gradients; or, with no PyTorch model (or for GPTQ, which needs only
+    its layer inputs' second moments), the layer-wise likelihood on ORT activations."""
+    if bundle.module is not None and config.method != "gptq":
+        return FitPosteriorPass(
+            bundle, bindings, curvature=config.curvature, fisher=config.fisher, samples=config.fisher_samples,
+            rank=config.rank, n_data=config.n_data, prior_precision=config.prior_precision, seed=config.seed,
+            progress=lambda b, i: rep.track(b, f"calibration pass {i + 1}"))
+    return FitLayerPosteriorPass(
+        onnx.load_from_string(fp_bytes), bundle.calibration,
+        curvature="kfac" if config.method == "gptq" else config.curvature, n_data=config.n_data,
+        prior_precision=config.prior_precision, progress=lambda b: rep.track(b, "calibration activations (ORT)"))
+
+
 def _planner(config: CompileConfig, weights: dict[str, WeightInfo], posteriors, allowed, bundle, bindings,
              rep: Reporter):
     """The planning pass for ``config.method`` (called with the weights, it returns the plan)."""
@@ -173,6 +183,10 @@ def _planner(config: CompileConfig, weights: dict[str, WeightInfo], posteriors, 
                               progress=lambda n: rep.track(n, "risk tables"))
     if config.method == "rtn":
         return PlanRoundToNearestPass(int(config.bits), group_size=config.group_size)
+    if config.method == "gptq":
+        order = sorted(weights, key=lambda n: (weights[n].first_use, n))
+        return PlanGPTQPass(config.bits, posteriors, group_size=config.group_size, act_order=config.act_order,
+                            mix=config.gptq_mix, order=order, progress=lambda n: rep.track(n, "GPTQ layers"))
     if config.method == "bayesq-fixed":
         group = config.codebook_rows if config.family == "codebook" else config.group_size
         cand = Candidate(config.family, int(config.bits), group)
@@ -339,11 +353,8 @@ def _validate(bundle: ModelBundle, fp_path: Path, q_path: Path, providers: list[
     reference = run_batches(fp_session, bundle.evaluation, progress=lambda b: rep.track(b, "FP32 outputs"))
     candidate = run_batches(q_session, bundle.evaluation, progress=lambda b: rep.track(b, "quantized outputs"))
     fidelity = bundle.metric(reference, candidate)
-    latency = compare_latency({"fp32": fp_session, "quantized": q_session}, bundle.latency_feed,
-                              runs=config.latency_runs, warmup=config.latency_warmup)
-    shapes = ", ".join(f"{k} {'×'.join(map(str, v.shape))}" for k, v in bundle.latency_feed.items())
-    latency.update(ratio=latency["quantized"]["median_ms"] / latency["fp32"]["median_ms"],
-                   feed=shapes, provider=providers[0])
+    latency = latency_versus_fp32(fp_session, q_session, bundle.latency_feed, providers[0],
+                                  runs=config.latency_runs, warmup=config.latency_warmup)
     return {"fidelity": fidelity, "latency": latency, "session_start_s": {"fp32": fp_start, "quantized": q_start}}
 
 

@@ -19,7 +19,7 @@ def file_accounting(model_bytes: bytes, plan: Plan) -> dict:
     the plan's all-in bits; the remainder of the file is float tensors left as they were and the graph.
     """
     proto = onnx.load_from_string(model_bytes)
-    sizes = {t.name: _tensor_bytes(t) for t in proto.graph.initializer}
+    sizes = {t.name: tensor_bytes(t) for t in proto.graph.initializer}
     stored_names = {f"{name}.{role}" for name, qt in plan.tensors.items() for role in qt.stored()}
     quantized = sum(sizes[n] for n in stored_names if n in sizes)
     missing = sorted(n for n in stored_names if n not in sizes)
@@ -34,7 +34,7 @@ def file_accounting(model_bytes: bytes, plan: Plan) -> dict:
     }
 
 
-def _tensor_bytes(t: onnx.TensorProto) -> int:
+def tensor_bytes(t: onnx.TensorProto) -> int:
     if t.HasField("raw_data"):
         return len(t.raw_data)
     return int(onnx.numpy_helper.to_array(t).nbytes)

@@ -31,7 +31,7 @@ def load(argument: str, options: SourceOptions) -> ModelBundle:
         raise UserError(f"onnx:{path} needs calibration inputs: --calib FILE.npz with one array per model input "
                         f"({', '.join(specs)}), items along the first axis")
     calib_arrays = read_inputs(options.calib, specs, "--calib")
-    batch = _batch_size(specs)
+    batch = batch_size(specs)
     if options.data is not None:
         eval_arrays = read_inputs(options.data, specs, "--data")
         calibration = _take(calib_arrays, 0, options.calib_size)
@@ -55,8 +55,8 @@ def load(argument: str, options: SourceOptions) -> ModelBundle:
         input_names=list(specs),
         output_names=[o.name for o in graph.output],
         dynamic_axes={},
-        calibration=_batches(calibration, batch or BATCH, exact=batch is not None),
-        evaluation=_batches(evaluation, batch or BATCH, exact=batch is not None),
+        calibration=batches_for(calibration, batch),
+        evaluation=batches_for(evaluation, batch),
         latency_feed=latency,
         metric=output_fidelity,
         headline="cosine_mean",
@@ -126,7 +126,7 @@ def read_inputs(path: Path, specs: dict, flag: str) -> dict[str, np.ndarray]:
     return arrays
 
 
-def _batch_size(specs: dict) -> int | None:
+def batch_size(specs: dict) -> int | None:
     """A fixed first dimension shared by the inputs (the model takes exactly that batch), else None."""
     fixed = {t.shape.dim[0].dim_value for t in specs.values()
              if t.HasField("shape") and t.shape.dim and t.shape.dim[0].HasField("dim_value")}
@@ -141,10 +141,11 @@ def _take(arrays: dict[str, np.ndarray], start: int, count: int) -> dict[str, np
     return {k: v[start:start + count] for k, v in arrays.items()}
 
 
-def _batches(arrays: dict[str, np.ndarray], size: int, exact: bool) -> list[Batch]:
-    """Consecutive batches of ``size`` items; with ``exact`` (the model has a fixed batch) only full ones."""
+def batches_for(arrays: dict[str, np.ndarray], fixed: int | None) -> list[Batch]:
+    """Consecutive batches of the model's ``fixed`` batch size (only full ones), else of ``BATCH`` items."""
+    size = fixed or BATCH
     n = _items(arrays)
-    stop = n - n % size if exact else n
+    stop = n - n % size if fixed else n
     if stop == 0:
         raise UserError(f"the model takes batches of exactly {size} items; give at least {size} in the .npz")
     return [{k: np.ascontiguousarray(v[i:i + size]) for k, v in arrays.items()} for i in range(0, stop, size)]

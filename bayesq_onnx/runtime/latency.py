@@ -27,3 +27,14 @@ def compare_latency(sessions: dict[str, ort.InferenceSession], feed: dict[str, n
             times[k].append((time.perf_counter() - t) * 1e3)
     return {k: {"median_ms": float(np.median(v)), "p90_ms": float(np.percentile(v, 90)), "runs": runs,
                 "warmup": warmup} for k, v in times.items()}
+
+
+def latency_versus_fp32(fp32: ort.InferenceSession, quantized: ort.InferenceSession, feed: dict[str, np.ndarray],
+                        provider: str, runs: int = 20, warmup: int = 3) -> dict:
+    """:func:`compare_latency` of the FP32 and quantized sessions plus the median ratio quantized / FP32 and a
+    description of the feed — the latency section of a report."""
+    latency = compare_latency({"fp32": fp32, "quantized": quantized}, feed, runs=runs, warmup=warmup)
+    shapes = ", ".join(f"{k} {'×'.join(map(str, v.shape))}" for k, v in feed.items())
+    latency.update(ratio=latency["quantized"]["median_ms"] / latency["fp32"]["median_ms"], feed=shapes,
+                   provider=provider)
+    return latency
