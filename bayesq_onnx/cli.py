@@ -15,7 +15,28 @@ from .passes.collect_weights import SCOPES
 from .runtime.session import PROVIDERS
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class _OneLineErrors(click.Group):
+    """Usage errors (bad option values, unknown options) as one ``error:`` line with exit code 2, like every
+    other bad input, instead of click's usage block."""
+
+    def main(self, *args, **kwargs):
+        try:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        except click.exceptions.Exit as exc:  # --help, --version
+            sys.exit(exc.exit_code)
+        except click.exceptions.NoArgsIsHelpError as exc:  # bare `bayesq`: the help text
+            click.echo(exc.format_message())
+            sys.exit(0)
+        except click.exceptions.Abort:
+            click.echo("error: aborted", err=True)
+            sys.exit(1)
+        except click.ClickException as exc:
+            hint = f" (see 'bayesq {exc.ctx.info_name} --help')" if getattr(exc, "ctx", None) and exc.ctx.parent else ""
+            click.echo(f"error: {exc.format_message()}{hint}", err=True)
+            sys.exit(exc.exit_code)
+
+
+@click.group(cls=_OneLineErrors, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="bayesq-onnx")
 def main():
     """BayesQ-ONNX: compress a trained model into a standard, validated ONNX file at an exact
