@@ -78,6 +78,10 @@ def to_markdown(report: dict) -> str:
         lines += [f"| {st['budget']:.3f} | {st['all_in_bits']:.3f} | {st[sr['headline']]:.4f} | {st['drop']:.4f} | "
                   f"{'yes' if st['within'] else 'no'} |" for st in sr["steps"]]
         lines.append("")
+    if report.get("left_in_float"):
+        lines += ["## Float tensors left as they are", "", "| tensor | why |", "|---|---|"]
+        lines += [f"| `{n}` | {why} |" for n, why in sorted(report["left_in_float"].items())]
+        lines.append("")
     lines += ["## Per tensor", "",
               "| tensor | shape | candidate | all-in bits | risk | Fisher mass | whitened error |",
               "|---|---|---|---|---|---|---|"]

@@ -15,6 +15,7 @@ import numpy as np
 import onnx
 
 from ..errors import UserError
+from ..runtime.session import CPU, make_session
 from .base import Batch, ModelBundle, SourceOptions
 from .metrics import output_fidelity
 
@@ -86,6 +87,11 @@ def read_model(path: Path) -> onnx.ModelProto:
         onnx.checker.check_model(model)
     except onnx.checker.ValidationError as exc:
         raise UserError(f"onnx:{path} fails onnx.checker: {str(exc).splitlines()[0]}") from exc
+    try:  # the FP32 model must run: it is the reference every figure is measured against
+        make_session(path, [CPU])
+    except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types
+        raise UserError(f"onnx:{path}: ONNX Runtime cannot run the model ({str(exc).splitlines()[0][:160]}); "
+                        "quantize a model that runs in ONNX Runtime") from exc
     return model
 
 

@@ -56,22 +56,31 @@ class CollectWeightsPass(ir.passes.PassBase):
         self.scope = scope
         self.min_size = min_size
         self.weights: dict[str, WeightInfo] = {}
+        self.skipped: dict[str, str] = {}  # float tensors of at least min_size left as they are, and why
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         in_scope = set(_LINEAR_CONSUMERS) | (set(_EMBEDDING_CONSUMERS) if self.scope == "all" else set())
         graph_inputs = {v.name for v in model.graph.inputs}
         position = {id(node): i for i, node in enumerate(model.graph)}
-        self.weights = {}
+        self.weights, self.skipped = {}, {}
         for name, value in model.graph.initializers.items():
-            if name in graph_inputs or value.const_value is None:
-                continue
-            if value.dtype != ir.DataType.FLOAT or value.shape is None or len(value.shape) < 2:
+            if value.const_value is None or value.dtype != ir.DataType.FLOAT or value.shape is None:
                 continue
             shape = tuple(int(d) for d in value.shape)
             if int(np.prod(shape)) < self.min_size:
                 continue
+            if name in graph_inputs:
+                self.skipped[name] = "also a graph input (a caller may override it)"
+                continue
+            if len(shape) < 2:
+                continue  # biases and norm scales stay in float by design
             layout, ops = self._layout(value, shape)
-            if layout is None or not in_scope.intersection(ops):
+            if layout is None:
+                readers = sorted({f"{n.op_type}[{i}]" for n, i in value.uses()})
+                self.skipped[name] = f"read as {', '.join(readers) or 'nothing'}, not as a weight we quantize"
+                continue
+            if not in_scope.intersection(ops):
+                self.skipped[name] = f"read by {', '.join(sorted(set(ops)))}: outside --scope {self.scope}"
                 continue
             first = min(position.get(id(node), 0) for node, _ in value.uses())
             self.weights[name] = WeightInfo(name, layout, value.const_value.numpy(), ops, first)
