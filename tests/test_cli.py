@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
@@ -10,7 +9,6 @@ import pytest
 from click.testing import CliRunner
 
 from bayesq_onnx.cli import main
-from bayesq_onnx.runtime.session import cuda_status
 
 
 def invoke(*args):
@@ -35,46 +33,6 @@ def _assert_user_error(result, out, needle):
     assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], result.stderr
     assert "Traceback" not in result.output
     assert not out.exists()
-
-
-@pytest.mark.parametrize("args,needle", [
-    (["no-such-model"], "unknown model 'no-such-model'"),
-    (["--method", "rtn", "--bits", "5"], "--bits 5 is not available"),
-    (["--method", "bayesq-fixed", "--bits", "3.5"], "--bits 3.5 is not available"),
-    (["--bits", "0.5"], "outside any candidate set"),
-    (["--overrides", "/no/such/file.json"], "cannot read it"),
-    (["--group-size", "48"], "power of two"),
-    (["--calib-size", "0"], "--calib-size must be at least 1"),
-])
-def test_bad_arguments(tmp_path, args, needle):
-    out = tmp_path / "out"
-    _assert_user_error(invoke("compile", *args, "--out", str(out)), out, needle)
-
-
-def test_out_under_a_file(tmp_path):
-    (tmp_path / "file").write_text("x")
-    out = tmp_path / "file" / "sub"
-    _assert_user_error(invoke("compile", "--out", str(out)), out, "is a file")
-
-
-def test_out_is_a_file(tmp_path):
-    out = tmp_path / "file"
-    out.write_text("keep me")
-    r = invoke("compile", "--out", str(out))
-    assert r.exit_code == 2 and "is a file" in r.stderr and out.read_text() == "keep me"
-
-
-@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs a read-only /proc")
-def test_out_not_writable(tmp_path):
-    out = "/proc/self/bayesq-out"
-    r = invoke("compile", "--out", out)
-    assert r.exit_code == 2 and "cannot write" in r.stderr
-
-
-@pytest.mark.skipif(cuda_status()[0], reason="CUDA is usable here")
-def test_provider_cuda_without_cuda(tmp_path):
-    out = tmp_path / "out"
-    _assert_user_error(invoke("compile", "--provider", "cuda", "--out", str(out)), out, "--provider cuda")
 
 
 def test_console_script_exit_code(tmp_path):
