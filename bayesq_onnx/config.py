@@ -102,6 +102,9 @@ class CompileConfig:
         for name in ("calib_size", "eval_size", "latency_runs", "latency_batch", "latency_seq"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.dump_dir is not None and Path(self.out).resolve() in (Path(self.dump_dir).resolve(), *Path(self.dump_dir).resolve().parents):
+            raise UserError(f"--dump-dir {self.dump_dir} is inside --out {self.out}, which is replaced as a unit; "
+                            f"use a directory beside it, e.g. --dump-dir {Path(self.out).name}-passes")
         if self.eval_size < 2:
             raise UserError("--eval-size must be at least 2 (fidelity compares items against each other)")
         return self

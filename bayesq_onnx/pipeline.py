@@ -58,7 +58,6 @@ def compile_model(config: CompileConfig, reporter: Reporter | None = None,
     rep = reporter or Reporter(quiet=True)
     artifact.check_output_dir(config.out)
     providers, provider_note = resolve_providers(config.provider)
-    rep.note(f"[dim]{provider_note}[/]")  # printed only once every input has been checked
     torch.manual_seed(config.seed)
 
     # ---- load and export --------------------------------------------------------------------------
@@ -66,6 +65,7 @@ def compile_model(config: CompileConfig, reporter: Reporter | None = None,
         with rep.stage(f"load {config.model}"):
             bundle = load_model(config.model, config.source_options())
     _check_source_supports(config, bundle)
+    rep.note(f"[dim]{provider_note}[/]")  # printed only once every input has been checked
     with rep.stage("export to ONNX" if bundle.module is not None else "read ONNX"):
         fp_model, bindings = _fp32_model(bundle)
         fp_bytes = _serialize(fp_model)

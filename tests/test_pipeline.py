@@ -106,3 +106,9 @@ def test_nan_weights_are_refused(tmp_path):
     with pytest.raises(UserError, match="'proj.weight' holds NaN or Inf"):
         compile_model(config, bundle=bundle)
     assert not (tmp_path / "out").exists()
+
+
+def test_dump_dir_inside_out_is_refused(tmp_path):
+    with pytest.raises(UserError, match="is inside --out"):
+        _compile(tmp_path, bits=4, dump_dir=tmp_path / "out" / "passes")
+    assert not (tmp_path / "out").exists()
