@@ -33,6 +33,29 @@ class ParameterBinding:
     aliases: tuple[str, ...] = ()   # every parameter name sharing this tensor (tied weights)
 
 
+def fold_batchnorm(module: torch.nn.Module) -> tuple[torch.nn.Module, str]:
+    """An eval-mode copy of ``module`` with every Conv → BatchNorm pair folded into the conv, and a note.
+
+    The exporter folds BatchNorm into the preceding conv by itself, which leaves the ONNX conv weights with no
+    PyTorch parameter behind them and so without a posterior. Folding first (``torch.fx`` symbolic trace, the
+    standard Conv+BN fusion) keeps every graph weight bound to a parameter. A module that cannot be traced is
+    returned as is; the note says so.
+    """
+    norms = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d)
+    before = sum(isinstance(m, norms) for m in module.modules())
+    if before == 0:
+        return module, "no BatchNorm"
+    from torch.fx.experimental.optimization import fuse
+
+    try:
+        with _quiet():
+            folded = fuse(module.eval())
+    except Exception as exc:  # noqa: BLE001 - any tracing failure: keep the module, say why
+        return module, f"{before} BatchNorm left unfolded (not traceable: {type(exc).__name__})"
+    after = sum(isinstance(m, norms) for m in folded.modules())
+    return folded, f"{before - after} of {before} BatchNorm folded into their convs"
+
+
 def export_model(bundle: ModelBundle) -> ir.Model:
     """Export ``bundle.module`` with dynamic axes; returns the optimized onnx_ir model."""
     dims: dict[str, torch.export.Dim] = {}

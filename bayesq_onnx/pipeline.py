@@ -21,7 +21,7 @@ import torch
 from . import __version__, artifact, candidates
 from .config import CompileConfig
 from .errors import BayesQError, PassFailure, UserError
-from .export import export_model, map_parameters, torch_outputs
+from .export import export_model, fold_batchnorm, map_parameters, torch_outputs
 from .models import check_model_spec, load_model
 from .models.base import ModelBundle
 from .passes.collect_weights import CollectWeightsPass, WeightInfo
@@ -324,10 +324,12 @@ def _check_finite(model: ir.Model) -> None:
 
 
 def _fp32_model(bundle: ModelBundle) -> tuple[ir.Model, dict]:
-    """The FP32 ONNX model and its initializer → PyTorch parameter bindings (none for an ONNX input)."""
+    """The FP32 ONNX model (Conv + BatchNorm folded first) and its initializer → PyTorch parameter bindings
+    (none for an ONNX input)."""
     if bundle.module is None:
         # onnx.load pulls external data in, so the model is self-contained from here on
         return ir.serde.deserialize_model(onnx.load(str(bundle.onnx_file))), {}
+    bundle.module, bundle.info["batchnorm"] = fold_batchnorm(bundle.module)
     fp_model = export_model(bundle)
     return fp_model, map_parameters(bundle.module, fp_model)
 

@@ -134,3 +134,23 @@ def test_module_spec_bad_input(tmp_path, spec, extra, needle):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], r.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_batchnorm_is_folded_so_every_conv_weight_has_a_posterior(tmp_path):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 32, 3, padding=1, bias=False), torch.nn.BatchNorm2d(32),
+                              torch.nn.ReLU(), torch.nn.Conv2d(32, 32, 3, padding=1), torch.nn.BatchNorm2d(32),
+                              torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                              torch.nn.Linear(32, 10))
+    for m in net.modules():  # non-trivial running statistics, as after training
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    batches = [torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    result = bayesq_onnx.compile(net.eval(), batches, likelihood="categorical",
+                                 config=_config(tmp_path, method="bayesq-fixed", bits=8))
+    r = result.report
+    assert r["model"]["batchnorm"] == "2 of 2 BatchNorm folded into their convs"
+    assert r["export"]["parameters_unbound"] == [] and r["export"]["max_abs_diff"] < 1e-4
+    assert all(t.get("fisher_mass", 0) > 0 for t in r["plan"]["tensors"])
+    assert r["fidelity"]["cosine_mean"] > 0.999
