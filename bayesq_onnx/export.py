@@ -57,16 +57,26 @@ def fold_batchnorm(module: torch.nn.Module) -> tuple[torch.nn.Module, str]:
 
 
 def export_model(bundle: ModelBundle) -> ir.Model:
-    """Export ``bundle.module`` with dynamic axes; returns the optimized onnx_ir model."""
+    """Export ``bundle.module`` with dynamic axes; returns the optimized onnx_ir model.
+
+    Dynamic shapes are given by position (``forward``'s argument names need not match ``input_names``). An
+    example with length 1 on a dynamic axis is doubled along it first: torch.export specializes size-1 dims.
+    """
     dims: dict[str, torch.export.Dim] = {}
-    dynamic_shapes = {
-        name: {axis: dims.setdefault(label, torch.export.Dim(label)) for axis, label in axes.items()}
-        for name, axes in bundle.dynamic_axes.items()
-    }
+    example = []
+    dynamic_shapes = []
+    for name, tensor in zip(bundle.input_names, bundle.example_inputs()):
+        axes = bundle.dynamic_axes.get(name, {})
+        for axis in axes:
+            if tensor.shape[axis] < 2:
+                tensor = torch.cat([tensor, tensor], dim=axis)
+        example.append(tensor)
+        dynamic_shapes.append({axis: dims.setdefault(label, torch.export.Dim(label)) for axis, label in axes.items()}
+                              or None)
     with _quiet():
         program = torch.onnx.export(
-            bundle.module, bundle.example_inputs(), dynamo=True, input_names=bundle.input_names,
-            output_names=bundle.output_names, dynamic_shapes=dynamic_shapes, optimize=True, verbose=False,
+            bundle.module, tuple(example), dynamo=True, input_names=bundle.input_names,
+            output_names=bundle.output_names, dynamic_shapes=tuple(dynamic_shapes), optimize=True, verbose=False,
         )
     return program.model
 

@@ -97,3 +97,25 @@ def test_distinct_equal_parameters_are_not_guessed():
     proto = onnx.helper.make_model(onnx.helper.make_graph(
         [], "g", [], [], [onnx.numpy_helper.from_array(m.a.weight.detach().numpy().T.copy(), "val_1")]))
     assert map_parameters(m, ir.from_proto(proto)) == {}
+
+
+def test_export_with_single_item_example_and_other_argument_names():
+    """forward's argument is called `x` while the graph input is `pixels`, and the first batch holds one item:
+    the export still has a dynamic batch axis."""
+    import numpy as np
+    import torch
+
+    from bayesq_onnx.export import export_model
+    from bayesq_onnx.models.base import ModelBundle
+    from helpers import run
+
+    net = torch.nn.Sequential(torch.nn.Linear(8, 4)).eval()
+    one = {"pixels": np.ones((1, 8), np.float32)}
+    bundle = ModelBundle(name="t", module=net, input_names=["pixels"], output_names=["y"],
+                         dynamic_axes={"pixels": {0: "batch"}}, calibration=[one], evaluation=[one],
+                         latency_feed=one, metric=lambda a, b: {}, headline="")
+    model = export_model(bundle)
+    x = np.random.default_rng(0).normal(size=(5, 8)).astype(np.float32)
+    with torch.no_grad():
+        want = net(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(run(model, {"pixels": x}), want, atol=1e-5)

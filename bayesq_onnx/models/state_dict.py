@@ -39,6 +39,10 @@ def load_weights(module: torch.nn.Module, path: Path) -> None:
     """Load ``path`` into ``module`` strictly: every key present, none extra, every shape equal."""
     state = read_state_dict(path)
     own = module.state_dict()
+    # checkpoints from before BatchNorm counted its updates lack `num_batches_tracked`; it is not a weight
+    for key, value in own.items():
+        if key.endswith("num_batches_tracked") and key not in state:
+            state[key] = value
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
