@@ -237,3 +237,9 @@ def test_disk_full_while_writing(files, tmp_path, monkeypatch):
                           "--method", "rtn", "--bits", "4", "--latency-runs", "1"], out), out,
                     "No space left on device")
     assert [p.name for p in tmp_path.iterdir()] == []
+
+
+def test_minilm_sizes_beyond_the_corpus(tmp_path):
+    out = tmp_path / "out"
+    _assert_refused(_run(["compile", "--calib-size", "2000", "--eval-size", "1024"], out), out,
+                    "lower one of them")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import random
 import re
 
+from ..errors import UserError
+
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z(\"'])")
 
 
@@ -29,7 +31,8 @@ def pydoc_sentences() -> list[str]:
 def split_corpus(sentences: list[str], calib_size: int, eval_size: int, seed: int = 0) -> tuple[list[str], list[str]]:
     """Disjoint calibration and evaluation sets drawn by a fixed shuffle (the data seed, not the compile seed)."""
     if calib_size + eval_size > len(sentences):
-        raise ValueError(f"the corpus has {len(sentences)} sentences; {calib_size} + {eval_size} requested")
+        raise UserError(f"the text corpus has {len(sentences)} sentences; --calib-size {calib_size} + --eval-size "
+                        f"{eval_size} need more: lower one of them")
     order = list(sentences)
     random.Random(seed).shuffle(order)
     return order[:calib_size], order[calib_size:calib_size + eval_size]
