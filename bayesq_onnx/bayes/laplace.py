@@ -21,7 +21,10 @@ Three curvature forms:
 
 * ``diag``: ``F_ii`` exactly, from per-item gradients squared;
 * ``kfac``: ``F ≈ A ⊗ G`` per layer with ``A = mean_tokens a aᵀ`` (the input second moment, GPTQ's H) and
-  ``G = mean_items Σ_tokens δ δᵀ`` (K-FAC "expand"); Conv layers use unfolded patches;
+  ``G = mean_items Σ_tokens δ δᵀ`` (K-FAC "expand"); Conv layers use unfolded patches. By default only
+  ``diag G`` is accumulated (``G`` is returned as that diagonal matrix): the posterior metric uses the output
+  factor only to weigh rows (DESIGN §3.2), and the full matrix would cost a second Gram product per layer
+  (``kfac_output="full"`` computes it). Grouped/depthwise convs take the exact diagonal instead;
 * ``lowrank``: ``F ≈ diag + U Uᵀ`` with ``U`` the top-k directions of the per-item gradients, found by a
   randomized range finder (a sketch ``Y = Σ g ωᵀ`` in one pass, then the projection ``Qᵀ g`` in a second
   pass with the same target samples).
@@ -38,6 +41,8 @@ from typing import Callable, Iterable
 import torch
 import torch.nn.functional as F
 
+from ..quant.feedback import one_thread
+
 CURVATURES = ("diag", "kfac", "lowrank")
 FISHERS = ("true", "empirical")
 LIKELIHOODS = ("gaussian", "categorical")
@@ -52,7 +57,7 @@ class LayerPosterior:
     prior_precision: float               # τ
     n_data: float                        # N
     A: torch.Tensor | None = None        # K-FAC input factor [in', in'] (Conv: in·k… in unfold order)
-    G: torch.Tensor | None = None        # K-FAC output factor [out, out]
+    G: torch.Tensor | None = None        # K-FAC output factor [out, out] (diagonal unless kfac_output="full")
     U: torch.Tensor | None = None        # low-rank directions of F, [numel, k] (flattened parameter layout)
     info: dict = field(default_factory=dict)
 
@@ -74,6 +79,7 @@ class _Layer:
     Q: torch.Tensor | None = None        # orthonormal range basis after the first pass
     proj: list = field(default_factory=list)
     calls: list = field(default_factory=list)   # (input, δ) per call in the current backward
+    outputs: list = field(default_factory=list)  # the layer's outputs in the current forward (autograd targets)
 
 
 def fit_laplace(
@@ -93,18 +99,35 @@ def fit_laplace(
     output_noise: float | None = None,
     seed: int = 0,
     progress: Callable | None = None,
+    micro_batch: int | None = 8,
+    kfac_output: str = "diag",
 ) -> dict[str, LayerPosterior]:
-    """Fit the posterior of each named parameter (its module must be Linear, Conv1d/2d or Embedding)."""
+    """Fit the posterior of each named parameter (its module must be Linear, Conv1d/2d or Embedding).
+
+    Each calibration batch runs forward and backward in micro-batches of ``micro_batch`` items (``None``:
+    whole batches), so the autograd graph and the hooked (input, output-gradient) pairs stay small. The
+    random targets are drawn for the whole batch, from the batch's own generator and in the same order as
+    an unsplit run, and sliced per micro-batch: the result equals the whole-batch fit up to float
+    round-off (kernels may sum in another order for another batch size).
+
+    ``kfac_output``: ``"diag"`` accumulates only the diagonal of the K-FAC output factor ``G`` (returned as
+    a diagonal matrix; all that the rounding and the diagonal ``F`` use), ``"full"`` the whole matrix.
+    """
     if curvature not in CURVATURES:
         raise ValueError(f"unknown curvature {curvature!r}; expected one of {CURVATURES}")
     if fisher not in FISHERS or likelihood not in LIKELIHOODS:
         raise ValueError(f"fisher must be one of {FISHERS} and likelihood one of {LIKELIHOODS}")
     if fisher == "empirical" and targets is None:
         raise ValueError("the empirical Fisher needs labels (targets) for the calibration batches")
-    layers = _layers(module, parameters, curvature)
+    if micro_batch is not None and micro_batch < 1:
+        raise ValueError(f"micro_batch must be >= 1 (or None), not {micro_batch}")
+    if kfac_output not in ("diag", "full"):
+        raise ValueError(f"kfac_output must be 'diag' or 'full', not {kfac_output!r}")
+    layers = _layers(module, parameters, curvature, kfac_output)
     hooks = [_hook(layer) for layer in layers.values()]
     items = sum(int(b[input_names[0]].shape[0]) for b in batches)
     outputs: list[torch.Tensor] = []
+    full_backward = None  # unknown until the first backward: see _backward
     was_training = module.training
     module.eval()
     try:
@@ -119,22 +142,38 @@ def fit_laplace(
             for bi, batch in enumerate(wrapped):
                 gen = torch.Generator().manual_seed(seed * 1_000_003 + bi)  # same targets in both passes
                 inputs = [batch[n] for n in input_names]
-                with torch.enable_grad():
-                    out = module(*inputs)
-                    out = out[0] if isinstance(out, (tuple, list)) else out
-                    if pass_index == 0:
-                        outputs.append(out.detach().float().reshape(out.shape[0], -1))
-                    for s in range(samples):
-                        for layer in layers.values():
-                            layer.calls.clear()
-                        loss = _pseudo_loss(out, likelihood, fisher, targets[bi] if targets else None, gen)
-                        module.zero_grad(set_to_none=True)
-                        loss.backward(retain_graph=s < samples - 1)
-                        for layer in layers.values():
-                            _accumulate(layer, curvature, pass_index, rank, gen)
+                size = int(inputs[0].shape[0])
+                draws = _BatchDraws(gen, size)
+                step = size if micro_batch is None else min(micro_batch, size)
+                for start in range(0, size, step):
+                    rows = slice(start, min(start + step, size))
+                    part = [_rows(x, rows, size) for x in inputs]
+                    if not full_backward:  # the targeted backward must reach the first layers (see _backward)
+                        part = [x.detach().requires_grad_() if x.is_floating_point() else x for x in part]
+                    target = _rows(targets[bi], rows, size) if targets else None
+                    with torch.enable_grad():
+                        out = module(*part)
+                        out = out[0] if isinstance(out, (tuple, list)) else out
+                        if pass_index == 0:
+                            outputs.append(out.detach().float().reshape(out.shape[0], -1))
+                        for s in range(samples):
+                            for layer in layers.values():
+                                layer.calls.clear()
+                            loss = _pseudo_loss(out, likelihood, fisher, target, draws, s, rows)
+                            module.zero_grad(set_to_none=True)
+                            full_backward = _backward(loss, part, layers.values(), s < samples - 1, full_backward)
+                            for layer in layers.values():
+                                _accumulate(layer, curvature, pass_index, rank, draws, s, rows)
+                    for layer in layers.values():  # free this micro-batch's activations before the next
+                        layer.calls.clear()
+                        layer.outputs.clear()
+                    del out, loss, part
     finally:
         for h in hooks:
             h.remove()
+        for layer in layers.values():
+            layer.calls.clear()
+            layer.outputs.clear()
         module.zero_grad(set_to_none=True)
         module.train(was_training)
 
@@ -146,9 +185,12 @@ def fit_laplace(
     for name, layer in layers.items():
         w = layer.module.weight.detach().float()
         A = G = None
+        kind_curvature = curvature
+        if curvature == "kfac" and layer.A is None:
+            kind_curvature = "diag"  # embeddings and grouped convs: exact diagonal instead of K-FAC
         if curvature == "kfac" and layer.A is not None:
-            A = layer.A / max(layer.tokens, 1)
-            G = layer.G / (items * samples * noise)
+            A = _symmetric(layer.A) / max(layer.tokens, 1)
+            G = (torch.diag(layer.G) if layer.G.dim() == 1 else _symmetric(layer.G)) / (items * samples * noise)
             # K-FAC "expand": F ≈ G ⊗ A, so its diagonal is diag(G) ⊗ diag(A) (no per-item gradients needed)
             fisher_diag = (torch.diag(G)[:, None] * torch.diag(A)[None, :]).reshape(layer.fisher.shape)
         else:
@@ -156,7 +198,7 @@ def fit_laplace(
         tau = float(prior_precision) if prior_precision is not None else evidence_prior_precision(w, n * fisher_diag)
         post = LayerPosterior(name, fisher_diag, tau, n, A=A, G=G,
                               info={"items": items, "samples": samples, "likelihood": likelihood,
-                                    "fisher": fisher, "curvature": curvature, "kind": layer.kind,
+                                    "fisher": fisher, "curvature": kind_curvature, "kind": layer.kind,
                                     "output_noise_var": noise})
         if curvature == "lowrank" and layer.proj:
             b = torch.cat(layer.proj, dim=1)                        # [k', items·samples]
@@ -173,16 +215,20 @@ def evidence_prior_precision(w: torch.Tensor, data_precision: torch.Tensor, iter
     sq = float((w.double() ** 2).sum())
     lam = data_precision.double().reshape(-1)
     tau = 1.0 / max(float(w.double().var()), 1e-12)
-    for _ in range(iters):
-        gamma = float((lam / (lam + tau)).sum())
-        new = max(gamma / max(sq, 1e-30), 1e-12)
-        if abs(new - tau) <= 1e-6 * tau:
-            return new
-        tau = new
+    buf = torch.empty_like(lam)  # in place: the same arithmetic as lam / (lam + tau), without two allocations
+    with one_thread():  # up to `iters` sequential steps
+        for _ in range(iters):
+            torch.add(lam, tau, out=buf)
+            gamma = float(torch.div(lam, buf, out=buf).sum())
+            new = max(gamma / max(sq, 1e-30), 1e-12)
+            if abs(new - tau) <= 1e-6 * tau:
+                return new
+            tau = new
     return tau
 
 
-def _layers(module: torch.nn.Module, parameters: Iterable[str], curvature: str) -> dict[str, _Layer]:
+def _layers(module: torch.nn.Module, parameters: Iterable[str], curvature: str,
+            kfac_output: str = "diag") -> dict[str, _Layer]:
     layers = {}
     for pname in parameters:
         mod_name, _, leaf = pname.rpartition(".")
@@ -199,10 +245,12 @@ def _layers(module: torch.nn.Module, parameters: Iterable[str], curvature: str) 
             raise ValueError(f"{pname}: no posterior for {type(sub).__name__} layers")
         w = sub.weight
         layer = _Layer(pname, sub, kind, torch.zeros_like(w, dtype=torch.float32))
-        if curvature == "kfac" and kind != "embedding":
+        # K-FAC factors for Linear and ungrouped Conv; a grouped conv's input factor would be block-diagonal
+        # (per group), so grouped/depthwise convs take the exact diagonal like embeddings
+        if curvature == "kfac" and (kind == "linear" or (kind == "conv" and sub.groups == 1)):
             cols = w[0].numel()
             layer.A = torch.zeros(cols, cols)
-            layer.G = torch.zeros(w.shape[0], w.shape[0])
+            layer.G = torch.zeros(w.shape[0]) if kfac_output == "diag" else torch.zeros(w.shape[0], w.shape[0])
         layers[pname] = layer
     return layers
 
@@ -211,29 +259,82 @@ def _hook(layer: _Layer):
     def forward_hook(mod, args, output):
         x = args[0].detach()
         if output.requires_grad:
+            layer.outputs.append(output)
             output.register_hook(lambda grad: layer.calls.append((x, grad.detach())))
     return layer.module.register_forward_hook(forward_hook)
 
 
-def _pseudo_loss(out: torch.Tensor, likelihood: str, fisher: str, target, gen: torch.Generator) -> torch.Tensor:
-    """Sum over items of the log-likelihood whose gradient is one Fisher sample per item."""
+def _backward(loss: torch.Tensor, inputs: list[torch.Tensor], layers, retain: bool, full: bool | None) -> bool:
+    """The backward pass that fires the layers' output-gradient hooks; returns whether it had to be the full
+    ``loss.backward()`` (``full``: the answer so far, ``None`` before the first pass).
+
+    The targeted pass asks autograd only for the gradients of the hooked layer outputs and of the float
+    model inputs, so the weights' own gradients (a third of a backward pass) are never computed. A hook
+    registered on an output that is later modified in place (a conv followed by ``ReLU(inplace=True)``
+    once BatchNorm is folded) stays on the node *before* the in-place op, which a targeted pass runs only
+    if something upstream is asked for: the float inputs are, so image models keep every hook. If a hook
+    is still missed (an integer-input model), the pass is redone as ``loss.backward()``, used from then on.
+    The first targeted pass keeps the graph for that retry; later ones free it as a plain backward would.
+    """
+    if not full:
+        wanted = [o for layer in layers for o in layer.outputs] + [x for x in inputs if x.requires_grad]
+        if wanted:
+            torch.autograd.grad(loss, wanted, retain_graph=retain or full is None, allow_unused=True)
+        if full is False or all(len(layer.calls) == len(layer.outputs) for layer in layers):
+            return False
+        for layer in layers:
+            layer.calls.clear()
+    loss.backward(retain_graph=retain)
+    return True
+
+
+def _rows(t: torch.Tensor, rows: slice, size: int) -> torch.Tensor:
+    """The micro-batch's items of a batched tensor (one whose leading dimension is the batch)."""
+    return t[rows] if t.dim() > 0 and t.shape[0] == size and (rows.start, rows.stop) != (0, size) else t
+
+
+class _BatchDraws:
+    """The random numbers of one calibration batch, drawn from its generator *for the whole batch* and in
+    the order an unsplit run draws them (per target sample: the targets, then each layer's sketch test
+    matrix), then handed out a micro-batch's rows at a time. The first micro-batch asks for them in that
+    order; later ones reuse them."""
+
+    def __init__(self, gen: torch.Generator, size: int):
+        self.gen, self.size, self.drawn = gen, size, {}
+
+    def get(self, key, draw: Callable[[torch.Generator], torch.Tensor]) -> torch.Tensor:
+        if key not in self.drawn:
+            self.drawn[key] = draw(self.gen)
+        return self.drawn[key]
+
+
+def _pseudo_loss(out: torch.Tensor, likelihood: str, fisher: str, target, draws: _BatchDraws, sample: int,
+                 rows: slice) -> torch.Tensor:
+    """Sum over items of the log-likelihood whose gradient is one Fisher sample per item (``out``: the
+    micro-batch ``rows`` of the batch; ``target``: its labels)."""
     out = out.float()
+    n = draws.size
     if likelihood == "categorical":
         logits = out.reshape(-1, out.shape[-1])
         if fisher == "empirical":
             y = target.reshape(-1).long()
         else:
-            y = torch.multinomial(torch.softmax(logits.detach(), dim=-1), 1, generator=gen).squeeze(-1)
+            # y ~ softmax(logits) as torch.multinomial(p, 1) draws it: argmax(p / q), q ~ Exp(1) i.i.d. for
+            # every (row, class) of the whole batch; q does not depend on p, so it is drawn once per batch
+            per_item = logits.shape[0] // out.shape[0]
+            q = draws.get(("target", sample), lambda g: torch.empty(n * per_item, logits.shape[1]).exponential_(1, generator=g))
+            y = (torch.softmax(logits.detach(), dim=-1) / q[rows.start * per_item:rows.stop * per_item]).argmax(-1)
         return F.cross_entropy(logits, y, reduction="sum")
     if fisher == "empirical":
         return 0.5 * ((out - target.float()) ** 2).sum()
-    eps = torch.randn(out.shape, generator=gen)
+    eps = draws.get(("target", sample), lambda g: torch.randn((n, *out.shape[1:]), generator=g))[rows]
     return (out * eps).sum()
 
 
-def _per_item(layer: _Layer, need_grads: bool = True):
+def _per_item(layer: _Layer, need_grads: bool = True, need_tokens: bool = False):
     """Per-item gradient [B, out, in'] (summed over the calls of a layer; ``None`` unless ``need_grads``)
-    and the (a, δ) token matrices of every call."""
+    and, with ``need_tokens``, the K-FAC tokens of every call: inputs ``[in', N]``, one column per token
+    (``N`` = items × positions), and output gradients ``[B, out, positions]``."""
     grads, tokens = None, []
     for x, d in layer.calls:
         mod = layer.module
@@ -241,29 +342,56 @@ def _per_item(layer: _Layer, need_grads: bool = True):
             a = x.reshape(x.shape[0], -1, x.shape[-1]).float()          # [B, T, in]
             dd = d.reshape(d.shape[0], -1, d.shape[-1]).float()         # [B, T, out]
             g = torch.einsum("bto,bti->boi", dd, a) if need_grads else None
+            if need_tokens:
+                tokens.append((a.reshape(-1, a.shape[-1]).T, dd.transpose(1, 2)))
         else:  # conv: unfold input patches; groups handled by splitting channels
             x4 = x if x.dim() == 4 else x.unsqueeze(2)
             d4 = d if d.dim() == 4 else d.unsqueeze(2)
-            k = mod.kernel_size if len(mod.kernel_size) == 2 else (1, mod.kernel_size[0])
-            pad = mod.padding if isinstance(mod.padding, tuple) and len(mod.padding) == 2 else (0, mod.padding[0])
-            st = mod.stride if len(mod.stride) == 2 else (1, mod.stride[0])
-            dl = mod.dilation if len(mod.dilation) == 2 else (1, mod.dilation[0])
-            patches = F.unfold(x4.float(), k, dilation=dl, padding=pad, stride=st)   # [B, C·kk, L]
+            patches = _patches(x4.float(), mod)                                       # [B, C·kk, L]
             groups = mod.groups
             b, ckk, L = patches.shape
-            pg = patches.reshape(b, groups, ckk // groups, L)
-            dg = d4.float().reshape(b, groups, d4.shape[1] // groups, -1)            # [B, g, out_g, L]
-            g = torch.einsum("bgol,bgil->bgoi", dg, pg).reshape(b, d4.shape[1], -1) if need_grads else None
-            # K-FAC factors only for ungrouped convs (a grouped conv's A is block-diagonal)
-            a = patches.transpose(1, 2) if groups == 1 else None                  # [B, L, C·kk]
-            dd = d4.float().reshape(b, d4.shape[1], -1).transpose(1, 2)           # [B, L, out]
+            out = d4.shape[1]
+            g = None
+            if need_grads:
+                pg = patches.reshape(b, groups, ckk // groups, L)
+                dg = d4.float().reshape(b, groups, out // groups, -1)                  # [B, g, out_g, L]
+                g = torch.einsum("bgol,bgil->bgoi", dg, pg).reshape(b, out, -1)
+            if need_tokens and groups == 1:  # K-FAC factors only for ungrouped convs (see _layers)
+                tokens.append((patches.transpose(0, 1).reshape(ckk, -1), d4.float().reshape(b, out, -1)))
         if g is not None:
             grads = g if grads is None else grads + g
-        tokens.append((a, dd))
     return grads, tokens
 
 
-def _accumulate(layer: _Layer, curvature: str, pass_index: int, rank: int, gen: torch.Generator) -> None:
+def _patches(x4: torch.Tensor, mod: torch.nn.Module) -> torch.Tensor:
+    """``F.unfold`` of a Conv1d/2d input, ``[B, C·kk, L]`` (a 1×1 kernel without padding needs no unfold:
+    its patches are the strided input itself, the same values)."""
+    k = mod.kernel_size if len(mod.kernel_size) == 2 else (1, mod.kernel_size[0])
+    pad = mod.padding if isinstance(mod.padding, tuple) and len(mod.padding) == 2 else (0, mod.padding[0])
+    st = mod.stride if len(mod.stride) == 2 else (1, mod.stride[0])
+    dl = mod.dilation if len(mod.dilation) == 2 else (1, mod.dilation[0])
+    if tuple(k) == (1, 1) and tuple(pad) == (0, 0):
+        return x4[:, :, ::st[0], ::st[1]].reshape(x4.shape[0], x4.shape[1], -1)
+    return F.unfold(x4, k, dilation=dl, padding=pad, stride=st)
+
+
+def _add_gram(acc: torch.Tensor, p: torch.Tensor) -> None:
+    """``acc += p pᵀ`` for ``p [n, N]``, computed on and above the diagonal only, in row blocks (about
+    half the work of the full product; :func:`_symmetric` fills the lower triangle at the end)."""
+    n = p.shape[0]
+    blocks = max(1, min(8, n // 128))
+    edges = [n * i // blocks for i in range(blocks + 1)]
+    for r0, r1 in zip(edges[:-1], edges[1:]):
+        acc[r0:r1, r0:].addmm_(p[r0:r1], p[r0:].T)
+
+
+def _symmetric(upper: torch.Tensor) -> torch.Tensor:
+    """The symmetric matrix whose upper triangle (diagonal included) is that of ``upper``."""
+    return torch.triu(upper) + torch.triu(upper, 1).T
+
+
+def _accumulate(layer: _Layer, curvature: str, pass_index: int, rank: int, draws: _BatchDraws, sample: int,
+                rows: slice) -> None:
     if not layer.calls:
         return
     if layer.kind == "embedding":  # diagonal only, from per-token gradients
@@ -273,24 +401,23 @@ def _accumulate(layer: _Layer, curvature: str, pass_index: int, rank: int, gen: 
                 layer.fisher.index_add_(0, ids.reshape(-1), d2)
         return
     kfac = curvature == "kfac" and layer.A is not None
-    g, tokens = _per_item(layer, need_grads=not kfac)  # K-FAC needs only the token factors
+    # K-FAC needs only the token factors, the other forms only the per-item gradients
+    g, tokens = _per_item(layer, need_grads=not kfac, need_tokens=kfac and pass_index == 0)
     flat = g.reshape(g.shape[0], -1) if g is not None else None        # [B, numel]
     if pass_index == 0:
         if g is not None:
             layer.fisher += (g * g).sum(dim=0).reshape(layer.fisher.shape)
-        if kfac:
-            for a, dd in tokens:
-                if a is None:
-                    continue
-                a2 = a.reshape(-1, a.shape[-1])
-                layer.A += a2.T @ a2
-                layer.tokens += a2.shape[0]
-                d2 = dd.reshape(-1, dd.shape[-1])
-                layer.G += d2.T @ d2
+        for a, dd in tokens:
+            _add_gram(layer.A, a)
+            layer.tokens += a.shape[1]
+            if layer.G.dim() == 1:
+                layer.G += (dd * dd).sum((0, 2))
+            else:
+                _add_gram(layer.G, dd.transpose(0, 1).reshape(dd.shape[1], -1))
         if curvature == "lowrank":
             width = rank + 8  # oversampling makes the range finder accurate for the top `rank` directions
-            omega = torch.randn(flat.shape[0], width, generator=gen)
-            sketch = flat.T @ omega
+            omega = draws.get(("omega", sample, layer.name), lambda g: torch.randn(draws.size, width, generator=g))
+            sketch = flat.T @ omega[rows]
             layer.sketch = sketch if layer.sketch is None else layer.sketch + sketch
     else:
         layer.proj.append(layer.Q.T @ flat.T)                           # [k', B]

@@ -20,6 +20,7 @@ Everything is vectorized over rows; rows are processed in chunks to bound memory
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -27,10 +28,12 @@ import torch
 from ..bayes import gaussian
 from . import codebook as cb
 from . import uniform
+from .feedback import one_thread
 
 CLIP_RATIOS = tuple(1.0 - 0.05 * i for i in range(11))  # α ∈ {1.00, 0.95, …, 0.50}
 _SOFT_MAX_LEVELS = 16   # posterior-expected (soft) objectives for ≤ 4 bits; 8-bit grids are fine-grained
 _CHUNK_ELEMENTS = 2**25
+_POINT_CHUNK = 2**18    # weights per block of the point-design clipping search (two 1 MiB buffers)
 
 
 def _temperature_sd(lam: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -57,6 +60,16 @@ class UniformGrid:
         q = (torch.round(w / s) + z).clamp(lo, hi)
         return q.to(torch.int16), ((q - z) * s).to(self.scale_dtype).float()
 
+    def columns(self, cols: torch.Tensor) -> "_UniformColumns":
+        """The grid of the listed columns (all rows), expanded once for column-by-column rounding."""
+        lo, hi = uniform.code_range(self.bits, self.symmetric)
+        if self.group_size == 0:
+            s, z = self.scale[:, 0].contiguous(), self.zero[:, 0].contiguous()
+            return _UniformColumns(None, None, s, z, lo, hi, self.scale_dtype)
+        idx = cols // self.group_size
+        return _UniformColumns(self.scale[:, idx].T.contiguous(), self.zero[:, idx].T.contiguous(), None, None,
+                               lo, hi, self.scale_dtype)
+
     def _expand(self, rows: slice, cols: slice):
         s, z = self.scale[rows], self.zero[rows]
         if self.group_size == 0:
@@ -78,6 +91,46 @@ class CodebookGrid:
         lv = self.levels[table[start:start + w.shape[0]]]
         codes = _nearest(w, lv)
         return codes.to(torch.int16), torch.gather(lv, 1, codes)
+
+    def columns(self, cols: torch.Tensor) -> "_CodebookColumns":
+        """The per-row tables (all rows), looked up once for column-by-column rounding (every column of
+        a row reads the same table, so ``cols`` does not matter)."""
+        lv = self.levels[cb.table_index(self.levels.shape[0] * self.rows_per_table, self.rows_per_table)]
+        return _CodebookColumns(lv, ((lv[:, 1:] + lv[:, :-1]) / 2).contiguous())
+
+
+@dataclass
+class _UniformColumns:
+    """:meth:`UniformGrid.columns`: per-column scales/zeros ``[n_cols, rows]`` (``None`` for a per-row grid,
+    whose single column ``s``/``z`` ``[rows]`` serves every column)."""
+
+    scales: torch.Tensor | None
+    zeros: torch.Tensor | None
+    s: torch.Tensor | None
+    z: torch.Tensor | None
+    lo: int
+    hi: int
+    scale_dtype: torch.dtype
+
+    def quantize(self, j: int, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Codes and values of column ``j`` (``w [rows]``), exactly as :meth:`UniformGrid.quantize`."""
+        s, z = (self.s, self.z) if self.scales is None else (self.scales[j], self.zeros[j])
+        q = (torch.round(w / s) + z).clamp_(self.lo, self.hi)
+        return q, ((q - z) * s).to(self.scale_dtype).float()
+
+
+@dataclass
+class _CodebookColumns:
+    """:meth:`CodebookGrid.columns`: each row's sorted levels ``[rows, K]`` and their midpoints."""
+
+    levels: torch.Tensor
+    mids: torch.Tensor
+
+    def quantize(self, j: int, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Codes and values of one column ``w [rows]``, exactly as :meth:`CodebookGrid.quantize`: the
+        number of midpoints below ``w`` is ``searchsorted(mids, w)`` (ties to the lower level)."""
+        codes = (self.mids < w[:, None]).sum(1, keepdim=True)
+        return codes[:, 0], torch.gather(self.levels, 1, codes)[:, 0]
 
 
 def _nearest(w: torch.Tensor, sorted_levels: torch.Tensor) -> torch.Tensor:
@@ -108,6 +161,7 @@ def fit_uniform(w2: torch.Tensor, lam: torch.Tensor, bits: int, group_size: int,
     best_d = torch.full(g_w.shape[:2], float("inf"))
     best_s = torch.ones(g_w.shape[:2])
     best_z = torch.zeros(g_w.shape[:2])
+    grids = []
     for ratio in ratios:
         if symmetric:
             scale = uniform.round_scale(ratio * top / max(hi_code, 1), scale_dtype)
@@ -115,7 +169,12 @@ def fit_uniform(w2: torch.Tensor, lam: torch.Tensor, bits: int, group_size: int,
         else:
             scale = uniform.round_scale(ratio * (top - bottom) / (hi_code - lo_code), scale_dtype)
             zero = torch.round(-ratio * bottom / scale).clamp(lo_code, hi_code)
-        d = _grid_distortion(g_w, g_lam, g_sd, scale, zero, k, scale_dtype)
+        grids.append((scale, zero))
+    if soft:
+        dists = [_grid_distortion(g_w, g_lam, g_sd, scale, zero, k, scale_dtype) for scale, zero in grids]
+    else:
+        dists = _point_distortions(g_w, g_lam, grids, k, scale_dtype)
+    for (scale, zero), d in zip(grids, dists):
         better = d < best_d
         best_d = torch.where(better, d, best_d)
         best_s = torch.where(better, scale, best_s)
@@ -123,13 +182,42 @@ def fit_uniform(w2: torch.Tensor, lam: torch.Tensor, bits: int, group_size: int,
     return UniformGrid(best_s, best_z, bits, group_size, symmetric, scale_dtype), best_d
 
 
-def _grid_distortion(g_w, g_lam, g_sd, scale, zero, k, scale_dtype) -> torch.Tensor:
+def _point_distortions(g_w, g_lam, grids, k, scale_dtype) -> torch.Tensor:
+    """Point-design :func:`_grid_distortion` of every ``(scale, zero)`` in ``grids``, ``[len(grids), R, G]``.
+
+    Blocks of rows (about ``_POINT_CHUNK`` weights) go through all the grids while they are in cache,
+    in two reused buffers; each row's sum is computed exactly as on the whole tensor."""
+    out = torch.empty(len(grids), *g_w.shape[:2])
+    step = max(1, _POINT_CHUNK // max(1, g_w[0].numel()))
+    buffers = torch.empty_like(g_w[:step]), torch.empty_like(g_w[:step])
+    for r in range(0, g_w.shape[0], step):
+        sl = slice(r, min(r + step, g_w.shape[0]))
+        n = sl.stop - sl.start
+        for i, (scale, zero) in enumerate(grids):
+            out[i, sl] = _grid_distortion(g_w[sl], g_lam[sl], None, scale[sl], zero[sl], k, scale_dtype,
+                                          (buffers[0][:n], buffers[1][:n]))
+    return out
+
+
+def _grid_distortion(g_w, g_lam, g_sd, scale, zero, k, scale_dtype, buffers=None) -> torch.Tensor:
     """Σ λ·E[(Q(w) − w)²] per row/group for the uniform grids ``(k − z)·s`` (values rounded as stored);
-    ``g_sd = None`` is the point design (nearest-level error, no cell integrals)."""
+    ``g_sd = None`` is the point design (nearest-level error, no cell integrals).
+
+    The point design works in place in two buffers shaped like ``g_w`` and computes, bit for bit, the
+    same ``λ·err·err`` as ``err = ((clamp(round(w/s) + z, lo, hi) − z)·s)`` rounded to the scale dtype,
+    minus ``w``: with integer-valued ``round(w/s)`` and ``z``, ``clamp(r + z, lo, hi) − z`` is exactly
+    ``clamp(r, lo − z, hi − z)``."""
     if g_sd is None:
-        q = (torch.round(g_w / scale[..., None]) + zero[..., None]).clamp_(k[0], k[-1])
-        err = ((q - zero[..., None]) * scale[..., None]).to(scale_dtype).float() - g_w
-        return (g_lam * err * err).sum(-1)
+        err, tmp = buffers if buffers is not None else (torch.empty_like(g_w), torch.empty_like(g_w))
+        s, z = scale[..., None], zero[..., None]
+        torch.div(g_w, s, out=err).round_()
+        torch.clamp(err, k[0] - z, k[-1] - z, out=err)
+        err.mul_(s)
+        if scale_dtype != torch.float32:
+            err.copy_(err.to(scale_dtype))
+        err.sub_(g_w)
+        torch.mul(g_lam, err, out=tmp).mul_(err)
+        return tmp.sum(-1)
     out = torch.empty(g_w.shape[:2])
     rows = max(1, _CHUNK_ELEMENTS // max(1, g_w[0].numel() * k.numel()))
     for r in range(0, g_w.shape[0], rows):
@@ -150,11 +238,14 @@ def fit_codebook(w2: torch.Tensor, lam: torch.Tensor, bits: int, rows_per_table:
     x = w2.float().reshape(t, rows_per_table * cols)
     lw = lam.float().reshape(t, -1).clamp_min(1e-30)
     soft = temperature > 0 and 2**bits <= _SOFT_MAX_LEVELS
-    sd = _temperature_sd(lw, temperature) if soft else torch.zeros_like(lw)
     mean = (lw * x).sum(1, keepdim=True) / lw.sum(1, keepdim=True)
     spread = torch.sqrt((lw * (x - mean) ** 2).sum(1, keepdim=True) / lw.sum(1, keepdim=True)).clamp_min(1e-12)
     unit, _ = gaussian.lloyd_max(bits)
     levels = mean + spread * torch.tensor(unit, dtype=torch.float32)                 # [T, K]
+    if not soft:
+        levels, d = _hard_lloyd(_SortedTables.of(w2, x, lw), levels, spread, iters)
+        return CodebookGrid(levels, rows_per_table), d
+    sd = _temperature_sd(lw, temperature)
     for _ in range(iters):
         num, den = _lloyd_statistics(x, lw, sd, levels, soft)
         new = torch.where(den > 0, num / den.clamp_min(1e-30), levels)
@@ -168,6 +259,82 @@ def fit_codebook(w2: torch.Tensor, lam: torch.Tensor, bits: int, rows_per_table:
     levels, _ = torch.sort(levels, dim=1)
     d = _codebook_distortion(x, lw, sd, levels)
     return CodebookGrid(levels, rows_per_table), d
+
+
+@dataclass
+class _SortedTables:
+    """Each table's weights sorted once, with float64 prefix sums of ``λ``, ``λw`` and ``λw²``
+    (``[T, n + 1]``, leading zero): the hard-cell Lloyd statistics of any set of levels are then prefix
+    differences at the cell bounds, ``O(K log n)`` per table instead of ``O(n log K)`` per iteration."""
+
+    xs: torch.Tensor            # [T, n] sorted weights
+    p0: torch.Tensor
+    p1: torch.Tensor
+    p2: torch.Tensor
+
+    # The sort depends on the weights only, so the bit widths of one tensor share it (one entry, keyed
+    # by the caller's tensor object and its in-place version counter).
+    _cache = {}
+
+    @classmethod
+    def of(cls, w2: torch.Tensor, x: torch.Tensor, lw: torch.Tensor) -> "_SortedTables":
+        c = cls._cache
+        hit = (c.get("ref") is not None and c["ref"]() is w2 and c["version"] == w2._version
+               and c["shape"] == tuple(x.shape))
+        if hit:
+            xs, order = c["sorted"]
+        else:
+            c.clear()
+            xs, order = torch.sort(x, dim=1)
+
+            def forget(ref):  # the tensor is gone: drop its sort unless a newer entry replaced it
+                if c.get("ref") is ref:
+                    c.clear()
+
+            c.update(ref=weakref.ref(w2, forget), version=w2._version, shape=tuple(x.shape), sorted=(xs, order))
+        lws = lw.gather(1, order).double()
+        lwx = lws * xs.double()
+        zero = torch.zeros(x.shape[0], 1, dtype=torch.float64)
+        return cls(xs, *(torch.cat([zero, v.cumsum(1)], dim=1) for v in (lws, lwx, lwx * xs.double())))
+
+    def bounds(self, levels: torch.Tensor) -> torch.Tensor:
+        """Prefix positions ``[T, K + 1]`` of the nearest-level cells of sorted ``levels``: a weight ``w``
+        belongs to cell ``#{mids < w}`` (ties to the lower level, as :func:`_nearest`), so cell ``k`` ends
+        after the weights ``≤ mids[k]``."""
+        mids = ((levels[:, 1:] + levels[:, :-1]) / 2).contiguous()
+        inner = torch.searchsorted(self.xs, mids, right=True)
+        return torch.cat([torch.zeros_like(inner[:, :1]), inner, torch.full_like(inner[:, :1], self.xs.shape[1])], 1)
+
+    @staticmethod
+    def cell_sums(prefix: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:
+        v = prefix.gather(1, bounds)
+        return v[:, 1:] - v[:, :-1]
+
+
+def _hard_lloyd(tables: _SortedTables, levels: torch.Tensor, spread: torch.Tensor, iters: int):
+    """Weighted Lloyd with hard cells (``T = 0``, or grids too fine for the soft objective): each level
+    moves to the ``λ``-weighted mean of its cell. Same iteration and stopping rule as the soft loop; the
+    cell sums are exact up to float64 round-off (the former float32 scatter-adds agree to float32
+    round-off, so the float16 levels agree up to an occasional one-ulp rounding flip)."""
+    with one_thread():  # every step is small: O(T·K) values
+        for _ in range(iters):
+            b = tables.bounds(levels)
+            num, den = tables.cell_sums(tables.p1, b), tables.cell_sums(tables.p0, b)
+            new = torch.where(den > 0, num / den.clamp_min(1e-300), levels.double()).float()
+            new, _ = torch.sort(new, dim=1)
+            # converged once no level moves by more than a thousandth of its table's spread
+            done = bool(((new - levels).abs() <= 1e-3 * spread).all())
+            levels = new
+            if done:
+                break
+        levels = levels.to(torch.float16).float()
+        levels, _ = torch.sort(levels, dim=1)
+        # D = Σ_cells Σ λ (w − c)² = Σ_cells (Σλw² − 2c Σλw + c² Σλ), in float64
+        b = tables.bounds(levels)
+        c = levels.double()
+        d = (tables.cell_sums(tables.p2, b) - 2 * c * tables.cell_sums(tables.p1, b)
+             + c * c * tables.cell_sums(tables.p0, b))
+    return levels, d.clamp_min(0).sum(1).float()
 
 
 def _lloyd_statistics(x, lw, sd, levels, soft):

@@ -14,6 +14,8 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 
 
@@ -34,24 +36,79 @@ def gptq_round(w2: torch.Tensor, hessian: torch.Tensor, grid, *, block: int = 12
     perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(cols)
     inv_perm = torch.argsort(perm)
     w, h = w[:, perm], h[perm][:, perm]
-    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).float()
+    hinv = inverse_cholesky_upper(h).float()
     codes = torch.zeros(rows, cols, dtype=torch.int16)
     values = torch.zeros(rows, cols)
+    columns = getattr(grid, "columns", None)
     all_rows = slice(0, rows)
     for i1 in range(0, cols, block):
         i2 = min(i1 + block, cols)
-        wb = w[:, i1:i2].clone()
-        err = torch.zeros_like(wb)
+        # column-major block: column j of the block is the contiguous row wb[j]
+        wb = w[:, i1:i2].T.contiguous()
+        err = torch.empty_like(wb)
+        cb = torch.empty(i2 - i1, rows, dtype=torch.int16)
+        vb = torch.empty(i2 - i1, rows)
         hb = hinv[i1:i2, i1:i2]
-        for j in range(i2 - i1):
-            col = perm[i1 + j].item()
-            c, v = grid.quantize(wb[:, j:j + 1], all_rows, slice(col, col + 1))
-            codes[:, i1 + j], values[:, i1 + j] = c[:, 0], v[:, 0]
-            e = (wb[:, j] - v[:, 0]) / hb[j, j]
-            wb[:, j:] -= e[:, None] * hb[j, j:][None, :]
-            err[:, j] = e
-        w[:, i2:] -= err @ hinv[i1:i2, i2:]
+        qb = columns(perm[i1:i2]) if columns is not None else None  # the block's grid, expanded once
+        with one_thread():
+            for j in range(i2 - i1):
+                if qb is not None:
+                    c, v = qb.quantize(j, wb[j])
+                else:
+                    col = perm[i1 + j].item()
+                    c, v = grid.quantize(wb[j][:, None], all_rows, slice(col, col + 1))
+                    c, v = c[:, 0], v[:, 0]
+                cb[j], vb[j] = c, v
+                e = torch.sub(wb[j], v, out=err[j]).div_(hb[j, j])
+                wb[j:] -= hb[j, j:, None] * e[None, :]
+        codes[:, i1:i2], values[:, i1:i2] = cb.T, vb.T
+        w[:, i2:] -= err.T.contiguous() @ hinv[i1:i2, i2:]
     return codes[:, inv_perm], values[:, inv_perm]
+
+
+@contextmanager
+def one_thread():
+    """Run a loop of small sequential steps on one intra-op thread (the GPTQ column recursion, Lloyd
+    iterations, a fixed point). Each parallel op wakes the other threads and waits for them: on an idle
+    machine that costs microseconds, on a loaded one up to a scheduler time slice (~10 ms) per op, which
+    made such loops 10–100× slower than the work. Elementwise results do not depend on the thread count
+    (reductions may differ in the last bit)."""
+    n = torch.get_num_threads()
+    if n == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+def inverse_cholesky_upper(h: torch.Tensor) -> torch.Tensor:
+    """Upper Cholesky factor ``U`` of ``H⁻¹`` (``H⁻¹ = UᵀU``) without forming ``H⁻¹``.
+
+    With ``J`` the exchange matrix (reversal of rows/columns) and ``JHJ = LLᵀ``: ``H⁻¹ = J L⁻ᵀ L⁻¹ J =
+    (J L⁻¹ J)ᵀ (J L⁻¹ J)``, and ``J L⁻¹ J`` is upper triangular with a positive diagonal, so by uniqueness
+    it is the Cholesky factor. One Cholesky and one triangular inverse instead of GPTQ's
+    ``cholesky(cholesky_inverse(cholesky(H)))`` (about 4× faster on 4608², same values to float64 round-off).
+    """
+    lower = torch.linalg.cholesky(h.flip(0, 1))
+    return _lower_triangular_inverse(lower).flip(0, 1)
+
+
+def _lower_triangular_inverse(lower: torch.Tensor, leaf: int = 512) -> torch.Tensor:
+    """``L⁻¹`` by halves: ``[[A, 0], [B, C]]⁻¹ = [[A⁻¹, 0], [−C⁻¹ B A⁻¹, C⁻¹]]``, two matrix products per
+    level (n³/3 multiply-adds in all, against n³/2 for a triangular solve with the identity, and at GEMM
+    speed); blocks of at most ``leaf`` rows by a triangular solve."""
+    n = lower.shape[0]
+    if n <= leaf:
+        return torch.linalg.solve_triangular(lower, torch.eye(n, dtype=lower.dtype), upper=False)
+    h = n // 2
+    out = torch.zeros_like(lower)
+    out[:h, :h] = a_inv = _lower_triangular_inverse(lower[:h, :h], leaf)
+    out[h:, h:] = c_inv = _lower_triangular_inverse(lower[h:, h:], leaf)
+    out[h:, :h] = -(c_inv @ (lower[h:, :h] @ a_inv))
+    return out
 
 
 def lowrank_round(w2: torch.Tensor, diag: torch.Tensor, u: torch.Tensor, grid, *,
