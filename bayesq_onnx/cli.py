@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from .candidates import TARGETS
-from .config import CURVATURES, DEFAULT_METHOD, FAMILIES, FISHERS, GPTQ_MIXES, METHODS, RISKS, CompileConfig
+from .config import CURVATURES, DEFAULT_METHOD, FAMILIES, FISHERS, GPTQ_MIXES, METHODS, RISKS, TEACHERS, CompileConfig
 from .errors import BayesQError, UserError
 from .passes.collect_weights import SCOPES
 from .runtime.session import PROVIDERS
@@ -102,6 +102,19 @@ def main():
               help="Posterior temperature in the design objective (0: design on the trained weights alone).")
 @click.option("--scope", type=click.Choice(SCOPES), default="linear", show_default=True,
               help="linear: Conv/Gemm/MatMul weights; all: also Gather embedding tables.")
+@click.option("--distill/--no-distill", default=False, show_default=True,
+              help="After planning, train scales, codebook levels, biases and norm parameters (codes fixed, "
+                   "budget unchanged) toward the teacher on calibration inputs only.")
+@click.option("--distill-steps", type=int, default=300, show_default=True,
+              help="Distillation: Adam steps at most (early stop on held-out calibration batches).")
+@click.option("--distill-lr", type=float, default=1e-3, show_default=True,
+              help="Distillation: relative step size (log-scale for scales, RMS units otherwise).")
+@click.option("--teacher", type=click.Choice(TEACHERS), default="posterior", show_default=True,
+              help="Distillation teacher: posterior predictive (average of posterior-sampled models; the FP32 "
+                   "model for methods without a posterior, e.g. rtn, or when the samples stray farther from it "
+                   "than the quantized plan) or fp (the FP32 model).")
+@click.option("--teacher-samples", type=int, default=4, show_default=True,
+              help="Distillation: posterior samples the teacher averages.")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("bayesq-out"), show_default=True,
               help="Output directory for model.onnx, report.json, report.md, bits.png.")
 @click.option("--calib-size", type=int, default=256, show_default=True, help="Calibration items.")

@@ -18,6 +18,7 @@ RISKS = ("closed", "mc")
 FAMILIES = ("uniform", "codebook")
 CURVATURES = ("diag", "kfac", "lowrank")
 FISHERS = ("true", "empirical")
+TEACHERS = ("posterior", "fp")
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,12 @@ class CompileConfig:
     risk: str = "closed"         # bayesq: closed-form proxy or Monte Carlo on calibration data
     max_drop: float | None = None  # bayesq: search the least budget whose headline drop is at most this
     scope: str = "linear"        # linear: Conv/Gemm/MatMul weights; all: + Gather embedding tables
+    # calibration-only distillation of the plan (bayesq_onnx/distill.py); off by default: see README
+    distill: bool = False
+    distill_steps: int = 300     # Adam steps at most (early stopping on held-out calibration batches)
+    distill_lr: float = 1e-3     # relative step: log-scale for scales, RMS units for levels / biases / norms
+    teacher: str = "posterior"   # posterior (predictive of posterior samples) | fp (the FP32 model)
+    teacher_samples: int = 4     # posterior samples the teacher averages
     out: Path = Path("bayesq-out")
     calib_size: int = 256
     eval_size: int = 1024
@@ -93,6 +100,10 @@ class CompileConfig:
         if self.temperature < 0 or (self.n_data is not None and self.n_data <= 0) or (
                 self.prior_precision is not None and self.prior_precision <= 0):
             raise UserError("--temperature must be >= 0; --n-data and --prior-precision must be > 0")
+        if self.teacher not in TEACHERS:
+            raise UserError(f"unknown teacher {self.teacher!r}; choose one of {', '.join(TEACHERS)}")
+        if self.distill_steps < 1 or self.teacher_samples < 1 or not self.distill_lr > 0:
+            raise UserError("--distill-steps and --teacher-samples must be at least 1, --distill-lr > 0")
         if self.scope not in SCOPES:
             raise UserError(f"unknown scope {self.scope!r}; choose one of {', '.join(SCOPES)}")
         if self.provider not in PROVIDERS:

@@ -20,6 +20,7 @@ import torch
 
 from . import __version__, artifact, candidates
 from .config import CompileConfig
+from .distill import DistillResult, DistillUnsupported, distill
 from .errors import BayesQError, PassFailure, UserError
 from .export import export_model, fold_batchnorm, map_parameters, torch_outputs
 from .models import check_model_spec, load_model
@@ -111,16 +112,31 @@ def compile_model(config: CompileConfig, reporter: Reporter | None = None,
         for name, t in sorted(plan.tensors.items()):
             rep.debug(f"  {name}: {t.candidate.label}, {t.stored_bits() / t.n_weights:.3f} bits all-in")
 
+        # ---- optional: distill the plan toward the teacher (codes fixed: the budget does not move) -------
+        distilled, distill_section, undistilled = None, None, None
+        if config.distill:
+            distilled, skipped = _distill(config, bundle, plan, bindings, posteriors, rep)
+            if distilled is not None:
+                plan, undistilled = distilled.plan, plan
+            else:
+                distill_section = {"skipped": skipped}
+
         # ---- rewrite the ONNX graph --------------------------------------------------------------
         with rep.stage("rewrite ONNX"):
-            q_bytes = _rewrite(fp_bytes, plan, config, rep)
+            q_bytes = _rewrite(fp_bytes, plan, config, rep, floats=distilled.initializers if distilled else None)
             accounting = file_accounting(q_bytes, plan)
+            undistilled_path = None
+            if undistilled is not None:  # the same plan undistilled: the report's "before" figure
+                undistilled_path = Path(tmp) / "undistilled.onnx"
+                undistilled_path.write_bytes(_rewrite(fp_bytes, undistilled, config, rep))
         q_path = Path(tmp) / "model.onnx"
         q_path.write_bytes(q_bytes)
 
         # ---- validate in ONNX Runtime ------------------------------------------------------------
         with rep.stage("validate in ONNX Runtime"):
-            validation = _validate(bundle, fp_path, q_path, providers, config, rep)
+            validation = _validate(bundle, fp_path, q_path, providers, config, rep, undistilled=undistilled_path)
+        if distilled is not None:
+            distill_section = _distill_report(distilled, validation, bundle, q_path)
 
     headline = bundle.headline or next(iter(validation["fidelity"]))
     report = {
@@ -142,6 +158,7 @@ def compile_model(config: CompileConfig, reporter: Reporter | None = None,
         "plan": plan.to_json(),
         "left_in_float": collect.skipped,
         **({"search": search} if search is not None else {}),
+        **({"distill": distill_section} if distill_section is not None else {}),
         "timings_s": dict(rep.timings),
         "seed": config.seed,
     }
@@ -201,9 +218,16 @@ def _planner(config: CompileConfig, weights: dict[str, WeightInfo], posteriors, 
     raise UserError(f"unknown method {config.method!r}")
 
 
-def _rewrite(fp_bytes: bytes, plan: Plan, config: CompileConfig, rep: Reporter) -> bytes:
-    """The FP32 model with the plan's weights stored quantized, checked, serialized."""
+def _rewrite(fp_bytes: bytes, plan: Plan, config: CompileConfig, rep: Reporter,
+             floats: dict[str, np.ndarray] | None = None) -> bytes:
+    """The FP32 model with the plan's weights stored quantized (and the float initializers named in
+    ``floats``, e.g. distilled biases, replaced by their new values), checked, serialized."""
     q_model = ir.serde.deserialize_model(onnx.load_from_string(fp_bytes))
+    for name, value in (floats or {}).items():
+        init = q_model.graph.initializers[name]
+        if tuple(init.shape) != value.shape or init.dtype != ir.DataType.FLOAT:
+            raise PassFailure(f"distilled value of {name!r} has shape {value.shape}, the initializer {init.shape}")
+        init.const_value = ir.Tensor(np.ascontiguousarray(value, dtype=np.float32), name=name)
     _run(UpgradeOpsetPass(plan.min_opset), q_model, config, rep)
     _run(QuantizeWeightsPass(plan), q_model, config, rep)
     q_model.metadata_props.update({
@@ -303,6 +327,8 @@ def _serialize(model: ir.Model) -> bytes:
 
 def _check_source_supports(config: CompileConfig, bundle: ModelBundle) -> None:
     """Settings that need a PyTorch model, refused for an ONNX input before any work is done."""
+    if bundle.module is None and config.distill:
+        raise UserError("--distill trains a PyTorch copy of the model; an ONNX input has none: drop --distill")
     if bundle.module is not None or config.method == "rtn":
         return
     if config.risk == "mc":
@@ -350,7 +376,7 @@ def _check_export(bundle: ModelBundle, fp_path: Path, bindings: dict, batches: i
 
 
 def _validate(bundle: ModelBundle, fp_path: Path, q_path: Path, providers: list[str],
-              config: CompileConfig, rep: Reporter) -> dict:
+              config: CompileConfig, rep: Reporter, undistilled: Path | None = None) -> dict:
     fp_session, fp_start = make_session(fp_path, providers)
     q_session, q_start = make_session(q_path, providers, session_config_for(config.target))
     reference = run_batches(fp_session, bundle.evaluation, progress=lambda b: rep.track(b, "FP32 outputs"))
@@ -358,7 +384,57 @@ def _validate(bundle: ModelBundle, fp_path: Path, q_path: Path, providers: list[
     fidelity = bundle.metric(reference, candidate)
     latency = latency_versus_fp32(fp_session, q_session, bundle.latency_feed, providers[0],
                                   runs=config.latency_runs, warmup=config.latency_warmup)
-    return {"fidelity": fidelity, "latency": latency, "session_start_s": {"fp32": fp_start, "quantized": q_start}}
+    out = {"fidelity": fidelity, "latency": latency, "session_start_s": {"fp32": fp_start, "quantized": q_start}}
+    if undistilled is not None:  # the same plan before distillation, on the same evaluation set
+        session, _ = make_session(undistilled, providers, session_config_for(config.target))
+        out["undistilled_fidelity"] = bundle.metric(
+            reference, run_batches(session, bundle.evaluation, progress=lambda b: rep.track(b, "undistilled outputs")))
+    return out
+
+
+def _distill(config: CompileConfig, bundle: ModelBundle, plan: Plan, bindings: dict, posteriors,
+             rep: Reporter) -> tuple[DistillResult | None, str | None]:
+    """Distill ``plan`` (DESIGN §3.6; :mod:`bayesq_onnx.distill`): ``(result, None)``, or ``(None, why)``
+    with a note when the student cannot reproduce the artifact exactly (the compile goes on undistilled).
+
+    A method without a posterior (rtn) has no posterior predictive: the teacher falls back to the FP32
+    model, said in a note and in the report, rather than failing a compile whose default teacher is the
+    posterior one.
+    """
+    teacher, note = config.teacher, None
+    if teacher == "posterior" and not posteriors:
+        teacher, note = "fp", f"--method {config.method} fits no posterior: teacher is the FP32 model"
+        rep.note(f"[yellow]distill: {note}[/]")
+    label = f"{config.teacher_samples} posterior samples" if teacher == "posterior" else "FP32"
+    with rep.stage(f"distill (teacher: {label})"):
+        try:
+            result = distill(bundle.module, plan, bindings, bundle.calibration, bundle.input_names,
+                             likelihood=bundle.likelihood, posteriors=posteriors, teacher=teacher,
+                             samples=config.teacher_samples, steps=config.distill_steps, lr=config.distill_lr,
+                             seed=config.seed, progress=rep.track)
+        except DistillUnsupported as exc:
+            rep.note(f"[yellow]distillation skipped: {exc}[/]")
+            return None, str(exc)
+    if note:
+        result.stats["teacher_note"] = note
+    s = result.stats
+    if "teacher_fallback" in s:
+        rep.note(f"[yellow]distill: {s['teacher_fallback']}[/]")
+    rep.note(f"  held-out calibration loss {s['heldout_loss_before']:.4g} → {s['heldout_loss_after']:.4g} "
+             f"(best at step {s['best_step']} of {s['steps']})")
+    return result, None
+
+
+def _distill_report(distilled: DistillResult, validation: dict, bundle: ModelBundle, q_path: Path) -> dict:
+    """The distill section: training figures, the metric before / after, and how exactly the student
+    reproduces the written artifact (max |student − ORT| on the first calibration batch, CPU provider)."""
+    session, _ = make_session(q_path, ["CPUExecutionProvider"], session_config_for("size"))
+    got = run_batches(session, bundle.calibration[:1])
+    headline = bundle.headline or next(iter(validation["fidelity"]))
+    before = validation.pop("undistilled_fidelity")
+    return {**distilled.stats, "headline": headline, "before": before[headline],
+            "after": validation["fidelity"][headline], "fidelity_before": before,
+            "student_vs_artifact_max_abs_diff": float(np.abs(got - distilled.student_output).max())}
 
 
 def _versions() -> dict:

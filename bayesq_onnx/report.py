@@ -78,6 +78,20 @@ def to_markdown(report: dict) -> str:
         lines += [f"| {st['budget']:.3f} | {st['all_in_bits']:.3f} | {st[sr['headline']]:.4f} | {st['drop']:.4f} | "
                   f"{'yes' if st['within'] else 'no'} |" for st in sr["steps"]]
         lines.append("")
+    if "distill" in report:
+        d = report["distill"]
+        lines += ["## Distillation (calibration inputs only)", ""]
+        if "skipped" in d:
+            lines += [f"Skipped: {d['skipped']}.", ""]
+        else:
+            lines += [f"Teacher **{d['teacher']}** ({d['teacher_samples']} model(s)); loss {d['loss']}; "
+                      f"{d['steps']} of {d['max_steps']} steps (best at {d['best_step']}), {d['seconds']:.1f} s; "
+                      f"held-out calibration loss {d['heldout_loss_before']:.4g} → {d['heldout_loss_after']:.4g}; "
+                      f"student vs artifact max |Δ| {d['student_vs_artifact_max_abs_diff']:.2e}.", "",
+                      "| metric | without distillation | with |", "|---|---|---|"]
+            lines += [f"| {k} | {v:.4f} | {f[k]:.4f} |" for k, v in d["fidelity_before"].items()
+                      if isinstance(v, float) and isinstance(f.get(k), float)]
+            lines.append("")
     if report.get("left_in_float"):
         lines += ["## Float tensors left as they are", "", "| tensor | why |", "|---|---|"]
         lines += [f"| `{n}` | {why} |" for n, why in sorted(report["left_in_float"].items())]
