@@ -366,6 +366,46 @@ def test_diagonal_output_factor_is_the_full_factors_diagonal(conv_data, micro_ba
         assert diag[p].prior_precision == pytest.approx(full[p].prior_precision, rel=1e-5)
 
 
+class _InPlaceNet(torch.nn.Module):
+    """conv → ReLU(inplace) first (Conv+BN folded), or token ids → Linear → ReLU(inplace) first."""
+
+    def __init__(self, tokens: bool):
+        super().__init__()
+        torch.manual_seed(3)
+        self.tokens = tokens
+        self.emb = torch.nn.Embedding(13, 6)
+        self.first = torch.nn.Linear(6, 8) if tokens else torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.act = torch.nn.ReLU(inplace=True)
+        self.last = torch.nn.Linear(8, 4)
+
+    def forward(self, x):
+        # (a Linear on [B, T, in] returns a view, and a view modified in place loses every tensor hook —
+        # with loss.backward() too — so the token model pools first)
+        h = self.act(self.first(self.emb(x).mean(1) if self.tokens else x))
+        return self.last(h if self.tokens else h.mean((2, 3)))
+
+
+@pytest.mark.parametrize("tokens", [False, True])
+@pytest.mark.parametrize("curvature", ["diag", "kfac"])
+def test_outputs_modified_in_place_keep_their_hooks(tokens, curvature, monkeypatch):
+    """The targeted backward must not lose the gradient of a layer whose output an in-place op rewrites
+    (it is the first layer here, so nothing upstream pulls the backward through it)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 13, (6, 5), generator=g) if tokens else torch.randn(6, 3, 6, 6, generator=g)
+    model = _InPlaceNet(tokens)
+    kw = dict(input_names=["x"], likelihood="categorical", curvature=curvature, micro_batch=4, seed=1)
+    used = []
+    backward = laplace._backward
+    monkeypatch.setattr(laplace, "_backward", lambda *a: used.append(backward(*a)) or used[-1])
+    inplace = fit_laplace(model, [{"x": x}], ["first.weight", "last.weight"], **kw)
+    # integer inputs: the targeted pass misses the first layer's hook and falls back to loss.backward()
+    assert used == ([True, True] if tokens else [False, False])
+    model.act.inplace = False
+    plain = fit_laplace(model, [{"x": x}], ["first.weight", "last.weight"], **kw)
+    assert float(inplace["first.weight"].fisher_diag.sum()) > 0
+    _assert_same_posterior(plain, inplace, rtol=1e-6)
+
+
 def test_strided_1x1_conv_patches_are_unfold():
     conv = torch.nn.Conv2d(4, 2, 1, stride=2)
     x = torch.randn(3, 4, 7, 6)
