@@ -294,7 +294,7 @@ def markdown_table(rows: list[dict], headline: str) -> str:
               "latency_ms": 2, "latency_ratio": 2, "session_start_s": 3}
     lines = ["| " + " | ".join(h for _, h in cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
-        lines.append("| " + " | ".join(_fmt(r.get(k), digits.get(k, 3)).replace("|", "/") for k, _ in cols) + " |")
+        lines.append("| " + " | ".join(_fmt(r.get(k), digits.get(k, 3)).replace("|", "\\|") for k, _ in cols) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -357,7 +357,7 @@ def plot(rows: list[dict], headline: str, title: str) -> bytes:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
-    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colours = [plt.get_cmap("tab20")(i) for i in (*range(0, 20, 2), *range(1, 20, 2))]  # 20 distinct series
     good = [r for r in rows if not r["error"] and not math.isnan(r[headline]) and r["family"] != "fp32"]
     names = list(dict.fromkeys(r["series"] for r in good))
     if any(n.startswith("gptq ") for n in names) and "gptq" in names:
