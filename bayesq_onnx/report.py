@@ -88,6 +88,7 @@ def to_markdown(report: dict) -> str:
                       f"{d['steps']} of {d['max_steps']} steps (best at {d['best_step']}), {d['seconds']:.1f} s; "
                       f"held-out calibration loss {d['heldout_loss_before']:.4g} → {d['heldout_loss_after']:.4g}; "
                       f"student vs artifact max |Δ| {d['student_vs_artifact_max_abs_diff']:.2e}.", "",
+                      *[f"Note: {d[k]}.\n" for k in ("teacher_note", "teacher_fallback") if k in d],
                       "| metric | without distillation | with |", "|---|---|---|"]
             lines += [f"| {k} | {v:.4f} | {f[k]:.4f} |" for k, v in d["fidelity_before"].items()
                       if isinstance(v, float) and isinstance(f.get(k), float)]

@@ -406,6 +406,21 @@ def test_outputs_modified_in_place_keep_their_hooks(tokens, curvature, monkeypat
     _assert_same_posterior(plain, inplace, rtol=1e-6)
 
 
+def test_a_model_may_modify_its_float_input_in_place():
+    class Scales(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.lin = torch.nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.lin(x.mul_(2.0))
+
+    x = torch.randn(5, 4)
+    post = fit_laplace(Scales(), [{"x": x.clone()}], ["lin.weight"], input_names=["x"], likelihood="categorical")
+    assert float(post["lin.weight"].fisher_diag.sum()) > 0
+
+
 def test_strided_1x1_conv_patches_are_unfold():
     conv = torch.nn.Conv2d(4, 2, 1, stride=2)
     x = torch.randn(3, 4, 7, 6)

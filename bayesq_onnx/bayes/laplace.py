@@ -148,8 +148,12 @@ def fit_laplace(
                 for start in range(0, size, step):
                     rows = slice(start, min(start + step, size))
                     part = [_rows(x, rows, size) for x in inputs]
+                    leaves = []
                     if not full_backward:  # the targeted backward must reach the first layers (see _backward)
-                        part = [x.detach().requires_grad_() if x.is_floating_point() else x for x in part]
+                        leaves = [x.detach().requires_grad_() for x in part if x.is_floating_point()]
+                        # the model gets a non-leaf copy, so an in-place op on its input stays legal
+                        fed = iter(leaves)
+                        part = [next(fed) * 1 if x.is_floating_point() else x for x in part]
                     target = _rows(targets[bi], rows, size) if targets else None
                     with torch.enable_grad():
                         out = module(*part)
@@ -161,13 +165,13 @@ def fit_laplace(
                                 layer.calls.clear()
                             loss = _pseudo_loss(out, likelihood, fisher, target, draws, s, rows)
                             module.zero_grad(set_to_none=True)
-                            full_backward = _backward(loss, part, layers.values(), s < samples - 1, full_backward)
+                            full_backward = _backward(loss, leaves, layers.values(), s < samples - 1, full_backward)
                             for layer in layers.values():
                                 _accumulate(layer, curvature, pass_index, rank, draws, s, rows)
                     for layer in layers.values():  # free this micro-batch's activations before the next
                         layer.calls.clear()
                         layer.outputs.clear()
-                    del out, loss, part
+                    out = loss = part = leaves = None
     finally:
         for h in hooks:
             h.remove()
@@ -266,7 +270,8 @@ def _hook(layer: _Layer):
 
 def _backward(loss: torch.Tensor, inputs: list[torch.Tensor], layers, retain: bool, full: bool | None) -> bool:
     """The backward pass that fires the layers' output-gradient hooks; returns whether it had to be the full
-    ``loss.backward()`` (``full``: the answer so far, ``None`` before the first pass).
+    ``loss.backward()`` (``full``: the answer so far, ``None`` before the first pass; ``inputs``: the float
+    model inputs, as leaves that require grad).
 
     The targeted pass asks autograd only for the gradients of the hooked layer outputs and of the float
     model inputs, so the weights' own gradients (a third of a backward pass) are never computed. A hook
@@ -277,7 +282,7 @@ def _backward(loss: torch.Tensor, inputs: list[torch.Tensor], layers, retain: bo
     The first targeted pass keeps the graph for that retry; later ones free it as a plain backward would.
     """
     if not full:
-        wanted = [o for layer in layers for o in layer.outputs] + [x for x in inputs if x.requires_grad]
+        wanted = [o for layer in layers for o in layer.outputs] + list(inputs)
         if wanted:
             torch.autograd.grad(loss, wanted, retain_graph=retain or full is None, allow_unused=True)
         if full is False or all(len(layer.calls) == len(layer.outputs) for layer in layers):

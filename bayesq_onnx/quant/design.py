@@ -12,7 +12,9 @@ closed form per weight is :func:`bayesq_onnx.bayes.gaussian.expected_sq_error`.
   ``α``; scale and zero point follow from the range; the ``α`` with the least ``D`` wins.
 * ``codebook``: weighted Lloyd (1-D k-means) per table: cells by nearest level, each level the
   ``λ``-weighted mean of its cell — with ``s > 0`` the *posterior* mean, ``Σ λ E[w; cell] / Σ λ P(cell)`` —
-  started from the Lloyd–Max levels of N(0, 1) scaled to the table's weighted mean and spread.
+  started from the Lloyd–Max levels of N(0, 1) scaled to the table's weighted mean and spread. With hard
+  cells (``s = 0``) each table is sorted once (shared by the bit widths of a tensor) and every iteration
+  reads its cell sums off float64 prefix sums at the cell bounds.
 
 Codes are always the nearest grid point of ``μ`` (or of the error-fed-back target, :mod:`.feedback`).
 Everything is vectorized over rows; rows are processed in chunks to bound memory.
@@ -247,7 +249,7 @@ def fit_codebook(w2: torch.Tensor, lam: torch.Tensor, bits: int, rows_per_table:
         return CodebookGrid(levels, rows_per_table), d
     sd = _temperature_sd(lw, temperature)
     for _ in range(iters):
-        num, den = _lloyd_statistics(x, lw, sd, levels, soft)
+        num, den = _lloyd_statistics(x, lw, sd, levels)
         new = torch.where(den > 0, num / den.clamp_min(1e-30), levels)
         new, _ = torch.sort(new, dim=1)
         # converged once no level moves by more than a thousandth of its table's spread
@@ -337,14 +339,9 @@ def _hard_lloyd(tables: _SortedTables, levels: torch.Tensor, spread: torch.Tenso
     return levels, d.clamp_min(0).sum(1).float()
 
 
-def _lloyd_statistics(x, lw, sd, levels, soft):
-    """Per level: Σ λ·E[w; cell] and Σ λ·P(cell) (hard cells when not ``soft``)."""
+def _lloyd_statistics(x, lw, sd, levels):
+    """Per level: Σ λ·E[w; cell] and Σ λ·P(cell) under the posteriors ``N(x, sd²)`` (soft cells)."""
     k = levels.shape[1]
-    if not soft:
-        codes = _nearest(x, levels)
-        num = torch.zeros_like(levels).scatter_add_(1, codes, lw * x)
-        den = torch.zeros_like(levels).scatter_add_(1, codes, lw)
-        return num, den
     num = torch.zeros_like(levels)
     den = torch.zeros_like(levels)
     step = max(1, _CHUNK_ELEMENTS // max(1, x.shape[0] * k))

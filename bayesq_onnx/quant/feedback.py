@@ -23,7 +23,9 @@ def gptq_round(w2: torch.Tensor, hessian: torch.Tensor, grid, *, block: int = 12
                act_order: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """GPTQ over the columns of ``w2 [rows, cols]`` with ``H = hessian [cols, cols]``.
 
-    ``grid.quantize(w, rows, cols) -> (codes, values)`` is the fixed per-row grid. Dampening adds
+    ``grid.quantize(w, rows, cols) -> (codes, values)`` is the fixed per-row grid; a grid with
+    ``columns(col_indices)`` (:class:`~bayesq_onnx.quant.design.UniformGrid`, ``CodebookGrid``) hands out each
+    block's columns expanded once, which gives the same codes and values. Dampening adds
     ``damp · mean(diag H)`` to the diagonal; columns whose input never varies (``H_jj = 0``) are quantized
     without feedback. Returns ``(codes int16, dequantized float32)``, both ``[rows, cols]``.
     """
