@@ -6,6 +6,7 @@ records what happened for the report.
 
 from __future__ import annotations
 
+import gc
 import json
 import platform
 import tempfile
@@ -133,6 +134,10 @@ def compile_model(config: CompileConfig, reporter: Reporter | None = None,
         q_path.write_bytes(q_bytes)
 
         # ---- validate in ONNX Runtime ------------------------------------------------------------
+        # the posteriors, the planner's tables and the FP32 IR are done with: free them before ORT holds two
+        # sessions (validation was the memory peak on BERT-base)
+        posteriors = planner = fp_model = None
+        gc.collect()
         with rep.stage("validate in ONNX Runtime"):
             validation = _validate(bundle, fp_path, q_path, providers, config, rep, undistilled=undistilled_path)
         if distilled is not None:

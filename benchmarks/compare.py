@@ -51,6 +51,7 @@ from bayesq_onnx.runtime.session import (
 OURS = ("bayesq", "rtn", "gptq")
 METHOD_FAMILIES = (*OURS, *peer_mod.FAMILIES)
 BUDGETS = (2.5, 3.0, 3.5, 4.0)
+SPEED_BUDGETS = (4.5,)  # uniform 4/8-bit blocks with their scales and zero points cost ≥ 4.19 bits all-in
 RTN_ROW_BITS = (2, 3, 4, 8)
 RTN_GROUPS = ((64, 4), (128, 4), (64, 3), (128, 3))  # (group size, bits)
 
@@ -58,6 +59,7 @@ RTN_GROUPS = ((64, 4), (128, 4), (64, 3), (128, 3))  # (group size, bits)
 @dataclass
 class Settings:
     budgets: tuple[float, ...] = BUDGETS
+    speed_budgets: tuple[float, ...] = SPEED_BUDGETS  # bayesq --target speed (MatMulNBits form)
     methods: tuple[str, ...] = METHOD_FAMILIES
     calib_size: int = 256
     eval_size: int = 1024
@@ -90,6 +92,8 @@ def jobs(settings: Settings) -> tuple[list[Job], list[str]]:
     if "bayesq" in methods:
         out += [Job(f"bayesq {b:g}", "bayesq", "bayesq", "ours", {"method": "bayesq", "bits": b})
                 for b in settings.budgets]
+        out += [Job(f"bayesq speed {b:g}", "bayesq", "bayesq speed", "ours",
+                    {"method": "bayesq", "bits": b, "target": "speed"}) for b in settings.speed_budgets]
     if "rtn" in methods:
         out += [Job(f"rtn b{b} row", "rtn", "rtn row", "ours", {"method": "rtn", "bits": b, "group_size": 0})
                 for b in settings.rtn_row_bits]
@@ -414,6 +418,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="minilm", help="minilm | digits-resnet | any MODEL spec (bayesq models)")
     ap.add_argument("--budgets", type=float, nargs="+", default=list(BUDGETS), help="all-in budgets for bayesq/gptq")
+    ap.add_argument("--speed-budgets", type=float, nargs="*", default=list(SPEED_BUDGETS),
+                    help="budgets for bayesq --target speed rows (none: no such rows)")
     ap.add_argument("--methods", nargs="+", choices=METHOD_FAMILIES, default=list(METHOD_FAMILIES))
     ap.add_argument("--quick", action="store_true", help="32 calibration / 64 evaluation items, 10 latency runs")
     ap.add_argument("--calib-size", type=int, default=256)
@@ -423,6 +429,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="MatMulNBits peers' bit widths")
     ap.add_argument("--peer-blocks", type=int, nargs="+", default=list(peer_mod.BLOCKS),
                     help="MatMulNBits peers' block sizes")
+    ap.add_argument("--latency-batch", type=int, help="latency feed batch (default: the model's)")
+    ap.add_argument("--latency-seq", type=int, help="latency feed sequence length for text models")
     ap.add_argument("--provider", choices=("auto", "cpu", "cuda"), default="auto")
     ap.add_argument("--weights", type=Path)
     ap.add_argument("--data", type=Path)
@@ -432,8 +440,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     calib, evals, runs, warmup = (32, 64, 10, 2) if args.quick else (args.calib_size, args.eval_size,
                                                                     args.latency_runs, 3)
-    source = {k: getattr(args, k) for k in ("weights", "data", "calib", "task") if getattr(args, k) is not None}
-    settings = Settings(budgets=tuple(args.budgets), methods=tuple(args.methods), calib_size=calib, eval_size=evals,
+    source = {k: getattr(args, k) for k in ("weights", "data", "calib", "task", "latency_batch", "latency_seq")
+              if getattr(args, k) is not None}
+    settings = Settings(budgets=tuple(args.budgets), speed_budgets=tuple(args.speed_budgets), methods=tuple(args.methods), calib_size=calib, eval_size=evals,
                         latency_runs=runs, latency_warmup=warmup, provider=args.provider, source=source,
                         peer_bits=tuple(args.peer_bits), peer_blocks=tuple(args.peer_blocks))
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in args.model)
