@@ -71,6 +71,7 @@ class Settings:
     rtn_groups: tuple[tuple[int, int], ...] = RTN_GROUPS
     peer_bits: tuple[int, ...] = peer_mod.NBITS      # MatMulNBits peers' bits and blocks
     peer_blocks: tuple[int, ...] = peer_mod.BLOCKS
+    rtn_accuracy_levels: tuple[int | None, ...] = (None,)  # ort-rtn MatMulNBits compute; see notes_text
     source: dict = field(default_factory=dict)  # weights/data/calib/task for CompileConfig
 
 
@@ -114,7 +115,7 @@ def jobs(settings: Settings) -> tuple[list[Job], list[str]]:
                     name = "gptq" if mix is None or float(b).is_integer() else f"gptq {mix}"
                     out.append(Job(f"{name} {b:g}", "gptq", name, "ours", kw))
     for p in peer_mod.all_peers(tuple(f for f in peer_mod.FAMILIES if f in methods), settings.peer_bits,
-                                settings.peer_blocks):
+                                settings.peer_blocks, settings.rtn_accuracy_levels):
         series = p.family if p.block_size is None else f"{p.family} bs{p.block_size}"
         out.append(Job(p.label, p.family, series, "peer", peer=p))
     return out, notes
@@ -327,8 +328,11 @@ def notes_text(ctx: Context, notes: list[str], command: str) -> str:
         f"exported FP32 model (the export itself, {ctx.export_s:.1f} s, is not included; FP32 row: the export)"),
         ("- sessions: ours with the session settings the artifact records (size mode: "
         "`session.disable_quant_qdq=1`, decodes folded at session start); peers with ORT defaults "
-        "(MatMulNBits needs no setting; accuracy_level left unset, i.e. float compute; QDQ models run ORT's "
-        "quantized kernels)"),
+        "(MatMulNBits needs no setting; accuracy_level unset, i.e. float compute, unless the label says accN; "
+        "QDQ models run ORT's quantized kernels). Our `--target speed` artifacts store DequantizeLinear → MatMul, "
+        "which ORT fuses into MatMulNBits with its session default `session.qdq_matmulnbits_accuracy_level` = 4 "
+        "(int8-quantized activations inside the kernel): faster than float compute, and the fidelity shown is "
+        "measured with it"),
         ("- ort-static (`quantize_static`) also quantizes activations (uint8, MinMax calibration on the "
         "calibration batches, at the inputs/outputs of quantized MatMul/Gemm/Conv): it is not weight-only. "
         "MatMulNBits peers quantize MatMul weights only (Conv/Gemm stay FP32: coverage < 1)"),
@@ -431,6 +435,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="MatMulNBits peers' block sizes")
     ap.add_argument("--latency-batch", type=int, help="latency feed batch (default: the model's)")
     ap.add_argument("--latency-seq", type=int, help="latency feed sequence length for text models")
+    ap.add_argument("--rtn-accuracy-levels", nargs="+", default=["none"], choices=("none", "0", "1", "2", "3", "4"),
+                    help="ort-rtn MatMulNBits accuracy_level(s): none = float compute, 4 = int8 activations")
     ap.add_argument("--provider", choices=("auto", "cpu", "cuda"), default="auto")
     ap.add_argument("--weights", type=Path)
     ap.add_argument("--data", type=Path)
@@ -444,7 +450,8 @@ def main(argv: list[str] | None = None) -> int:
               if getattr(args, k) is not None}
     settings = Settings(budgets=tuple(args.budgets), speed_budgets=tuple(args.speed_budgets), methods=tuple(args.methods), calib_size=calib, eval_size=evals,
                         latency_runs=runs, latency_warmup=warmup, provider=args.provider, source=source,
-                        peer_bits=tuple(args.peer_bits), peer_blocks=tuple(args.peer_blocks))
+                        peer_bits=tuple(args.peer_bits), peer_blocks=tuple(args.peer_blocks),
+                        rtn_accuracy_levels=tuple(None if a == "none" else int(a) for a in args.rtn_accuracy_levels))
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in args.model)
     stem = args.out or Path("benchmarks/results") / f"compare_{safe}"
     bundle = load_model(args.model, SourceOptions(calib_size=calib, eval_size=evals, **source))

@@ -62,12 +62,14 @@ class Peer:
     family: str                    # one of FAMILIES
     bits: int
     block_size: int | None = None  # MatMulNBits block along K; None for per-channel QDQ
+    accuracy_level: int | None = None  # ort-rtn only: MatMulNBits compute (None/0: float; 4: int8 activations)
 
     @property
     def label(self) -> str:
         if self.family == "ort-static":
             return f"ort-static int{self.bits} per-channel (act uint8)"
-        return f"{self.family} b{self.bits} bs{self.block_size}"
+        acc = "" if self.accuracy_level is None else f" acc{self.accuracy_level}"
+        return f"{self.family} b{self.bits} bs{self.block_size}{acc}"
 
     @property
     def invocation(self) -> str:
@@ -75,7 +77,7 @@ class Peer:
         if self.family == "ort-rtn":
             return ("MatMulNBitsQuantizer(model, algo_config=DefaultWeightOnlyQuantConfig("
                     f"block_size={self.block_size}, "
-                    f"bits={self.bits}, is_symmetric=False, accuracy_level=None)).process()")
+                    f"bits={self.bits}, is_symmetric=False, accuracy_level={self.accuracy_level})).process()")
         if self.family == "ort-hqq":
             return (f"MatMulNBitsQuantizer(model, algo_config=HQQWeightOnlyQuantConfig(block_size={self.block_size}, "
                     f"bits={self.bits})).process()")
@@ -93,16 +95,19 @@ class Peer:
         with _quiet():
             if self.family == "ort-static":
                 return _quantize_static(model_bytes, self.bits, calibration)
-            return _matmul_nbits(model_bytes, self.family, self.bits, self.block_size)
+            return _matmul_nbits(model_bytes, self.family, self.bits, self.block_size, self.accuracy_level)
 
 
 def all_peers(families: tuple[str, ...] = FAMILIES, bits: tuple[int, ...] = NBITS,
-              blocks: tuple[int, ...] = BLOCKS) -> list[Peer]:
-    """Each peer at its native points: MatMulNBits families at bits × blocks, quantize_static at int8/int4."""
+              blocks: tuple[int, ...] = BLOCKS, rtn_accuracy_levels: tuple[int | None, ...] = (None,)) -> list[Peer]:
+    """Each peer at its native points: MatMulNBits families at bits × blocks (ort-rtn also at each of
+    ``rtn_accuracy_levels``), quantize_static at int8/int4."""
     out = []
     for family in families:
         if family == "ort-static":
             out += [Peer(family, b) for b in (8, 4)]
+        elif family == "ort-rtn":
+            out += [Peer(family, b, bs, acc) for b in bits for bs in blocks for acc in rtn_accuracy_levels]
         else:
             out += [Peer(family, b, bs) for b in bits for bs in blocks]
     return out
@@ -110,7 +115,8 @@ def all_peers(families: tuple[str, ...] = FAMILIES, bits: tuple[int, ...] = NBIT
 
 # ---- the quantizers ------------------------------------------------------------------------------------
 
-def _matmul_nbits(model_bytes: bytes, family: str, bits: int, block_size: int) -> bytes:
+def _matmul_nbits(model_bytes: bytes, family: str, bits: int, block_size: int,
+                  accuracy_level: int | None = None) -> bytes:
     from onnxruntime.quantization.matmul_nbits_quantizer import (
         DefaultWeightOnlyQuantConfig,
         HQQWeightOnlyQuantConfig,
@@ -121,7 +127,7 @@ def _matmul_nbits(model_bytes: bytes, family: str, bits: int, block_size: int) -
     model = onnx.load_from_string(model_bytes)
     if family == "ort-rtn":
         quantizer = MatMulNBitsQuantizer(model, algo_config=DefaultWeightOnlyQuantConfig(
-            block_size=block_size, bits=bits, is_symmetric=False, accuracy_level=None))
+            block_size=block_size, bits=bits, is_symmetric=False, accuracy_level=accuracy_level))
     elif family == "ort-hqq":
         quantizer = MatMulNBitsQuantizer(model, algo_config=HQQWeightOnlyQuantConfig(block_size=block_size, bits=bits))
     elif family == "ort-kquant":

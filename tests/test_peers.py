@@ -113,6 +113,22 @@ def test_every_peer_runs_or_is_reported(peer):
         assert acc.all_in_bits > peer.bits  # scales and zero points cost bits
 
 
+def test_rtn_accuracy_level_reaches_the_kernel():
+    """``accuracy_level`` 4 is written on every MatMulNBits node (int8 activations inside the kernel); unset,
+    it is 0 or absent (float compute); the label says which."""
+    fp = linear_model(k=128, n=128).SerializeToString()
+    levels = {}
+    for acc in (None, 4):
+        peer = peers.Peer("ort-rtn", 4, 32, acc)
+        q = onnx.load_from_string(peer.quantize(fp))
+        nodes = [n for n in q.graph.node if n.op_type == "MatMulNBits"]
+        assert nodes
+        levels[peer.label] = {next((a.i for a in n.attribute if a.name == "accuracy_level"), 0) for n in nodes}
+    assert levels == {"ort-rtn b4 bs32": {0}, "ort-rtn b4 bs32 acc4": {4}}
+    labels = [p.label for p in peers.all_peers(("ort-rtn", "ort-hqq"), (4,), (32,), (None, 4))]
+    assert labels == ["ort-rtn b4 bs32", "ort-rtn b4 bs32 acc4", "ort-hqq b4 bs32"]
+
+
 def test_conv_coverage():
     """MatMulNBits leaves Conv weights in FP32: partial coverage on Conv + MatMul, a reported error on a
     Conv-only model; quantize_static covers the Conv (int4 per-channel: 4 + (32 + 4)/9·8/64 bits by hand)."""
