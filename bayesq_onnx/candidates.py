@@ -3,9 +3,12 @@
 Targets:
 * ``size`` — everything the rewrite stores exactly: uniform 2/3/4/8-bit per row and per group of 128 input
   channels, per-row codebooks of 2/3/4 bits, and FP16. Decodes fold at session start (FP32 speed).
-* ``speed`` — MatMul/Gemm weights only as uniform 4/8-bit blocks with float32 scales: the
-  DequantizeLinear → MatMul form ONNX Runtime fuses into ``MatMulNBits`` (faster inference); Conv weights
-  as in ``size``.
+* ``speed`` — MatMul weights only as uniform 4/8-bit blocks with float32 scales: the
+  DequantizeLinear → MatMul form ONNX Runtime fuses into ``MatMulNBits`` (faster inference). Every other
+  weight (Conv, Gemm) only in forms that still fold at session start: codebooks and FP16. A speed artifact
+  runs with ORT's QDQ handling on (the fusion needs it), and then ORT neither fuses a DequantizeLinear
+  into Conv or into Gemm with ``transB=1`` (the usual export of ``nn.Linear`` as Gemm) nor constant-folds
+  it: it would dequantize on every call (measured on digits-resnet: 2.5× FP32 latency).
 * ``cuda`` — dtypes the CUDA execution provider runs natively: uniform 4/8-bit (per row, per 128) and FP16.
 
 An override file (JSON, or YAML when PyYAML is installed) maps tensor-name patterns (``fnmatch``) to the
@@ -61,11 +64,12 @@ def parse(label: str) -> Candidate:
 def for_target(weight: WeightInfo, target: str) -> list[Candidate]:
     """The default candidates of one weight under ``target`` (only groups that divide its channels)."""
     fits = weight.layout.in_channels % GROUP == 0
-    linear = any(op in ("MatMul", "Gemm") for op in weight.consumers)
-    if target == "speed" and linear:
-        groups = [GROUP] if fits else []
-        return [Candidate("uniform", b, g, scale_dtype="float32") for b in (4, 8) for g in groups] or \
-               [Candidate("uniform", 8, 0, scale_dtype="float32")]
+    if target == "speed":
+        if weight.consumers and all(op == "MatMul" for op in weight.consumers):  # fused into MatMulNBits
+            groups = [GROUP] if fits else []
+            return [Candidate("uniform", b, g, scale_dtype="float32") for b in (4, 8) for g in groups] or \
+                   [Candidate("uniform", 8, 0, scale_dtype="float32")]
+        return [Candidate("codebook", b, 1) for b in (2, 3, 4)] + [Candidate("float", 16)]
     if target == "cuda":
         out = [Candidate("uniform", b, g) for b in (4, 8) for g in ([0, GROUP] if fits else [0])]
         return out + [Candidate("float", 16)]

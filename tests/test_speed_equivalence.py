@@ -469,3 +469,28 @@ def test_latency_without_budget_or_with_few_runs_does_them_all():
     assert compare_latency({"a": a}, {"x": np.zeros(1)}, runs=12, warmup=2, max_seconds=None)["a"]["runs"] == 12
     b = _FakeSession(0.0)
     assert compare_latency({"b": b}, {"x": np.zeros(1)}, runs=3, warmup=0, max_seconds=0.0)["b"]["runs"] == 3
+
+
+class _SlowAfterOther(_FakeSession):
+    """Runs ``penalty`` seconds slower when another session ran just before it (the other's intra-op threads
+    still spinning), as ORT sessions on a small CPU do."""
+    log: list = []
+
+    def __init__(self, name: str, seconds: float, penalty: float):
+        super().__init__(seconds)
+        self.name, self.penalty = name, penalty
+
+    def run(self, outputs, feed):
+        after_other = bool(self.log) and self.log[-1] != self.name
+        self.log.append(self.name)
+        self.calls += 1
+        time.sleep(self.seconds + (self.penalty if after_other else 0.0))
+
+
+def test_latency_alternates_the_order_so_neither_session_always_runs_second():
+    _SlowAfterOther.log = []
+    a, b = _SlowAfterOther("a", 0.002, 0.004), _SlowAfterOther("b", 0.002, 0.004)
+    out = compare_latency({"a": a, "b": b}, {"x": np.zeros(1)}, runs=10, warmup=0, max_seconds=None)
+    assert _SlowAfterOther.log[:6] == ["a", "b", "b", "a", "a", "b"]
+    # identical sessions measure alike; with a fixed order b would be 3x slower than a
+    assert 0.6 < out["b"]["median_ms"] / out["a"]["median_ms"] < 1.7

@@ -15,8 +15,11 @@ def compare_latency(sessions: dict[str, ort.InferenceSession], feed: dict[str, n
                     min_runs: int = MIN_RUNS) -> dict[str, dict]:
     """Median and p90 wall time per run (ms) for each session.
 
-    Runs are interleaved (a, b, a, b, ...) after ``warmup`` runs each, so drift in machine load affects
-    every session alike and the ratio stays meaningful on a shared machine. ``runs`` is the most rounds
+    Runs are interleaved after ``warmup`` runs each, in alternating order (a, b, b, a, a, b, ...), so
+    drift in machine load affects every session alike and the ratio stays meaningful on a shared machine.
+    The order alternates because a session's intra-op threads keep spinning for a while after its run and
+    take CPU from whichever session runs next: on a run of a few milliseconds a fixed order made the same
+    FP32 model measure 1.2–1.4× slower than itself in second place. ``runs`` is the most rounds
     made: once ``max_seconds`` (warm-up included; ``None``: no limit) have passed, the measurement stops
     after the current round, but never before ``min_runs`` rounds (or ``runs``, if fewer). ``runs`` in
     the result is the number of rounds actually timed; ``runs_requested`` and ``max_seconds`` say what
@@ -30,8 +33,9 @@ def compare_latency(sessions: dict[str, ort.InferenceSession], feed: dict[str, n
             s.run(None, feeds[k])
     floor = min(runs, min_runs)
     done = 0
+    order = list(sessions.items())
     for done in range(1, runs + 1):
-        for k, s in sessions.items():
+        for k, s in (order if done % 2 else order[::-1]):
             t = time.perf_counter()
             s.run(None, feeds[k])
             times[k].append((time.perf_counter() - t) * 1e3)
