@@ -65,7 +65,7 @@ def for_target(weight: WeightInfo, target: str) -> list[Candidate]:
     """The default candidates of one weight under ``target`` (only groups that divide its channels)."""
     fits = weight.layout.in_channels % GROUP == 0
     if target == "speed":
-        if weight.consumers and all(op == "MatMul" for op in weight.consumers):  # fused into MatMulNBits
+        if _fused_matmul(weight):
             groups = [GROUP] if fits else []
             return [Candidate("uniform", b, g, scale_dtype="float32") for b in (4, 8) for g in groups] or \
                    [Candidate("uniform", 8, 0, scale_dtype="float32")]
@@ -76,6 +76,19 @@ def for_target(weight: WeightInfo, target: str) -> list[Candidate]:
     out = [Candidate("uniform", b, g) for b in (2, 3, 4, 8) for g in ([0, GROUP] if fits else [0])]
     out += [Candidate("codebook", b, 1) for b in (2, 3, 4)]
     return out + [Candidate("float", 16)]
+
+
+def _fused_matmul(weight: WeightInfo) -> bool:
+    """Whether ORT fuses this weight's DequantizeLinear into ``MatMulNBits`` (only MatMul consumers)."""
+    return bool(weight.consumers) and all(op == "MatMul" for op in weight.consumers)
+
+
+def pin_for(weight: WeightInfo, target: str) -> Candidate:
+    """What ``--keep-first-last`` keeps a layer at: 8-bit per row, in the form the target runs fast
+    (speed: float32 scales on a MatMul, which ORT fuses; FP16 on anything else, which folds)."""
+    if target == "speed":
+        return Candidate("uniform", 8, 0, scale_dtype="float32") if _fused_matmul(weight) else Candidate("float", 16)
+    return PIN
 
 
 def load_overrides(path: Path) -> list[tuple[str, list[Candidate]]]:
@@ -124,9 +137,10 @@ def allowed(weights: dict[str, WeightInfo], *, target: str = "size", keep_first_
     if keep_first_last:
         names = order or sorted(weights)
         for name in {names[0], names[-1]}:
-            if overrides and any(fnmatch.fnmatchcase(name, p) for p, _ in overrides) and PIN not in out[name]:
-                raise UserError(f"--keep-first-last pins {name} to {PIN.label}, but the override file excludes it")
-            out[name] = [PIN]
+            pin = pin_for(weights[name], target)
+            if overrides and any(fnmatch.fnmatchcase(name, p) for p, _ in overrides) and pin not in out[name]:
+                raise UserError(f"--keep-first-last pins {name} to {pin.label}, but the override file excludes it")
+            out[name] = [pin]
     return out
 
 

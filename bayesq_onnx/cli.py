@@ -67,9 +67,10 @@ def main():
                    "bayesq-fixed = one bit-width, Bayesian design; rtn = round-to-nearest baseline; "
                    "gptq = GPTQ baseline (fractional --bits mix two widths).")
 @click.option("--target", type=click.Choice(TARGETS), default="size", show_default=True,
-              help="bayesq: size (any stored form, decodes fold at load), speed (Linear as 4/8-bit blocks "
-                   "ORT fuses to MatMulNBits), cuda (4/8-bit and FP16 only).")
-@click.option("--keep-first-last", is_flag=True, help="bayesq: pin the first and last quantized layers to 8-bit.")
+              help="bayesq: size (any stored form, decodes fold at load), speed (MatMul weights as 4/8-bit "
+                   "blocks ORT fuses to MatMulNBits, others as codebooks/FP16), cuda (4/8-bit and FP16 only).")
+@click.option("--keep-first-last", is_flag=True, help="bayesq: pin the first and last quantized layers to 8-bit "
+              "(speed: FP16 where not a MatMul).")
 @click.option("--overrides", type=click.Path(path_type=Path), default=None,
               help="bayesq: JSON/YAML file mapping tensor-name patterns to allowed candidate labels.")
 @click.option("--max-drop", type=float, default=None,

@@ -82,6 +82,23 @@ def test_keep_first_last_pins_to_8_bit(analysed):
     assert plan.tensors[order[0]].candidate.label == plan.tensors[order[-1]].candidate.label == "uint8-row"
 
 
+def test_keep_first_last_under_speed_keeps_the_fast_forms(analysed):
+    """Under --target speed the pins are forms ORT runs fast: a fused 8-bit MatMul, FP16 elsewhere."""
+    _, _, weights, _ = analysed
+    order = sorted(weights, key=lambda n: weights[n].first_use)
+    allowed = candidates.allowed(weights, target="speed", keep_first_last=True, order=order)
+    for name in (order[0], order[-1]):
+        (pin,) = allowed[name]
+        if set(weights[name].consumers) == {"MatMul"}:
+            assert (pin.family, pin.bits, pin.scale_dtype) == ("uniform", 8, "float32")
+        else:
+            assert pin == candidates.Candidate("float", 16)
+    # the tiny model's first and last layers are not MatMuls: the fused pin, and the size-mode pin, directly
+    assert candidates.pin_for(weights["proj.weight"], "speed") == candidates.Candidate("uniform", 8, 0,
+                                                                                      scale_dtype="float32")
+    assert candidates.pin_for(weights["proj.weight"], "size") == candidates.PIN
+
+
 def test_overrides(tmp_path, analysed):
     _, _, weights, post = analysed
     path = tmp_path / "o.json"
