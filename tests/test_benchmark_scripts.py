@@ -1,0 +1,57 @@
+"""benchmarks/distill.py and benchmarks/scale.py: their synthetic inputs are what the model sources accept,
+and the distillation benchmark runs end to end on digits-resnet (short training)."""
+
+from __future__ import annotations
+
+import csv
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import distill as distill_bench  # noqa: E402
+import scale  # noqa: E402
+
+from bayesq_onnx.models.glue import get_task, read_split  # noqa: E402
+from bayesq_onnx.models.imagefolder import scan  # noqa: E402
+
+
+def test_scale_sst2_is_read_as_glue(tmp_path):
+    d = scale.sst2(tmp_path / "sst2", n_train=40, n_dev=30)
+    task = get_task("glue:sst2")
+    train, dev = read_split(task, d, "train"), read_split(task, d, "dev")
+    assert len(train.texts) == 40 and len(dev.texts) == 30
+    assert set(train.labels) | set(dev.labels) <= {"0", "1"} and len(set(train.labels)) == 2
+
+
+def test_scale_image_folder_is_an_imagenet_style_folder(tmp_path):
+    folder = scan(scale.image_folder(tmp_path / "images", classes=3, per_class=2))
+    assert folder.classes == ("0", "100", "200") and len(folder) == 6
+    assert np.array_equal(np.bincount(folder.folder), [2, 2, 2])
+
+
+def test_distill_benchmark_case_on_digits(tmp_path):
+    """One case, both teachers: the budget does not move, 'without' is the same plan for both teachers, the
+    posterior teacher on digits falls back to FP32 (the guard), and the outputs are written."""
+    rows = distill_bench.run_case("digits-resnet:2.5", ["--distill-steps", "6", "--calib-size", "64",
+                                                        "--eval-size", "64"], tmp_path)
+    assert [r["teacher"] for r in rows] == ["posterior", "fp"]
+    assert rows[0]["without"] == rows[1]["without"] and rows[0]["all_in_bits"] == rows[1]["all_in_bits"] <= 2.5
+    assert rows[0]["teacher_used"] == "fp" and rows[1]["teacher_used"] == "fp"
+    assert all(r["steps"] <= 6 and r["wall_s"] > 0 and "nll without" in r for r in rows)
+    text = distill_bench.write_outputs(rows, tmp_path / "out" / "distill", "test")
+    cols = distill_bench.table_columns(rows)
+    assert "nll with" in cols and not any("fp32" in c for c in cols)
+    assert text.count("\n| digits-resnet |") == 2
+    with open(tmp_path / "out" / "distill.csv") as fh:
+        assert len(list(csv.DictReader(fh))) == 2
+    assert (tmp_path / "out" / "distill.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("key,value,want", [("distill_s", 81.63, "81.6"), ("without", 0.94981, "0.9498"),
+                                            ("budget", 2.5, "2.5"), ("budget", 3.0, "3"), ("steps", 126, "126")])
+def test_distill_table_formatting(key, value, want):
+    assert distill_bench._fmt(key, value) == want
