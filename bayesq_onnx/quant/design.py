@@ -248,19 +248,28 @@ def fit_codebook(w2: torch.Tensor, lam: torch.Tensor, bits: int, rows_per_table:
         levels, d = _hard_lloyd(_SortedTables.of(w2, x, lw), levels, spread, iters)
         return CodebookGrid(levels, rows_per_table), d
     sd = _temperature_sd(lw, temperature)
+    levels = _lloyd(lambda lv: _lloyd_statistics(x, lw, sd, lv), levels, spread, iters)
+    d = _codebook_distortion(x, lw, sd, levels)
+    return CodebookGrid(levels, rows_per_table), d
+
+
+def _lloyd(statistics, levels: torch.Tensor, spread: torch.Tensor, iters: int) -> torch.Tensor:
+    """Weighted Lloyd iterations, hard or soft by ``statistics(levels) -> (Σ λ·E[w; cell], Σ λ·P(cell))``
+    per level: each level moves to ``num / den`` (an empty cell keeps its level), levels re-sorted; stops
+    once no level moves by more than a thousandth of its table's spread, or after ``iters``. Returns the
+    levels rounded to float16 (as stored), sorted."""
     for _ in range(iters):
-        num, den = _lloyd_statistics(x, lw, sd, levels)
-        new = torch.where(den > 0, num / den.clamp_min(1e-30), levels)
+        num, den = statistics(levels)
+        tiny = 1e-300 if den.dtype == torch.float64 else 1e-30
+        new = torch.where(den > 0, num / den.clamp_min(tiny), levels.to(den.dtype)).float()
         new, _ = torch.sort(new, dim=1)
-        # converged once no level moves by more than a thousandth of its table's spread
         done = bool(((new - levels).abs() <= 1e-3 * spread).all())
         levels = new
         if done:
             break
     levels = levels.to(torch.float16).float()
     levels, _ = torch.sort(levels, dim=1)
-    d = _codebook_distortion(x, lw, sd, levels)
-    return CodebookGrid(levels, rows_per_table), d
+    return levels
 
 
 @dataclass
@@ -312,25 +321,19 @@ class _SortedTables:
         v = prefix.gather(1, bounds)
         return v[:, 1:] - v[:, :-1]
 
+    def lloyd_statistics(self, levels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per level, hard cells, float64: ``(Σ λw, Σ λ)`` over its nearest-level cell."""
+        b = self.bounds(levels)
+        return self.cell_sums(self.p1, b), self.cell_sums(self.p0, b)
+
 
 def _hard_lloyd(tables: _SortedTables, levels: torch.Tensor, spread: torch.Tensor, iters: int):
     """Weighted Lloyd with hard cells (``T = 0``, or grids too fine for the soft objective): each level
-    moves to the ``λ``-weighted mean of its cell. Same iteration and stopping rule as the soft loop; the
-    cell sums are exact up to float64 round-off (the former float32 scatter-adds agree to float32
-    round-off, so the float16 levels agree up to an occasional one-ulp rounding flip)."""
+    moves to the ``λ``-weighted mean of its cell (:func:`_lloyd`, as the soft loop); the cell sums are
+    exact up to float64 round-off (the former float32 scatter-adds agree to float32 round-off, so the
+    float16 levels agree up to an occasional one-ulp rounding flip)."""
     with one_thread():  # every step is small: O(T·K) values
-        for _ in range(iters):
-            b = tables.bounds(levels)
-            num, den = tables.cell_sums(tables.p1, b), tables.cell_sums(tables.p0, b)
-            new = torch.where(den > 0, num / den.clamp_min(1e-300), levels.double()).float()
-            new, _ = torch.sort(new, dim=1)
-            # converged once no level moves by more than a thousandth of its table's spread
-            done = bool(((new - levels).abs() <= 1e-3 * spread).all())
-            levels = new
-            if done:
-                break
-        levels = levels.to(torch.float16).float()
-        levels, _ = torch.sort(levels, dim=1)
+        levels = _lloyd(tables.lloyd_statistics, levels, spread, iters)
         # D = Σ_cells Σ λ (w − c)² = Σ_cells (Σλw² − 2c Σλw + c² Σλ), in float64
         b = tables.bounds(levels)
         c = levels.double()
