@@ -8,14 +8,13 @@ with the report's per-stage breakdown. Prints a table, writes Markdown/CSV and a
 from __future__ import annotations
 
 import argparse
-import csv
-import json
-import resource
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_io import columns_of, markdown_table, timed_compile, write_csv  # noqa: E402
 
 
 def main() -> int:
@@ -28,34 +27,23 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(args.runs):
             out = Path(tmp) / f"run{i}"
-            cmd = [sys.executable, "-m", "bayesq_onnx", "compile", "-q", "--out", str(out), *args.compile_args]
-            start = time.perf_counter()
-            subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-            wall = time.perf_counter() - start
-            peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-            report = json.loads((out / "report.json").read_text())
+            wall, peak_mb, report = timed_compile(args.compile_args, out)
             row = {"run": i, "wall_s": round(wall, 1), "peak_rss_mb": round(peak_mb),
                    "all_in_bits": round(report["bits"]["all_in"], 4),
                    report["headline"]["metric"]: round(report["headline"]["value"], 4)}
             row.update({f"{k} (s)": v for k, v in report["timings_s"].items()})
             rows.append(row)
-    header = list(dict.fromkeys(k for r in rows for k in r))
-    md = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    md += ["| " + " | ".join(str(r.get(h, "")) for h in header) + " |" for r in rows]
-    text = "command: bayesq compile " + " ".join(args.compile_args) + "\n\n" + "\n".join(md) + "\n"
+    text = "command: bayesq compile " + " ".join(args.compile_args) + "\n\n" + markdown_table(rows)
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "compile_time.md").write_text(text)
-    with open(args.out / "compile_time.csv", "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=header)
-        w.writeheader()
-        w.writerows(rows)
+    write_csv(rows, args.out / "compile_time.csv")
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    stages = [h for h in header if h.endswith("(s)")]
+    stages = [h for h in columns_of(rows) if h.endswith("(s)")]
     fig, ax = plt.subplots(figsize=(7, 3), dpi=110)
     left = 0.0
     for stage in stages:

@@ -14,23 +14,16 @@ reference, so the two differ only by distillation.
 from __future__ import annotations
 
 import argparse
-import csv
-import json
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_io import columns_of, markdown_table, timed_compile, write_csv  # noqa: E402
 
 CASES = ("minilm:3.0", "minilm:2.5", "digits-resnet:2.5")
 TEACHERS = ("posterior", "fp")
-
-
-def compile_once(model: str, bits: str, out: Path, extra: list[str]) -> tuple[dict, float]:
-    cmd = [sys.executable, "-m", "bayesq_onnx", "compile", model, "--bits", bits, "-q", "--out", str(out), *extra]
-    start = time.perf_counter()
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-    return json.loads((out / "report.json").read_text()), time.perf_counter() - start
 
 
 def _stage(report: dict, prefix: str) -> float:
@@ -39,11 +32,11 @@ def _stage(report: dict, prefix: str) -> float:
 
 def run_case(case: str, extra: list[str], tmp: Path) -> list[dict]:
     model, bits = case.rsplit(":", 1)
-    base, base_wall = compile_once(model, bits, tmp / "plain", extra + ["--no-distill"])
+    base_wall, _, base = timed_compile([model, "--bits", bits, *extra, "--no-distill"], tmp / "plain")
     headline = base["headline"]["metric"]
     rows = []
     for teacher in TEACHERS:
-        rep, wall = compile_once(model, bits, tmp / teacher, extra + ["--distill", "--teacher", teacher])
+        wall, _, rep = timed_compile([model, "--bits", bits, *extra, "--distill", "--teacher", teacher], tmp / teacher)
         d = rep["distill"]
         if "skipped" in d:
             raise SystemExit(f"error: distillation skipped for {case}: {d['skipped']}")
@@ -69,7 +62,7 @@ TABLE_TAIL = ("steps", "best_step", "distill_s", "wall_no_distill_s", "wall_s", 
 
 
 def table_columns(rows: list[dict]) -> list[str]:
-    keys = list(dict.fromkeys(k for r in rows for k in r))
+    keys = columns_of(rows)
     pairs = [k for k in keys if k.endswith((" without", " with")) and "fp32" not in k and "drop" not in k]
     return [*TABLE, *pairs, *TABLE_TAIL]
 
@@ -83,17 +76,10 @@ def _fmt(key: str, v) -> str:
 
 
 def write_outputs(rows: list[dict], stem: Path, command: str) -> str:
-    cols = table_columns(rows)
-    md = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    md += ["| " + " | ".join(_fmt(c, r.get(c, "")) for c in cols) + " |" for r in rows]
-    text = f"command: `{command.strip()}`\n\n" + "\n".join(md) + "\n"
+    text = f"command: `{command.strip()}`\n\n" + markdown_table(rows, table_columns(rows), _fmt)
     stem.parent.mkdir(parents=True, exist_ok=True)
     stem.with_suffix(".md").write_text(text)
-    header = list(dict.fromkeys(k for r in rows for k in r))
-    with open(stem.with_suffix(".csv"), "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=header)
-        w.writeheader()
-        w.writerows(rows)
+    write_csv(rows, stem.with_suffix(".csv"))
     plot(rows, stem.with_suffix(".png"))
     return text
 

@@ -13,12 +13,15 @@ Suites:
 from __future__ import annotations
 
 import argparse
-import csv
 import math
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_io import markdown_table, write_csv  # noqa: E402
 
 from bayesq_onnx.config import CompileConfig
 from bayesq_onnx.models import load_model
@@ -100,16 +103,10 @@ def main() -> int:
             print(" | ".join(f"{k}={v}" for k, v in row.items()), file=sys.stderr, flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"{args.suite}_{args.model}"
-    header = list(dict.fromkeys(k for r in results for k in r))
-    md = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    md += ["| " + " | ".join(str(r.get(h, "")) for h in header) + " |" for r in results]
-    text = "\n".join(md) + "\n"
+    text = markdown_table(results)
     print(text)
     stem.with_suffix(".md").write_text(text)
-    with open(stem.with_suffix(".csv"), "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=header)
-        w.writeheader()
-        w.writerows(results)
+    write_csv(results, stem.with_suffix(".csv"))
     import matplotlib
 
     matplotlib.use("Agg")

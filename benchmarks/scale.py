@@ -15,16 +15,15 @@ shape gives (the work does not depend on the weights' values).
 from __future__ import annotations
 
 import argparse
-import csv
-import json
-import os
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_io import markdown_table, timed_compile, write_csv  # noqa: E402
 
 MODELS = ("resnet50", "bert-base")
 
@@ -68,18 +67,6 @@ def sst2(directory: Path, n_train: int = 512, n_dev: int = 512, seed: int = 0) -
     return directory
 
 
-def timed_compile(args: list[str], out: Path) -> tuple[float, float, dict]:
-    """Wall seconds, peak resident GB of that one process (``wait4``), and its report."""
-    cmd = [sys.executable, "-m", "bayesq_onnx", "compile", *args, "-q", "--out", str(out)]
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - start
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"error: {' '.join(cmd)} failed")
-    return wall, usage.ru_maxrss / 1024**2, json.loads((out / "report.json").read_text())
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
@@ -95,7 +82,8 @@ def main() -> int:
                 spec = ["torchvision:resnet50", "--data", str(image_folder(tmp / "images"))]
             else:
                 spec = [f"hf:{bert_base(tmp / 'bert-base')}", "--task", "glue:sst2", "--data", str(sst2(tmp / "sst2"))]
-            wall, peak_gb, rep = timed_compile([*spec, *extra], tmp / f"out-{name}")
+            wall, peak_mb, rep = timed_compile([*spec, *extra], tmp / f"out-{name}")
+            peak_gb = peak_mb / 1024
             sizes = rep["sizes"]
             row = {"model": name, "arguments": " ".join(extra), "wall_s": round(wall, 1),
                    "peak_rss_gb": round(peak_gb, 2), "all_in_bits": round(rep["bits"]["all_in"], 4),
@@ -108,19 +96,13 @@ def main() -> int:
                         for k, v in rep["timings_s"].items()})
             rows.append(row)
             print(f"done {name}: {wall:.1f} s, {peak_gb:.2f} GB", file=sys.stderr, flush=True)
-    header = list(dict.fromkeys(k for r in rows for k in r))
-    md = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    md += ["| " + " | ".join(str(r.get(h, "")) for h in header) + " |" for r in rows]
     command = "python benchmarks/scale.py " + " ".join(sys.argv[1:])
     text = f"command: `{command.strip()}` (random-init weights, synthetic data: time and memory only)\n\n" + \
-        "\n".join(md) + "\n"
+        markdown_table(rows)
     print(text)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".md").write_text(text)
-    with open(args.out.with_suffix(".csv"), "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=header)
-        w.writeheader()
-        w.writerows(rows)
+    write_csv(rows, args.out.with_suffix(".csv"))
     plot(rows, args.out.with_suffix(".png"))
     return 0
 
