@@ -17,6 +17,7 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 import torch
 
@@ -54,6 +55,20 @@ def fold_batchnorm(module: torch.nn.Module) -> tuple[torch.nn.Module, str]:
         return module, f"{before} BatchNorm left unfolded (not traceable: {type(exc).__name__})"
     after = sum(isinstance(m, norms) for m in folded.modules())
     return folded, f"{before - after} of {before} BatchNorm folded into their convs"
+
+
+def fp32_model(bundle: ModelBundle) -> tuple[ir.Model, dict]:
+    """The FP32 ONNX model every compile starts from, and its initializer → PyTorch parameter bindings
+    (none for an ONNX input). A PyTorch module has its Conv → BatchNorm pairs folded first
+    (:func:`fold_batchnorm`), in the bundle, once: ``bundle.info["batchnorm"]`` keeps what that fold did,
+    and a later call on the same bundle exports the folded module without folding (or noting) again."""
+    if bundle.module is None:
+        # onnx.load pulls external data in, so the model is self-contained from here on
+        return ir.serde.deserialize_model(onnx.load(str(bundle.onnx_file))), {}
+    if "batchnorm" not in bundle.info:
+        bundle.module, bundle.info["batchnorm"] = fold_batchnorm(bundle.module)
+    model = export_model(bundle)
+    return model, map_parameters(bundle.module, model)
 
 
 def export_model(bundle: ModelBundle) -> ir.Model:

@@ -23,7 +23,7 @@ from . import __version__, artifact, candidates
 from .config import CompileConfig
 from .distill import DistillResult, DistillUnsupported, distill
 from .errors import BayesQError, PassFailure, UserError
-from .export import export_model, fold_batchnorm, map_parameters, torch_outputs
+from .export import fp32_model, torch_outputs
 from .models import check_model_spec, load_model
 from .models.base import ModelBundle
 from .passes.collect_weights import CollectWeightsPass, WeightInfo
@@ -69,7 +69,7 @@ def compile_model(config: CompileConfig, reporter: Reporter | None = None,
     _check_source_supports(config, bundle)
     rep.note(f"[dim]{provider_note}[/]")  # printed only once every input has been checked
     with rep.stage("export to ONNX" if bundle.module is not None else "read ONNX"):
-        fp_model, bindings = _fp32_model(bundle)
+        fp_model, bindings = fp32_model(bundle)
         fp_bytes = _serialize(fp_model)
 
     with tempfile.TemporaryDirectory(prefix="bayesq-") as tmp:
@@ -352,17 +352,6 @@ def _check_finite(model: ir.Model) -> None:
         if value.const_value is not None and value.dtype in (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE):
             if not np.isfinite(value.const_value.numpy()).all():
                 raise UserError(f"weight {name!r} holds NaN or Inf values; fix the checkpoint before quantizing")
-
-
-def _fp32_model(bundle: ModelBundle) -> tuple[ir.Model, dict]:
-    """The FP32 ONNX model (Conv + BatchNorm folded first) and its initializer → PyTorch parameter bindings
-    (none for an ONNX input)."""
-    if bundle.module is None:
-        # onnx.load pulls external data in, so the model is self-contained from here on
-        return ir.serde.deserialize_model(onnx.load(str(bundle.onnx_file))), {}
-    bundle.module, bundle.info["batchnorm"] = fold_batchnorm(bundle.module)
-    fp_model = export_model(bundle)
-    return fp_model, map_parameters(bundle.module, fp_model)
 
 
 def _check_export(bundle: ModelBundle, fp_path: Path, bindings: dict, batches: int = 2) -> dict:

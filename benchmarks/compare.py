@@ -32,7 +32,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np
-import onnx
 import peers as peer_mod
 
 from bayesq_onnx import config as config_mod
@@ -152,14 +151,12 @@ def make_context(bundle: ModelBundle, model_spec: str, settings: Settings) -> Co
 
 
 def fp32_model_bytes(bundle: ModelBundle) -> bytes:
-    """The FP32 ONNX model the pipeline starts from: the export of the bundle's module, or its ONNX file."""
-    if bundle.module is None:
-        return onnx.load(str(bundle.onnx_file)).SerializeToString()
+    """The FP32 ONNX model the pipeline starts from (:func:`bayesq_onnx.export.fp32_model`), serialized."""
     import onnx_ir as ir
 
-    from bayesq_onnx.export import export_model
+    from bayesq_onnx.export import fp32_model
 
-    return ir.serde.serialize_model(export_model(bundle)).SerializeToString()
+    return ir.serde.serialize_model(fp32_model(bundle)[0]).SerializeToString()
 
 
 def evaluate(ctx: Context, model: bytes, session_config: dict | None) -> dict:

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-from bayesq_onnx.export import export_model, fold_batchnorm
+from bayesq_onnx.export import fp32_model
 from bayesq_onnx.models import load_model
 from bayesq_onnx.models.base import SourceOptions
 
@@ -26,9 +26,8 @@ def main() -> None:
     ap.add_argument("--eval-size", type=int, default=1024)
     args = ap.parse_args()
     bundle = load_model(args.model, SourceOptions(calib_size=args.calib_size, eval_size=args.eval_size))
-    bundle.module, _ = fold_batchnorm(bundle.module)
     args.out.mkdir(parents=True, exist_ok=True)
-    ir.save(export_model(bundle), args.out / "model.onnx")
+    ir.save(fp32_model(bundle)[0], args.out / "model.onnx")
     for name, batches in (("calib", bundle.calibration), ("eval", bundle.evaluation)):
         if any(b[k].shape[1:] != batches[0][k].shape[1:] for b in batches for k in b):
             raise SystemExit(f"{args.model}: batches of different shapes cannot be stacked into one .npz")
