@@ -113,7 +113,7 @@ class QuantWeight(nn.Module):
         elif c.family == "codebook":
             levels0 = torch.from_numpy(qt.levels.astype(np.float32))
             self.register_buffer("codes", torch.from_numpy(qt.codes.astype(np.int64)))
-            self.register_buffer("table", codebook.table_index(lay.rows, c.group_size))
+            self.rows_per_table = c.group_size
             self.register_buffer("levels0", levels0)
             self.register_buffer("unit", _rms(levels0, dim=1))
             self.delta = nn.Parameter(torch.zeros_like(levels0))
@@ -134,7 +134,7 @@ class QuantWeight(nn.Module):
             w = self.qz * self.scale()[..., None]
             w = (_fp16(w) if self.fp16 else w).reshape(self.layout.rows, self.layout.cols)
         elif self.family == "codebook":
-            w = torch.gather(self.levels()[self.table], 1, self.codes)
+            w = codebook.dequantize(self.codes, self.levels(), self.rows_per_table)
         else:
             return self.value
         return self.layout.from_canonical(w)
