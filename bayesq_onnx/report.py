@@ -34,9 +34,23 @@ def file_accounting(model_bytes: bytes, plan: Plan) -> dict:
     }
 
 
+# bits per element of the sub-byte integer types, for tensors not stored as raw_data
+_SUB_BYTE = {onnx.TensorProto.INT4: 4, onnx.TensorProto.UINT4: 4}
+for _name in ("INT2", "UINT2"):
+    if hasattr(onnx.TensorProto, _name):
+        _SUB_BYTE[getattr(onnx.TensorProto, _name)] = 2
+
+
 def tensor_bytes(t: onnx.TensorProto) -> int:
+    """Bytes of a stored array at its ONNX element size: ``raw_data`` as is (how the rewrite writes every
+    array); a tensor held in a typed field (``quantize_static`` writes scales to ``float_data`` and int4 zero
+    points to ``int32_data``) at the size its raw form would have, sub-byte types packed (protobuf's varint
+    encoding of typed fields is not counted)."""
     if t.HasField("raw_data"):
         return len(t.raw_data)
+    n = int(np.prod(t.dims)) if len(t.dims) else 1
+    if t.data_type in _SUB_BYTE:
+        return (n * _SUB_BYTE[t.data_type] + 7) // 8
     return int(onnx.numpy_helper.to_array(t).nbytes)
 
 

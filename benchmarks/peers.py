@@ -38,6 +38,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+# the same per-array byte count as our own artifacts' accounting
+from bayesq_onnx.report import tensor_bytes
+
 Batch = dict[str, np.ndarray]
 
 FAMILIES = ("ort-rtn", "ort-hqq", "ort-kquant", "ort-static")
@@ -46,11 +49,6 @@ BLOCKS = (32, 128)
 
 # (op type, index of its weight input) -- the consumers our scope quantizes (DESIGN §2)
 _WEIGHT_SLOTS = {"MatMul": 1, "Gemm": 1, "Conv": 1}
-# bits per element of the sub-byte integer types, for tensors not stored as raw_data
-_SUB_BYTE = {onnx.TensorProto.INT4: 4, onnx.TensorProto.UINT4: 4}
-for _name in ("INT2", "UINT2"):
-    if hasattr(onnx.TensorProto, _name):
-        _SUB_BYTE[getattr(onnx.TensorProto, _name)] = 2
 
 
 class PeerError(RuntimeError):
@@ -249,18 +247,6 @@ def scope_weights(fp32: bytes | onnx.ModelProto, scope: str = "linear") -> dict[
     collect = CollectWeightsPass(scope=scope)
     collect(ir.serde.deserialize_model(proto))
     return {name: w.size for name, w in collect.weights.items()}
-
-
-def tensor_bytes(t: onnx.TensorProto) -> int:
-    """Bytes of a stored array at its ONNX element size: ``raw_data`` as is; a tensor held in a typed field
-    (quantize_static writes scales to ``float_data`` and int4 zero points to ``int32_data``) at the size its
-    raw form would have, sub-byte types packed (protobuf's varint encoding of typed fields is not counted)."""
-    if t.HasField("raw_data"):
-        return len(t.raw_data)
-    n = int(np.prod(t.dims)) if len(t.dims) else 1
-    if t.data_type in _SUB_BYTE:
-        return (n * _SUB_BYTE[t.data_type] + 7) // 8
-    return int(onnx.numpy_helper.to_array(t).nbytes)
 
 
 def peer_accounting(model_bytes: bytes, scope: dict[str, int]) -> PeerAccounting:
