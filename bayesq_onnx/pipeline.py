@@ -102,14 +102,14 @@ def compile_model(config: CompileConfig, reporter: Reporter | None = None,
                 posteriors = _posterior_pass(config, bundle, bindings, fp_bytes, rep)(weights)
 
         # ---- plan: one candidate per weight, with the exact values to store -------------------------
-        search = None
+        search, reference = None, None
         with rep.stage(f"plan ({config.method})"):
             planner = _planner(config, weights, posteriors, allowed, bundle, bindings, rep)
             plan = planner(weights) if config.max_drop is None else None
         if config.max_drop is not None:  # accuracy target: the least budget that validates within it
             with rep.stage(f"search the budget (drop ≤ {config.max_drop:g})"):
-                plan, search = _search_budget(planner, weights, allowed, bundle, fp_path, fp_bytes, providers,
-                                              config, rep)
+                plan, search, reference = _search_budget(planner, weights, allowed, bundle, fp_path, fp_bytes,
+                                                         providers, config, rep)
         for name, t in sorted(plan.tensors.items()):
             rep.debug(f"  {name}: {t.candidate.label}, {t.stored_bits() / t.n_weights:.3f} bits all-in")
 
@@ -139,7 +139,8 @@ def compile_model(config: CompileConfig, reporter: Reporter | None = None,
         posteriors = planner = fp_model = None
         gc.collect()
         with rep.stage("validate in ONNX Runtime"):
-            validation = _validate(bundle, fp_path, q_path, providers, config, rep, undistilled=undistilled_path)
+            validation = _validate(bundle, fp_path, q_path, providers, config, rep, undistilled=undistilled_path,
+                                   reference=reference)
         if distilled is not None:
             distill_section = _distill_report(distilled, validation, bundle, q_path)
 
@@ -251,8 +252,9 @@ def _rewrite(fp_bytes: bytes, plan: Plan, config: CompileConfig, rep: Reporter,
 
 def _search_budget(planner: PlanBayesQPass, weights: dict[str, WeightInfo], allowed, bundle: ModelBundle,
                    fp_path: Path, fp_bytes: bytes, providers: list[str], config: CompileConfig,
-                   rep: Reporter, tolerance: float = 0.05) -> tuple[Plan, dict]:
-    """Bisection over the all-in budget for the least one whose validated headline drop is ≤ ``max_drop``.
+                   rep: Reporter, tolerance: float = 0.05) -> tuple[Plan, dict, np.ndarray]:
+    """Bisection over the all-in budget for the least one whose validated headline drop is ≤ ``max_drop``;
+    returns the plan, the search record and the FP32 outputs on the evaluation set (validation reuses them).
 
     drop(b) = m(FP32, FP32) − m(FP32, Q_b) for the bundle's metric m and headline (so FP32's own score is the
     reference: 1 for a fidelity metric, its accuracy for a labelled one). The posterior and the risk table
@@ -297,7 +299,7 @@ def _search_budget(planner: PlanBayesQPass, weights: dict[str, WeightInfo], allo
             lo = mid
     return best, {"max_drop": config.max_drop, "headline": headline, "fp32_score": own, "tolerance_bits": tolerance,
                   "chosen_all_in_bits": best.all_in_bits, "steps": tried,
-                  "note": "each step validates on the evaluation set the report scores"}
+                  "note": "each step validates on the evaluation set the report scores"}, reference
 
 
 def _run(p: ir.passes.PassBase, model: ir.Model, config: CompileConfig,
@@ -370,10 +372,14 @@ def _check_export(bundle: ModelBundle, fp_path: Path, bindings: dict, batches: i
 
 
 def _validate(bundle: ModelBundle, fp_path: Path, q_path: Path, providers: list[str],
-              config: CompileConfig, rep: Reporter, undistilled: Path | None = None) -> dict:
+              config: CompileConfig, rep: Reporter, undistilled: Path | None = None,
+              reference: np.ndarray | None = None) -> dict:
+    """Fidelity of the artifact (and of ``undistilled``) against the FP32 outputs on the evaluation set
+    (``reference``, when a budget search already computed them), latency, session start."""
     fp_session, fp_start = make_session(fp_path, providers)
     q_session, q_start = make_session(q_path, providers, session_config_for(config.target))
-    reference = run_batches(fp_session, bundle.evaluation, progress=lambda b: rep.track(b, "FP32 outputs"))
+    if reference is None:
+        reference = run_batches(fp_session, bundle.evaluation, progress=lambda b: rep.track(b, "FP32 outputs"))
     candidate = run_batches(q_session, bundle.evaluation, progress=lambda b: rep.track(b, "quantized outputs"))
     fidelity = bundle.metric(reference, candidate)
     latency = latency_versus_fp32(fp_session, q_session, bundle.latency_feed, providers[0],
