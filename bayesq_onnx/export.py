@@ -1,5 +1,5 @@
-"""Trace a PyTorch model to ONNX (``torch.onnx.export(dynamo=True)``), map parameters to initializers,
-and check the export numerically against PyTorch.
+"""Trace a PyTorch model (``torch.export``), fold its BatchNorm on the traced graph, export that program to
+ONNX (``torch.onnx.export(dynamo=True)``), and map parameters to initializers.
 
 The dynamo exporter constant-folds ``Transpose(weight)`` for Linear layers, so a Linear weight appears as
 an initializer named ``val_123`` holding ``weightᵀ``. :func:`map_parameters` finds every parameter's
@@ -21,7 +21,9 @@ import onnx
 import onnx_ir as ir
 import torch
 
+from .errors import UserError
 from .models.base import Batch, ModelBundle
+from .traced import export_program, fold_batchnorm
 
 
 @dataclass(frozen=True)
@@ -34,49 +36,48 @@ class ParameterBinding:
     aliases: tuple[str, ...] = ()   # every parameter name sharing this tensor (tied weights)
 
 
-def fold_batchnorm(module: torch.nn.Module) -> tuple[torch.nn.Module, str]:
-    """An eval-mode copy of ``module`` with every Conv → BatchNorm pair folded into the conv, and a note.
-
-    The exporter folds BatchNorm into the preceding conv by itself, which leaves the ONNX conv weights with no
-    PyTorch parameter behind them and so without a posterior. Folding first (``torch.fx`` symbolic trace, the
-    standard Conv+BN fusion) keeps every graph weight bound to a parameter. A module that cannot be traced is
-    returned as is; the note says so.
-    """
-    norms = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d)
-    before = sum(isinstance(m, norms) for m in module.modules())
-    if before == 0:
-        return module, "no BatchNorm"
-    from torch.fx.experimental.optimization import fuse
-
+def traced_program(bundle: ModelBundle) -> torch.fx.GraphModule:
+    """The ``torch.export`` program of ``bundle.module`` (dynamic axes as the bundle says), as a runnable
+    module; the module itself when it already is one. A model ``torch.export`` cannot trace is a
+    :class:`UserError` naming why, in one line."""
+    if isinstance(bundle.module, torch.fx.GraphModule):
+        return bundle.module
+    example, dynamic_shapes = _example(bundle)
     try:
         with _quiet():
-            folded = fuse(module.eval())
-    except Exception as exc:  # noqa: BLE001 - any tracing failure: keep the module, say why
-        return module, f"{before} BatchNorm left unfolded (not traceable: {type(exc).__name__})"
-    after = sum(isinstance(m, norms) for m in folded.modules())
-    return folded, f"{before - after} of {before} BatchNorm folded into their convs"
+            return export_program(bundle.module, example, dynamic_shapes)
+    except Exception as exc:  # noqa: BLE001 - any tracing failure is the model's: say which, in one line
+        first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        raise UserError(f"torch.export cannot trace {bundle.name}: {type(exc).__name__}: {first[:300]}") from exc
 
 
 def fp32_model(bundle: ModelBundle) -> tuple[ir.Model, dict]:
     """The FP32 ONNX model every compile starts from, and its initializer → PyTorch parameter bindings
-    (none for an ONNX input). A PyTorch module has its Conv → BatchNorm pairs folded first
-    (:func:`fold_batchnorm`), in the bundle, once: ``bundle.info["batchnorm"]`` keeps what that fold did,
-    and a later call on the same bundle exports the folded module without folding (or noting) again."""
+    (none for an ONNX input).
+
+    A PyTorch module is traced once (:func:`traced_program`), its convolution → BatchNorm pairs are folded on
+    the traced graph (:func:`~bayesq_onnx.traced.fold_batchnorm`, so it works for any exportable model), and
+    the bundle's module becomes that program: the analysis and the ONNX export then see the same ops and the
+    same weights. ``bundle.info["batchnorm"]`` says what the fold did; a later call on the same bundle
+    exports the program as it is.
+    """
     if bundle.module is None:
         # onnx.load pulls external data in, so the model is self-contained from here on
         return ir.serde.deserialize_model(onnx.load(str(bundle.onnx_file))), {}
     if "batchnorm" not in bundle.info:
-        bundle.module, bundle.info["batchnorm"] = fold_batchnorm(bundle.module)
+        program = traced_program(bundle)
+        folded, total = fold_batchnorm(program)
+        bundle.module = program
+        bundle.info["batchnorm"] = (f"{folded} of {total} BatchNorm folded into their convs" if total
+                                    else "no BatchNorm")
     model = export_model(bundle)
     return model, map_parameters(bundle.module, model)
 
 
-def export_model(bundle: ModelBundle) -> ir.Model:
-    """Export ``bundle.module`` with dynamic axes; returns the optimized onnx_ir model.
-
-    Dynamic shapes are given by position (``forward``'s argument names need not match ``input_names``). An
-    example with length 1 on a dynamic axis is doubled along it first: torch.export specializes size-1 dims.
-    """
+def _example(bundle: ModelBundle) -> tuple[tuple[torch.Tensor, ...], tuple]:
+    """The export example and its dynamic shapes, by position (``forward``'s argument names need not match
+    ``input_names``). An example with length 1 on a dynamic axis is doubled along it first: torch.export
+    specializes size-1 dims. Dynamic axes may take any length from 1 (a micro-batch of one item)."""
     dims: dict[str, torch.export.Dim] = {}
     example = []
     dynamic_shapes = []
@@ -86,13 +87,23 @@ def export_model(bundle: ModelBundle) -> ir.Model:
             if tensor.shape[axis] < 2:
                 tensor = torch.cat([tensor, tensor], dim=axis)
         example.append(tensor)
-        dynamic_shapes.append({axis: dims.setdefault(label, torch.export.Dim(label)) for axis, label in axes.items()}
-                              or None)
-    with _quiet():
-        program = torch.onnx.export(
-            bundle.module, tuple(example), dynamo=True, input_names=bundle.input_names,
-            output_names=bundle.output_names, dynamic_shapes=tuple(dynamic_shapes), optimize=True, verbose=False,
-        )
+        dynamic_shapes.append({axis: dims.setdefault(label, torch.export.Dim(label, min=1))
+                               for axis, label in axes.items()} or None)
+    return tuple(example), tuple(dynamic_shapes)
+
+
+def export_model(bundle: ModelBundle) -> ir.Model:
+    """Export ``bundle.module`` with dynamic axes; returns the optimized onnx_ir model."""
+    example, dynamic_shapes = _example(bundle)
+    try:
+        with _quiet():
+            program = torch.onnx.export(
+                bundle.module, example, dynamo=True, input_names=bundle.input_names,
+                output_names=bundle.output_names, dynamic_shapes=dynamic_shapes, optimize=True, verbose=False,
+            )
+    except Exception as exc:  # noqa: BLE001 - an op the ONNX exporter cannot translate: name it in one line
+        first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        raise UserError(f"the ONNX export of {bundle.name} failed: {type(exc).__name__}: {first[:300]}") from exc
     return program.model
 
 

@@ -28,6 +28,7 @@ from .models import check_model_spec, load_model
 from .models.base import ModelBundle
 from .passes.collect_weights import CollectWeightsPass, WeightInfo
 from .passes.fit_layer_posterior import FitLayerPosteriorPass
+from .bayes.layerwise import common_scale
 from .passes.fit_posterior import FitPosteriorPass
 from .passes.mc_risk import MonteCarloRisk
 from .passes.plan_bayesq import PlanBayesQPass
@@ -96,10 +97,10 @@ def compile_model(config: CompileConfig, reporter: Reporter | None = None,
             allowed = candidates.allowed(weights, target=config.target, keep_first_last=config.keep_first_last,
                                          overrides=overrides, order=order)
             candidates.check_budget(config.bits, weights, allowed)  # before the expensive analysis
-        posteriors = None
+        posteriors, posterior_sources = None, {}
         if config.method != "rtn":
             with rep.stage(_analysis_title(config, bundle)):
-                posteriors = _posterior_pass(config, bundle, bindings, fp_bytes, rep)(weights)
+                posteriors, posterior_sources = _fit_posteriors(config, bundle, fp_bytes, weights, rep)
 
         # ---- plan: one candidate per weight, with the exact values to store -------------------------
         search, reference = None, None
@@ -163,6 +164,7 @@ def compile_model(config: CompileConfig, reporter: Reporter | None = None,
                      "artifact_session_config": session_config_for(config.target)},
         "plan": plan.to_json(),
         "left_in_float": collect.skipped,
+        "posterior_sources": posterior_sources,
         **({"search": search} if search is not None else {}),
         **({"distill": distill_section} if distill_section is not None else {}),
         "timings_s": dict(rep.timings),
@@ -182,18 +184,42 @@ def _analysis_title(config: CompileConfig, bundle: ModelBundle) -> str:
     return f"fit posterior ({config.curvature}, {likelihood})"
 
 
-def _posterior_pass(config: CompileConfig, bundle: ModelBundle, bindings: dict, fp_bytes: bytes, rep: Reporter):
-    """The Laplace posterior from PyTorch gradients; or, with no PyTorch model (or for GPTQ, which needs only
-    its layer inputs' second moments), the layer-wise likelihood on ORT activations."""
-    if bundle.module is not None and config.method != "gptq":
-        return FitPosteriorPass(
-            bundle, bindings, curvature=config.curvature, fisher=config.fisher, samples=config.fisher_samples,
-            rank=config.rank, n_data=config.n_data, prior_precision=config.prior_precision, seed=config.seed,
-            progress=lambda b, i: rep.track(b, f"calibration pass {i + 1}"))
-    return FitLayerPosteriorPass(
-        onnx.load_from_string(fp_bytes), bundle.calibration,
-        curvature="kfac" if config.method == "gptq" else config.curvature, n_data=config.n_data,
-        prior_precision=config.prior_precision, progress=lambda b: rep.track(b, "calibration activations (ORT)"))
+def _fit_posteriors(config: CompileConfig, bundle: ModelBundle, fp_bytes: bytes, weights: dict[str, WeightInfo],
+                    rep: Reporter) -> tuple[dict, dict[str, str]]:
+    """Every weight's posterior, and where each came from.
+
+    The Laplace posterior from PyTorch gradients on the traced program; a weight no program op could be
+    bound to (and every weight of an ONNX input, or for GPTQ, which needs only its layer inputs' second
+    moments) gets the layer-wise likelihood on ORT activations. Mixed, the layer-wise precisions are put on
+    the Laplace scale (:func:`~bayesq_onnx.bayes.layerwise.common_scale`) before any planner compares them.
+    """
+    def layerwise(names) -> dict:
+        return FitLayerPosteriorPass(
+            onnx.load_from_string(fp_bytes), bundle.calibration,
+            curvature="kfac" if config.method == "gptq" else config.curvature, n_data=config.n_data,
+            prior_precision=config.prior_precision,
+            progress=lambda b: rep.track(b, "calibration activations (ORT)"))({n: weights[n] for n in names})
+
+    if bundle.module is None or config.method == "gptq":
+        posts = layerwise(weights)
+        return posts, {n: p.info.get("posterior", "layer-wise") for n, p in posts.items()}
+    laplace = FitPosteriorPass(
+        bundle, curvature=config.curvature, fisher=config.fisher, samples=config.fisher_samples, rank=config.rank,
+        n_data=config.n_data, prior_precision=config.prior_precision, seed=config.seed,
+        progress=lambda b, i: rep.track(b, f"calibration pass {i + 1}"))
+    posts = laplace(weights)
+    if laplace.unbound:
+        if config.curvature == "lowrank":
+            raise UserError(f"{len(laplace.unbound)} weights (e.g. {laplace.unbound[0]}) are computed by the "
+                            "exporter, not held by a traced op; --curvature lowrank has no layer-wise form: use kfac or diag")
+        rep.note(f"[yellow]{len(laplace.unbound)} of {len(weights)} weights hold no traced op's weight "
+                 f"(e.g. {laplace.unbound[0]}): layer-wise posterior for them[/]")
+        both = layerwise(weights)
+        scale = common_scale([(posts[n].design_weights(), both[n].design_weights()) for n in posts])
+        for n in laplace.unbound:
+            posts[n] = both[n].rescaled(scale)
+    sources = {n: posts[n].info.get("posterior", "") for n in sorted(posts)}
+    return posts, sources
 
 
 def _planner(config: CompileConfig, weights: dict[str, WeightInfo], posteriors, allowed, bundle, bindings,

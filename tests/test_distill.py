@@ -146,7 +146,7 @@ def _classifier_plan():
     bindings = map_parameters(bundle.module, model)
     collect = CollectWeightsPass()
     collect(model)
-    posteriors = FitPosteriorPass(bundle, bindings, curvature="kfac", n_data=1e3)(collect.weights)
+    posteriors = FitPosteriorPass(bundle, curvature="kfac", n_data=1e3)(collect.weights)
     plan = PlanBayesFixedPass(Candidate("uniform", 2), posteriors, curvature="kfac")(collect.weights)
     return bundle, bindings, posteriors, plan
 

@@ -17,7 +17,7 @@ from bayesq_onnx.plan import Candidate
 def analysed(tiny_exported):
     bundle, bindings, weights = tiny_exported
     # N large: the data term dominates the prior, as for a pretrained model's posterior
-    posts = {c: FitPosteriorPass(bundle, bindings, curvature=c, n_data=1e6)(weights)
+    posts = {c: FitPosteriorPass(bundle, curvature=c, n_data=1e6)(weights)
              for c in ("diag", "kfac", "lowrank")}
     return bundle, bindings, weights, posts
 

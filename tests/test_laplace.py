@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bayesq_onnx.bayes.laplace import evidence_prior_precision, fit_laplace
+from bayesq_onnx.bayes.laplace import evidence_prior_precision, fit_parameters
 
 
 class Tiny(torch.nn.Module):
@@ -54,7 +54,7 @@ def setup():
 
 def test_diagonal_fisher_matches_per_item_autograd(setup):
     model, batches, targets, g = setup
-    post = fit_laplace(model, batches, PARAMS, input_names=["ids"], fisher="empirical", targets=targets,
+    post = fit_parameters(model, batches, PARAMS, input_names=["ids"], fisher="empirical", targets=targets,
                        output_noise=1.0, prior_precision=1.0)
     for p in ["conv.weight", "lin.weight"]:
         torch.testing.assert_close(post[p].fisher_diag, (g[p] ** 2).mean(0), rtol=1e-4, atol=1e-7)
@@ -66,7 +66,7 @@ def test_diagonal_fisher_matches_per_item_autograd(setup):
 
 def test_kfac_factors(setup):
     model, batches, targets, _ = setup
-    post = fit_laplace(model, batches, PARAMS, input_names=["ids"], fisher="empirical", targets=targets,
+    post = fit_parameters(model, batches, PARAMS, input_names=["ids"], fisher="empirical", targets=targets,
                        curvature="kfac", output_noise=1.0)
     # A of the Linear is the second moment of its inputs over all tokens
     with torch.no_grad():
@@ -85,7 +85,7 @@ def test_kfac_factors(setup):
 def test_lowrank_finds_the_top_directions(setup):
     """With fewer items (8) than sketch columns (rank 3 + 8 oversampling) the range finder is exact."""
     model, batches, targets, g = setup
-    post = fit_laplace(model, batches[:2], ["lin.weight"], input_names=["ids"], fisher="empirical",
+    post = fit_parameters(model, batches[:2], ["lin.weight"], input_names=["ids"], fisher="empirical",
                        targets=targets[:2], curvature="lowrank", rank=3, output_noise=1.0)["lin.weight"]
     flat = g["lin.weight"][:8].reshape(8, -1)
     ggn = flat.T @ flat / 8
@@ -102,9 +102,9 @@ def test_lowrank_finds_the_top_directions(setup):
 def test_true_fisher_needs_no_labels_and_is_reproducible():
     model = Tiny()
     batches, _ = _data(1)
-    a = fit_laplace(model, batches, ["lin.weight"], input_names=["ids"], seed=3)["lin.weight"]
-    b = fit_laplace(model, batches, ["lin.weight"], input_names=["ids"], seed=3)["lin.weight"]
-    c = fit_laplace(model, batches, ["lin.weight"], input_names=["ids"], seed=4)["lin.weight"]
+    a = fit_parameters(model, batches, ["lin.weight"], input_names=["ids"], seed=3)["lin.weight"]
+    b = fit_parameters(model, batches, ["lin.weight"], input_names=["ids"], seed=3)["lin.weight"]
+    c = fit_parameters(model, batches, ["lin.weight"], input_names=["ids"], seed=4)["lin.weight"]
     torch.testing.assert_close(a.fisher_diag, b.fisher_diag)
     assert not torch.equal(a.fisher_diag, c.fisher_diag)
     assert a.info["output_noise_var"] > 0 and a.prior_precision > 0
@@ -114,7 +114,7 @@ def test_more_target_samples_approach_the_ggn():
     """E_ε[(Jᵀε)²] = diag(JᵀJ): many samples of the true Fisher converge to the exact GGN diagonal."""
     model = Tiny()
     batches, _ = _data(2, batches=1, b=2)
-    post = fit_laplace(model, batches, ["lin.weight"], input_names=["ids"], samples=1000, output_noise=1.0,
+    post = fit_parameters(model, batches, ["lin.weight"], input_names=["ids"], samples=1000, output_noise=1.0,
                        prior_precision=1.0)["lin.weight"]
     exact = torch.zeros(4, 5)
     for i in range(2):

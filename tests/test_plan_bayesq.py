@@ -20,7 +20,7 @@ from tiny_torch import tiny_bundle
 @pytest.fixture(scope="module")
 def analysed(tiny_exported):
     bundle, bindings, weights = tiny_exported
-    return bundle, bindings, weights, FitPosteriorPass(bundle, bindings, curvature="kfac")(weights)
+    return bundle, bindings, weights, FitPosteriorPass(bundle, curvature="kfac")(weights)
 
 
 def test_placeholder_cost_equals_fitted_cost(analysed):

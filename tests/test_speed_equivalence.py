@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from bayesq_onnx.bayes import laplace
-from bayesq_onnx.bayes.laplace import fit_laplace
+from bayesq_onnx.bayes.laplace import fit_parameters
+from bayesq_onnx.traced import ConvSpec
 from bayesq_onnx.quant import design, feedback, uniform
 from bayesq_onnx.runtime.latency import compare_latency
 
@@ -310,9 +311,9 @@ def test_micro_batches_give_the_whole_batch_posterior(conv_data, likelihood, fis
     model, batches, labels = conv_data
     kw = dict(input_names=["x"], likelihood=likelihood, fisher=fisher, curvature=curvature, samples=samples,
               rank=3, seed=7, targets=labels if fisher == "empirical" else None)
-    whole = fit_laplace(model, batches, _PARAMS, micro_batch=None, **kw)
+    whole = fit_parameters(model, batches, _PARAMS, micro_batch=None, **kw)
     for micro in (1, 3, 7):
-        _assert_same_posterior(whole, fit_laplace(model, batches, _PARAMS, micro_batch=micro, **kw), rtol=1e-4)
+        _assert_same_posterior(whole, fit_parameters(model, batches, _PARAMS, micro_batch=micro, **kw), rtol=1e-4)
 
 
 def test_categorical_targets_are_torch_multinomial_draws():
@@ -333,8 +334,8 @@ def test_categorical_targets_are_torch_multinomial_draws():
 def test_grouped_conv_gets_the_exact_diagonal_under_kfac(conv_data):
     model, batches, _ = conv_data
     kw = dict(input_names=["x"], likelihood="categorical", seed=2)
-    kfac = fit_laplace(model, batches, _PARAMS, curvature="kfac", **kw)
-    diag = fit_laplace(model, batches, _PARAMS, curvature="diag", **kw)
+    kfac = fit_parameters(model, batches, _PARAMS, curvature="kfac", **kw)
+    diag = fit_parameters(model, batches, _PARAMS, curvature="diag", **kw)
     dw = kfac["dw.weight"]
     assert dw.A is None and dw.G is None and dw.info["curvature"] == "diag"
     assert float(dw.fisher_diag.sum()) > 0
@@ -344,7 +345,7 @@ def test_grouped_conv_gets_the_exact_diagonal_under_kfac(conv_data):
 
 def test_kfac_factors_are_symmetric_second_moments(conv_data):
     model, batches, _ = conv_data
-    post = fit_laplace(model, batches, ["c1.weight"], input_names=["x"], likelihood="categorical",
+    post = fit_parameters(model, batches, ["c1.weight"], input_names=["x"], likelihood="categorical",
                        curvature="kfac", kfac_output="full")["c1.weight"]
     x = torch.cat([b["x"] for b in batches])
     patches = torch.nn.functional.unfold(x, 3, padding=1).transpose(1, 2).reshape(-1, 27)
@@ -356,8 +357,8 @@ def test_kfac_factors_are_symmetric_second_moments(conv_data):
 def test_diagonal_output_factor_is_the_full_factors_diagonal(conv_data, micro_batch):
     model, batches, _ = conv_data
     kw = dict(input_names=["x"], likelihood="categorical", curvature="kfac", seed=4, micro_batch=micro_batch)
-    full = fit_laplace(model, batches, _PARAMS, kfac_output="full", **kw)
-    diag = fit_laplace(model, batches, _PARAMS, **kw)
+    full = fit_parameters(model, batches, _PARAMS, kfac_output="full", **kw)
+    diag = fit_parameters(model, batches, _PARAMS, **kw)
     for p in ("c1.weight", "c2.weight", "fc.weight"):
         assert torch.equal(full[p].A, diag[p].A)
         assert torch.count_nonzero(full[p].G - torch.diag(torch.diag(full[p].G))) > 0
@@ -397,11 +398,11 @@ def test_outputs_modified_in_place_keep_their_hooks(tokens, curvature, monkeypat
     used = []
     backward = laplace._backward
     monkeypatch.setattr(laplace, "_backward", lambda *a: used.append(backward(*a)) or used[-1])
-    inplace = fit_laplace(model, [{"x": x}], ["first.weight", "last.weight"], **kw)
+    inplace = fit_parameters(model, [{"x": x}], ["first.weight", "last.weight"], **kw)
     # integer inputs: the targeted pass misses the first layer's hook and falls back to loss.backward()
     assert used == ([True, True] if tokens else [False, False])
     model.act.inplace = False
-    plain = fit_laplace(model, [{"x": x}], ["first.weight", "last.weight"], **kw)
+    plain = fit_parameters(model, [{"x": x}], ["first.weight", "last.weight"], **kw)
     assert float(inplace["first.weight"].fisher_diag.sum()) > 0
     _assert_same_posterior(plain, inplace, rtol=1e-6)
 
@@ -417,14 +418,15 @@ def test_a_model_may_modify_its_float_input_in_place():
             return self.lin(x.mul_(2.0))
 
     x = torch.randn(5, 4)
-    post = fit_laplace(Scales(), [{"x": x.clone()}], ["lin.weight"], input_names=["x"], likelihood="categorical")
+    post = fit_parameters(Scales(), [{"x": x.clone()}], ["lin.weight"], input_names=["x"], likelihood="categorical")
     assert float(post["lin.weight"].fisher_diag.sum()) > 0
 
 
 def test_strided_1x1_conv_patches_are_unfold():
     conv = torch.nn.Conv2d(4, 2, 1, stride=2)
     x = torch.randn(3, 4, 7, 6)
-    assert torch.equal(laplace._patches(x, conv), torch.nn.functional.unfold(x, 1, stride=2))
+    spec = ConvSpec((2, 2), (0, 0), (1, 1), 1)
+    assert torch.equal(laplace._patches(x, (1, 1), spec), torch.nn.functional.unfold(x, 1, stride=2))
 
 
 def test_gram_upper_blocks_match_the_full_product():

@@ -1,4 +1,5 @@
-"""Laplace posterior over the weights of Linear, Conv and Embedding layers, fitted on calibration data.
+"""Laplace posterior over every weight a traced program's linear, matmul, convolution and embedding ops
+consume (:mod:`bayesq_onnx.traced`), fitted on calibration data.
 
 Posterior ``N(μ, Λ⁻¹)`` with ``μ`` the trained weights and precision ``Λ = N·F + τ`` (DESIGN §3.1):
 
@@ -15,8 +16,11 @@ Posterior ``N(μ, Λ⁻¹)`` with ``μ`` the trained weights and precision ``Λ 
   per-dimension variance over the calibration items (empirical Bayes for the likelihood scale): an embedding
   whose coordinates spread by ``σ`` is hurt by an output change of ``σ``, not by one of size 1.
 
-Per-item gradients come from hooks on each layer's input ``a`` and output gradient ``δ`` (for a Linear,
+Per-item gradients come from taps on each op's input ``a`` and output gradient ``δ`` (for a linear op,
 ``g_item = Σ_tokens δ ⊗ a``), so the cost is one backward pass per batch and target sample, not one per weight.
+An op whose activation has no axis of its own for the calibration items (the exporter merged it with the
+tokens) takes each row as an item (the cross-token terms of ``g gᵀ`` are dropped, as K-FAC's "expand" does).
+Ops with no closed form (transposed and 3-D convolutions) take per-item vector-Jacobian products.
 Three curvature forms:
 
 * ``diag``: ``F_ii`` exactly, from per-item gradients squared;
@@ -38,10 +42,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
+import torch.fx as fx
+
 import torch
 import torch.nn.functional as F
 
 from ..quant.feedback import one_thread
+from ..traced import ConvSpec, WeightOp, weight_ops
 
 CURVATURES = ("diag", "kfac", "lowrank")
 FISHERS = ("true", "empirical")
@@ -52,14 +59,16 @@ LIKELIHOODS = ("gaussian", "categorical")
 class LayerPosterior:
     """Posterior of one parameter, in the parameter's own (PyTorch) layout."""
 
-    parameter: str
-    fisher_diag: torch.Tensor            # F_ii, parameter shape
+    parameter: str                       # the op's weight parameter, or the op's name for a computed weight
+    fisher_diag: torch.Tensor            # F_ii, in the frame of `weight`
     prior_precision: float               # τ
     n_data: float                        # N
     A: torch.Tensor | None = None        # K-FAC input factor [in', in'] (Conv: in·k… in unfold order)
     G: torch.Tensor | None = None        # K-FAC output factor [out, out] (diagonal unless kfac_output="full")
     U: torch.Tensor | None = None        # low-rank directions of F, [numel, k] (flattened parameter layout)
     info: dict = field(default_factory=dict)
+    weight: torch.Tensor | None = None   # the weight value: [out, in] for a linear op, the op's own layout else
+    op: str = ""                         # the program op it was fitted on
 
     def precision_diag(self) -> torch.Tensor:
         """diag Λ = N·F_ii + τ."""
@@ -69,9 +78,11 @@ class LayerPosterior:
 @dataclass
 class _Layer:
     name: str
-    module: torch.nn.Module
-    kind: str                            # linear | conv | embedding
-    fisher: torch.Tensor
+    op: WeightOp
+    kind: str                            # linear | conv | embedding | generic
+    fisher: torch.Tensor | None = None   # allocated when the op first runs (its weight's shape is known then)
+    weight: torch.Tensor | None = None   # in the frame (linear: [out, in])
+    args: tuple = ()                     # generic ops: the call's other arguments, to take VJPs
     A: torch.Tensor | None = None
     G: torch.Tensor | None = None
     tokens: int = 0
@@ -79,13 +90,15 @@ class _Layer:
     Q: torch.Tensor | None = None        # orthonormal range basis after the first pass
     proj: list = field(default_factory=list)
     calls: list = field(default_factory=list)   # (input, δ) per call in the current backward
+    kfac: bool = False
+    kfac_output: str = "diag"
     outputs: list = field(default_factory=list)  # the layer's outputs in the current forward (autograd targets)
 
 
 def fit_laplace(
-    module: torch.nn.Module,
+    program: fx.GraphModule,
     batches: list[dict[str, torch.Tensor]],
-    parameters: Iterable[str],
+    ops: Iterable[WeightOp] | None = None,
     *,
     input_names: list[str],
     likelihood: str = "gaussian",
@@ -102,7 +115,8 @@ def fit_laplace(
     micro_batch: int | None = 8,
     kfac_output: str = "diag",
 ) -> dict[str, LayerPosterior]:
-    """Fit the posterior of each named parameter (its module must be Linear, Conv1d/2d or Embedding).
+    """Fit the posterior of the weight of each op in ``ops`` (default: every :func:`~bayesq_onnx.traced.weight_ops`
+    of ``program``, a traced program); keyed by op name, each in its op's frame (``LayerPosterior.weight``).
 
     Each calibration batch runs forward and backward in micro-batches of ``micro_batch`` items (``None``:
     whole batches), so the autograd graph and the hooked (input, output-gradient) pairs stay small. The
@@ -123,13 +137,13 @@ def fit_laplace(
         raise ValueError(f"micro_batch must be >= 1 (or None), not {micro_batch}")
     if kfac_output not in ("diag", "full"):
         raise ValueError(f"kfac_output must be 'diag' or 'full', not {kfac_output!r}")
-    layers = _layers(module, parameters, curvature, kfac_output)
-    hooks = [_hook(layer) for layer in layers.values()]
+    module = program
+    ops = list(weight_ops(program) if ops is None else ops)
+    layers = {op.name: _Layer(op.name, op, op.kind, kfac=curvature == "kfac", kfac_output=kfac_output) for op in ops}
+    taps = _instrument(program, layers)
     items = sum(int(b[input_names[0]].shape[0]) for b in batches)
     outputs: list[torch.Tensor] = []
     full_backward = None  # unknown until the first backward: see _backward
-    was_training = module.training
-    module.eval()
     try:
         passes = 2 if curvature == "lowrank" else 1
         for pass_index in range(passes):
@@ -173,13 +187,11 @@ def fit_laplace(
                         layer.outputs.clear()
                     out = loss = part = leaves = None
     finally:
-        for h in hooks:
-            h.remove()
+        _remove_taps(program, taps)
         for layer in layers.values():
             layer.calls.clear()
             layer.outputs.clear()
         module.zero_grad(set_to_none=True)
-        module.train(was_training)
 
     n = float(n_data) if n_data is not None else float(items)
     noise = 1.0
@@ -187,7 +199,9 @@ def fit_laplace(
         noise = float(output_noise) if output_noise is not None else max(float(torch.cat(outputs).var(dim=0).mean()), 1e-12)
     result = {}
     for name, layer in layers.items():
-        w = layer.module.weight.detach().float()
+        if layer.weight is None or layer.fisher is None:
+            continue  # the op never ran on the calibration data (a branch not taken): no posterior from it
+        w = layer.weight.float()
         A = G = None
         kind_curvature = curvature
         if curvature == "kfac" and layer.A is None:
@@ -200,10 +214,12 @@ def fit_laplace(
         else:
             fisher_diag = layer.fisher / (items * samples * noise)
         tau = float(prior_precision) if prior_precision is not None else evidence_prior_precision(w, n * fisher_diag)
-        post = LayerPosterior(name, fisher_diag, tau, n, A=A, G=G,
+        post = LayerPosterior(layer.op.parameter or name, fisher_diag, tau, n, A=A, G=G,
                               info={"items": items, "samples": samples, "likelihood": likelihood,
                                     "fisher": fisher, "curvature": kind_curvature, "kind": layer.kind,
-                                    "output_noise_var": noise})
+                                    "output_noise_var": noise, "op": name,
+                                    **({} if layer.op.item_axis is not None else {"items_from": "rows"})},
+                              weight=w, op=name)
         if curvature == "lowrank" and layer.proj:
             b = torch.cat(layer.proj, dim=1)                        # [k', items·samples]
             u_small, sing, _ = torch.linalg.svd(b, full_matrices=False)
@@ -211,6 +227,34 @@ def fit_laplace(
             post.U = layer.Q @ (u_small[:, :k] * (sing[:k] / (items * samples * noise) ** 0.5))
         result[name] = post
     return result
+
+
+def fit_parameters(module: torch.nn.Module, batches: list[dict[str, torch.Tensor]], parameters: Iterable[str], *,
+                   input_names: list[str], **options) -> dict[str, LayerPosterior]:
+    """:func:`fit_laplace` for named parameters of a plain module: traced with ``torch.export`` (the item axis
+    0 of every input dynamic, and every axis whose length differs across ``batches``), keyed by parameter.
+    A parameter several ops read (tied) is fitted on each; the first op in graph order is returned."""
+    from ..traced import export_program
+
+    first = batches[0]
+    dims: dict[str, torch.export.Dim] = {"batch": torch.export.Dim("batch", min=1)}
+    dynamic = []
+    for name in input_names:
+        axes = {0: dims["batch"]}
+        for axis in range(1, first[name].dim()):
+            if len({int(b[name].shape[axis]) for b in batches}) > 1:
+                axes[axis] = dims.setdefault(f"{name}_{axis}", torch.export.Dim(f"{name}_{axis}", min=1))
+        dynamic.append(axes)
+    example = tuple(torch.cat([first[n], first[n]]) if first[n].shape[0] < 2 else first[n] for n in input_names)
+    program = export_program(module, example, tuple(dynamic))
+    wanted = set(parameters)
+    ops = [op for op in weight_ops(program) if op.parameter in wanted]
+    fitted = fit_laplace(program, batches, ops, input_names=input_names, **options)
+    out: dict[str, LayerPosterior] = {}
+    for op in ops:
+        if op.name in fitted and op.parameter not in out:
+            out[op.parameter] = fitted[op.name]
+    return out
 
 
 def evidence_prior_precision(w: torch.Tensor, data_precision: torch.Tensor, iters: int = 100) -> float:
@@ -231,41 +275,72 @@ def evidence_prior_precision(w: torch.Tensor, data_precision: torch.Tensor, iter
     return tau
 
 
-def _layers(module: torch.nn.Module, parameters: Iterable[str], curvature: str,
-            kfac_output: str = "diag") -> dict[str, _Layer]:
-    layers = {}
-    for pname in parameters:
-        mod_name, _, leaf = pname.rpartition(".")
-        sub = module.get_submodule(mod_name) if mod_name else module
-        if leaf != "weight":
-            raise ValueError(f"{pname}: only layer weights get a posterior")
-        if isinstance(sub, torch.nn.Linear):
-            kind = "linear"
-        elif isinstance(sub, (torch.nn.Conv1d, torch.nn.Conv2d)):
-            kind = "conv"
-        elif isinstance(sub, torch.nn.Embedding):
-            kind = "embedding"
-        else:
-            raise ValueError(f"{pname}: no posterior for {type(sub).__name__} layers")
-        w = sub.weight
-        layer = _Layer(pname, sub, kind, torch.zeros_like(w, dtype=torch.float32))
-        # K-FAC factors for Linear and ungrouped Conv; a grouped conv's input factor would be block-diagonal
-        # (per group), so grouped/depthwise convs take the exact diagonal like embeddings
-        if curvature == "kfac" and (kind == "linear" or (kind == "conv" and sub.groups == 1)):
-            cols = w[0].numel()
-            layer.A = torch.zeros(cols, cols)
-            layer.G = torch.zeros(w.shape[0]) if kfac_output == "diag" else torch.zeros(w.shape[0], w.shape[0])
-        layers[pname] = layer
-    return layers
+class _Taps:
+    """The layers being fitted, reachable from the tap nodes inserted into the program (see :func:`_instrument`)."""
+
+    active: dict[str, _Layer] = {}
 
 
-def _hook(layer: _Layer):
-    def forward_hook(mod, args, output):
-        x = args[0].detach()
-        if output.requires_grad:
-            layer.outputs.append(output)
-            output.register_hook(lambda grad: layer.calls.append((x, grad.detach())))
-    return layer.module.register_forward_hook(forward_hook)
+def _tap(key: str, out, args):
+    """Identity on ``out``, the result of a weight op called with ``args``: records the op's weight (once),
+    its activation, and a hook that pairs the activation with the output gradient in the backward pass."""
+    layer = _Taps.active.get(key)
+    if layer is None or not isinstance(out, torch.Tensor):
+        return out
+    x, w = _operands(layer.op, args)
+    if layer.weight is None:
+        _allocate(layer, w.detach())
+    if layer.kind == "generic":
+        layer.args = args
+    if out.requires_grad:
+        layer.outputs.append(out)
+        xd = x.detach()
+        out.register_hook(lambda grad: layer.calls.append((xd, grad.detach())))
+    return out
+
+
+def _operands(op: WeightOp, args: tuple):
+    if op.kind == "embedding":
+        return args[1], args[0]
+    if op.target == torch.ops.aten.addmm.default:
+        return args[1], args[2]
+    return args[0], args[1]
+
+
+def _allocate(layer: _Layer, w: torch.Tensor) -> None:
+    """The layer's weight in its frame and its accumulators, allocated on the op's first call."""
+    frame = w.T if layer.op.transposed else w
+    layer.weight = frame.float().clone()
+    layer.fisher = torch.zeros_like(layer.weight)
+    # K-FAC factors for linear ops and ungrouped 1-D/2-D convs; a grouped conv's input factor would be
+    # block-diagonal (per group), so grouped/depthwise convs take the exact diagonal like embeddings
+    if layer.kfac and (layer.kind == "linear" or (layer.kind == "conv" and layer.op.conv.groups == 1)):
+        cols = frame[0].numel()
+        layer.A = torch.zeros(cols, cols)
+        layer.G = torch.zeros(frame.shape[0]) if layer.kfac_output == "diag" else torch.zeros(frame.shape[0], frame.shape[0])
+
+
+def _instrument(program: fx.GraphModule, layers: dict[str, _Layer]) -> list[fx.Node]:
+    """Insert a :func:`_tap` after every fitted op (in place; :func:`_remove_taps` undoes it)."""
+    nodes = {n.name: n for n in program.graph.nodes}
+    taps = []
+    for key in layers:
+        node = nodes[key]
+        with program.graph.inserting_after(node):
+            tap = program.graph.call_function(_tap, (key, node, tuple(node.args)))
+        node.replace_all_uses_with(tap, delete_user_cb=lambda user, tap=tap: user is not tap)
+        taps.append(tap)
+    program.recompile()
+    _Taps.active = layers
+    return taps
+
+
+def _remove_taps(program: fx.GraphModule, taps: list[fx.Node]) -> None:
+    _Taps.active = {}
+    for tap in taps:
+        tap.replace_all_uses_with(tap.args[1])
+        program.graph.erase_node(tap)
+    program.recompile()
 
 
 def _backward(loss: torch.Tensor, inputs: list[torch.Tensor], layers, retain: bool, full: bool | None) -> bool:
@@ -337,23 +412,26 @@ def _pseudo_loss(out: torch.Tensor, likelihood: str, fisher: str, target, draws:
 
 
 def _per_item(layer: _Layer, need_grads: bool = True, need_tokens: bool = False):
-    """Per-item gradient [B, out, in'] (summed over the calls of a layer; ``None`` unless ``need_grads``)
-    and, with ``need_tokens``, the K-FAC tokens of every call: inputs ``[in', N]``, one column per token
-    (``N`` = items × positions), and output gradients ``[B, out, positions]``."""
+    """Per-item gradient ``[B, out, in']`` in the layer's frame (summed over the calls of a layer; ``None``
+    unless ``need_grads``) and, with ``need_tokens``, the K-FAC tokens of every call: inputs ``[in', N]``, one
+    column per token (``N`` = items × positions), and output gradients ``[B, out, positions]``."""
     grads, tokens = None, []
+    op = layer.op
     for x, d in layer.calls:
-        mod = layer.module
-        if layer.kind == "linear":
-            a = x.reshape(x.shape[0], -1, x.shape[-1]).float()          # [B, T, in]
-            dd = d.reshape(d.shape[0], -1, d.shape[-1]).float()         # [B, T, out]
+        if op.kind == "generic":
+            g = _vjp_per_item(layer, x, d) if need_grads else None
+        elif op.kind == "linear":
+            a, dd = _items_first(x, op.item_axis).float(), _items_first(d, op.item_axis).float()
+            a = a.reshape(a.shape[0], -1, a.shape[-1])                  # [B, T, in]
+            dd = dd.reshape(dd.shape[0], -1, dd.shape[-1])              # [B, T, out]
             g = torch.einsum("bto,bti->boi", dd, a) if need_grads else None
             if need_tokens:
                 tokens.append((a.reshape(-1, a.shape[-1]).T, dd.transpose(1, 2)))
         else:  # conv: unfold input patches; groups handled by splitting channels
             x4 = x if x.dim() == 4 else x.unsqueeze(2)
             d4 = d if d.dim() == 4 else d.unsqueeze(2)
-            patches = _patches(x4.float(), mod)                                       # [B, C·kk, L]
-            groups = mod.groups
+            patches = _patches(x4.float(), layer.weight.shape[2:], op.conv)             # [B, C·kk, L]
+            groups = op.conv.groups
             b, ckk, L = patches.shape
             out = d4.shape[1]
             g = None
@@ -361,21 +439,52 @@ def _per_item(layer: _Layer, need_grads: bool = True, need_tokens: bool = False)
                 pg = patches.reshape(b, groups, ckk // groups, L)
                 dg = d4.float().reshape(b, groups, out // groups, -1)                  # [B, g, out_g, L]
                 g = torch.einsum("bgol,bgil->bgoi", dg, pg).reshape(b, out, -1)
-            if need_tokens and groups == 1:  # K-FAC factors only for ungrouped convs (see _layers)
+            if need_tokens and groups == 1:  # K-FAC factors only for ungrouped convs (see _allocate)
                 tokens.append((patches.transpose(0, 1).reshape(ckk, -1), d4.float().reshape(b, out, -1)))
         if g is not None:
             grads = g if grads is None else grads + g
     return grads, tokens
 
 
-def _patches(x4: torch.Tensor, mod: torch.nn.Module) -> torch.Tensor:
-    """``F.unfold`` of a Conv1d/2d input, ``[B, C·kk, L]`` (a 1×1 kernel without padding needs no unfold:
-    its patches are the strided input itself, the same values)."""
-    k = mod.kernel_size if len(mod.kernel_size) == 2 else (1, mod.kernel_size[0])
-    pad = mod.padding if isinstance(mod.padding, tuple) and len(mod.padding) == 2 else (0, mod.padding[0])
-    st = mod.stride if len(mod.stride) == 2 else (1, mod.stride[0])
-    dl = mod.dilation if len(mod.dilation) == 2 else (1, mod.dilation[0])
-    if tuple(k) == (1, 1) and tuple(pad) == (0, 0):
+def _items_first(t: torch.Tensor, axis: int | None) -> torch.Tensor:
+    """``t`` with its item axis first; with no item axis (merged by the exporter), one row per item."""
+    if axis is None:
+        return t.reshape(-1, 1, t.shape[-1])
+    return t.movedim(axis, 0) if axis else t
+
+
+def _vjp_per_item(layer: _Layer, x: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """Per-item gradient of an op with no closed form: ``∂⟨op(x_i, W), δ_i⟩/∂W`` for each item ``i``,
+    flattened in the frame ``[B, out, numel/out]``."""
+    op, axis = layer.op, layer.op.item_axis or 0
+    w0 = layer.args[1] if op.kind != "embedding" else layer.args[0]
+    rest = layer.args[2:]
+    grads = []
+    with torch.enable_grad():
+        w = w0.detach().float().requires_grad_()
+        for i in range(x.shape[axis]):
+            xi = x.narrow(axis, i, 1).float()
+            out = op.target(xi, w, *rest)
+            grads.append(torch.autograd.grad(out, w, d.narrow(axis, i, 1).float())[0])
+    g = torch.stack(grads)
+    return g.reshape(g.shape[0], layer.weight.shape[0], -1)
+
+
+def _patches(x4: torch.Tensor, kernel, conv: ConvSpec) -> torch.Tensor:
+    """``F.unfold`` of a 1-D/2-D convolution's input, ``[B, C·kk, L]`` (a 1×1 kernel without padding needs no
+    unfold: its patches are the strided input itself, the same values)."""
+    two = lambda v: tuple(v) if len(v) == 2 else (1, v[0])  # noqa: E731 - 1-D as 2-D with unit height
+    k, st, dl = two(tuple(kernel)), two(conv.stride), two(conv.dilation)
+    if isinstance(conv.padding, str):
+        if conv.padding == "valid":
+            pad = (0, 0)
+        else:  # "same": PyTorch pads (total // 2) before and the rest after
+            total = [d * (kk - 1) for d, kk in zip(dl, k)]
+            x4 = F.pad(x4, (total[1] // 2, total[1] - total[1] // 2, total[0] // 2, total[0] - total[0] // 2))
+            pad = (0, 0)
+    else:
+        pad = tuple(conv.padding) if len(conv.padding) == 2 else (0, conv.padding[0])
+    if k == (1, 1) and pad == (0, 0):
         return x4[:, :, ::st[0], ::st[1]].reshape(x4.shape[0], x4.shape[1], -1)
     return F.unfold(x4, k, dilation=dl, padding=pad, stride=st)
 
@@ -400,7 +509,7 @@ def _accumulate(layer: _Layer, curvature: str, pass_index: int, rank: int, draws
     if not layer.calls:
         return
     if layer.kind == "embedding":  # diagonal only, from per-token gradients
-        if pass_index == 0:
+        if pass_index == 0 and layer.op.kind == "embedding":
             for ids, d in layer.calls:
                 d2 = d.reshape(-1, d.shape[-1]).float() ** 2
                 layer.fisher.index_add_(0, ids.reshape(-1), d2)

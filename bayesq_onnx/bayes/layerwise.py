@@ -134,3 +134,12 @@ def token_frequency_posterior(table: torch.Tensor, counts: torch.Tensor, n_data:
     tau = float(prior_precision) if prior_precision is not None else evidence_prior_precision(t, n_data * fisher_diag)
     return LayerwisePosterior((n_data * fisher_diag + tau).float(), None, torch.full((t.shape[0],), 1.0 / noise),
                               tau, noise)
+
+
+def common_scale(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    """The factor that puts layer-wise precisions on the Laplace scale: ``c = median_t mean(λᴸ_t) / mean(λᵂ_t)``
+    over the tensors ``t`` that have both (Laplace ``λᴸ``, loss units; layer-wise ``λᵂ``, units of each
+    layer's own output variance). The median keeps one odd layer from moving every other; with no pair, 1."""
+    ratios = [float(lap.double().mean() / lw.double().mean()) for lap, lw in pairs
+              if float(lw.double().mean()) > 0 and float(lap.double().mean()) > 0]
+    return float(torch.tensor(ratios, dtype=torch.float64).median()) if ratios else 1.0

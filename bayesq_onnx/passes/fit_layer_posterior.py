@@ -84,8 +84,10 @@ class FitLayerPosteriorPass:
             if not fitted:
                 c = sum((counts[name, i] for i, _ in enumerate(taps.get(name, ())) if (name, i) in counts), None)
                 if c is None:
-                    out[name] = WeightPosterior(name, None, torch.ones_like(mu), 1.0, 0.0,
-                                                info={"posterior": "none (no activations reach this weight)"})
+                    # no data reaches it: its posterior is the prior, N(μ, Var(w)·I)
+                    tau = 1.0 / max(float(mu.double().var()), 1e-12)
+                    out[name] = WeightPosterior(name, None, torch.full_like(mu, tau), tau, 0.0,
+                                                info={"posterior": "prior only (no activations reach this weight)"})
                     continue
                 fitted = [token_frequency_posterior(mu, c, self.n_data, self.prior_precision)]
             # A tensor read by several consumers (tied) is scored by the first; its other readers see the same

@@ -1,5 +1,9 @@
 """FitPosteriorPass: the Laplace posterior of every weight in scope, in the canonical ``[rows, cols]``
-layout of its ONNX initializer (analysis in PyTorch; see :mod:`bayesq_onnx.bayes.laplace`)."""
+layout of its ONNX initializer (analysis in PyTorch on the traced program; see :mod:`bayesq_onnx.bayes.laplace`).
+
+Each ONNX initializer is bound to the program ops whose weight it holds, by content: as is, transposed, or
+times a per-output-channel constant (:func:`bind_weight`), so whatever the exporter folded or renamed, the
+posterior follows the values."""
 
 from __future__ import annotations
 
@@ -10,7 +14,7 @@ import torch
 
 from ..bayes.laplace import fit_laplace
 from ..errors import UserError
-from ..export import ParameterBinding
+from ..export import traced_program
 from ..models.base import ModelBundle
 from ..quant.layout import WeightLayout
 from .collect_weights import WeightInfo
@@ -40,6 +44,14 @@ class WeightPosterior:
         """Σ N·F_ii: how much the calibration data pins this tensor down."""
         return float((self.precision - self.prior_precision).clamp_min(0).sum())
 
+    def rescaled(self, c: float) -> "WeightPosterior":
+        """The posterior with every precision times ``c`` (a change of loss units: Λ → cΛ)."""
+        info = {**self.info, "scale_to_laplace": c}
+        info["posterior"] = f"{self.info.get('posterior', 'layer-wise')}, × {c:.3g} onto the Laplace scale"
+        return WeightPosterior(self.name, self.parameter, self.precision * c, self.prior_precision * c, self.n_data,
+                               A=self.A, G_diag=None if self.G_diag is None else self.G_diag * c,
+                               U=None if self.U is None else self.U * c ** 0.5, info=info)
+
     def design_weights(self) -> torch.Tensor:
         """Per-weight λ_i for the quantizer design: diag Λ (Kronecker diagonal with K-FAC)."""
         if self.A is not None and self.G_diag is not None:
@@ -47,57 +59,119 @@ class WeightPosterior:
         return self.precision
 
 
-class FitPosteriorPass:
-    """Fit the posterior of each weight's torch parameter and re-express it per ONNX initializer."""
+@dataclass(frozen=True)
+class OpBinding:
+    """How an ONNX initializer holds a program op's weight (frame ``[out, in]`` for linear ops): as is or
+    transposed, times a per-output-channel constant ``scale`` (``None``: 1; BatchNorm the exporter folded,
+    or any constant scaling)."""
 
-    def __init__(self, bundle: ModelBundle, bindings: dict[str, ParameterBinding], *, curvature: str = "diag",
-                 fisher: str = "true", samples: int = 1, rank: int = 8, n_data: float | None = None,
-                 prior_precision: float | None = None, seed: int = 0, progress=None):
-        self.bundle, self.bindings = bundle, bindings
+    op: str
+    transposed: bool
+    scale: torch.Tensor | None = None
+
+
+def bind_weight(array: np.ndarray, frame: torch.Tensor, op: str, rtol: float = 1e-5) -> OpBinding | None:
+    """Whether ``array`` (an initializer) is ``s ⊙ frame`` or ``(s ⊙ frame)ᵀ`` for a per-output-channel
+    constant ``s`` (rows of the frame); exact equality is the case ``s ≡ 1``.
+
+    ``s_r = ⟨a_r, f_r⟩ / ⟨f_r, f_r⟩`` (least squares per row), accepted when ``max |a − s f| ≤ rtol · max |a|``
+    (float32 round-off of the exporter's folding) and no ``s_r`` is zero.
+    """
+    a = torch.from_numpy(np.ascontiguousarray(array))
+    for transposed in (False, True):
+        if transposed and a.dim() != 2:
+            break
+        cand = a.T if transposed else a
+        if tuple(cand.shape) != tuple(frame.shape):
+            continue
+        if torch.equal(cand, frame):
+            return OpBinding(op, transposed)
+        f2, a2 = frame.reshape(frame.shape[0], -1).double(), cand.reshape(cand.shape[0], -1).double()
+        ff = (f2 * f2).sum(1)
+        s = torch.where(ff > 0, (a2 * f2).sum(1) / ff.clamp_min(1e-300), torch.ones_like(ff))
+        if bool((s == 0).any()):
+            continue
+        if float((a2 - s[:, None] * f2).abs().max()) <= rtol * max(float(a2.abs().max()), 1e-30):
+            return OpBinding(op, transposed, s.float())
+    return None
+
+
+class FitPosteriorPass:
+    """Fit the Laplace posterior of every weight op of the traced program and re-express it per ONNX
+    initializer. Afterwards ``unbound`` lists the initializers no op's weight was found in (they need the
+    layer-wise posterior, :class:`~bayesq_onnx.passes.fit_layer_posterior.FitLayerPosteriorPass`)."""
+
+    def __init__(self, bundle: ModelBundle, *, curvature: str = "diag", fisher: str = "true", samples: int = 1,
+                 rank: int = 8, n_data: float | None = None, prior_precision: float | None = None, seed: int = 0,
+                 progress=None):
+        self.bundle = bundle
         self.options = dict(curvature=curvature, fisher=fisher, samples=samples, rank=rank, n_data=n_data,
                             prior_precision=prior_precision, seed=seed)
         self.progress = progress
+        self.unbound: list[str] = []
 
     def __call__(self, weights: dict[str, WeightInfo]) -> dict[str, WeightPosterior]:
         b = self.bundle
         if self.options["fisher"] == "empirical" and b.calibration_targets is None:
             raise UserError(f"--fisher empirical needs labels; model {b.name!r} has none: use --fisher true")
-        params = {name: self.bindings[name].parameter for name in weights if name in self.bindings}
+        program = traced_program(b)
         batches = [{k: torch.from_numpy(v) for k, v in batch.items()} for batch in b.calibration]
         targets = [torch.from_numpy(t) for t in b.calibration_targets] if b.calibration_targets else None
-        layers = fit_laplace(b.module, batches, sorted(set(params.values())), input_names=b.input_names,
-                             likelihood=b.likelihood, targets=targets, progress=self.progress, **self.options)
-        out = {}
+        layers = fit_laplace(program, batches, input_names=b.input_names, likelihood=b.likelihood,
+                             targets=targets, progress=self.progress, **self.options)
+        by_shape: dict[int, list[str]] = {}
+        for key, post in layers.items():
+            by_shape.setdefault(post.weight.numel(), []).append(key)
+        out, self.unbound = {}, []
         for name, w in weights.items():
-            pname = params.get(name)
-            if pname is None:  # no torch parameter behind it: plain (unweighted) distortion
-                out[name] = WeightPosterior(name, None, torch.ones(w.layout.rows, w.layout.cols), 1.0, 0.0,
-                                            info={"posterior": "none (no PyTorch parameter bound)"})
+            found = [bnd for key in by_shape.get(w.size, ()) if (bnd := bind_weight(w.array, layers[key].weight, key))]
+            if not found:
+                self.unbound.append(name)
                 continue
-            out[name] = _canonical(name, layers[pname], self.bindings[name], w.layout)
+            out[name] = _canonical(name, [(layers[bnd.op], bnd) for bnd in found], w.layout)
         return out
 
 
-def _canonical(name: str, post, binding: ParameterBinding, layout: WeightLayout) -> WeightPosterior:
-    def canon(t: torch.Tensor) -> torch.Tensor:
-        t = t.T if binding.transposed else t
+def _canonical(name: str, fits: list, layout: WeightLayout) -> WeightPosterior:
+    """One initializer's posterior in canonical layout from the op posteriors it holds (several: a tied
+    weight; their data precisions add, the cross terms between the uses are dropped), mapped through each
+    binding: transposed as stored, and a per-channel scale ``s`` gives ``λ / s²`` (Λ of ``s·w`` is Λ_w / s²)."""
+    post, binding = fits[0]
+
+    def canon(t: torch.Tensor, bnd: OpBinding) -> torch.Tensor:
+        if bnd.scale is not None:
+            t = t / (bnd.scale ** 2).reshape((-1,) + (1,) * (t.dim() - 1))
+        t = t.T if bnd.transposed else t
         return layout.to_canonical(t.float())
 
-    param_shape = post.fisher_diag.shape
-    wp = WeightPosterior(name, post.parameter, canon(post.precision_diag()), post.prior_precision, post.n_data,
-                         info=dict(post.info))
+    data = sum(canon(p.n_data * p.fisher_diag, bnd) for p, bnd in fits)
+    tau = canon(torch.full_like(post.fisher_diag, post.prior_precision), binding)
+    info = dict(post.info)
+    info["posterior"] = "Laplace (" + ", ".join(
+        f"{p.parameter if p.parameter != p.op else 'op ' + p.op}"
+        + (" ᵀ" if bnd.transposed else "") + (" × per-channel scale" if bnd.scale is not None else "")
+        for p, bnd in fits) + ")"
+    # a scaled weight's prior precision is τ/s² per channel: report the mean as the scalar τ
+    wp = WeightPosterior(name, post.parameter, data + tau, float(tau.mean()), post.n_data, info=info)
     if post.A is not None:
-        order = _column_order(param_shape, binding, layout)
+        order = _column_order(tuple(post.weight.shape), binding, layout)
         wp.A = post.A[order][:, order]
-        wp.G_diag = torch.diag(post.G).float()
+        g = torch.diag(post.G).float()
+        wp.G_diag = g / binding.scale ** 2 if binding.scale is not None else g
     if post.U is not None:
         k = post.U.shape[1]
-        cols = [canon(post.U[:, i].reshape(param_shape)).reshape(-1) * np.sqrt(post.n_data) for i in range(k)]
+        shape = tuple(post.weight.shape)
+        cols = []
+        for i in range(k):
+            u = post.U[:, i].reshape(shape)
+            if binding.scale is not None:
+                u = u / binding.scale.reshape((-1,) + (1,) * (u.dim() - 1))
+            cols.append(layout.to_canonical((u.T if binding.transposed else u).float()).reshape(-1) * np.sqrt(post.n_data))
         wp.U = torch.stack(cols, dim=1)
     return wp
 
 
-def _column_order(param_shape, binding: ParameterBinding, layout: WeightLayout) -> torch.Tensor:
+def _column_order(param_shape, binding: OpBinding, layout: WeightLayout) -> torch.Tensor:
     """Indices into the K-FAC input factor (PyTorch's flattening of one output row: in, k1, k2, …) for each
     canonical column (k1, k2, …, in)."""
     per_row = torch.arange(int(np.prod(param_shape[1:]))).reshape(1, *param_shape[1:])
