@@ -142,6 +142,8 @@ def compile(model, quiet, verbose, **options):
     click.echo(f"{result.artifact}: {r['bits']['all_in']:.3f} bits/weight all-in, "
                f"{r['sizes']['artifact_bytes'] / 1e6:.2f} MB ({r['sizes']['fp32_bytes'] / r['sizes']['artifact_bytes']:.1f}x smaller), "
                f"{r['headline']['metric']} {r['headline']['value']:.4f}, latency x{r['latency']['ratio']:.2f} vs FP32")
+    for warning in r.get("warnings", []):
+        click.echo(f"warning: {warning}", err=True)
 
 
 @main.command()

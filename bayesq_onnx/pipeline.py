@@ -39,7 +39,7 @@ from .passes.quantize_weights import QuantizeWeightsPass
 from .passes.upgrade_opset import UpgradeOpsetPass
 from .plan import Candidate, Plan
 from .progress import Reporter
-from .report import bits_plot, file_accounting, to_json_bytes, to_markdown
+from .report import bits_plot, collapse_warning, file_accounting, to_json_bytes, to_markdown
 from .runtime.latency import latency_versus_fp32
 from .runtime.session import make_session, resolve_providers, run_batches, session_config_for
 
@@ -139,9 +139,12 @@ def compile_model(config: CompileConfig, reporter: Reporter | None = None,
         # sessions (validation was the memory peak on BERT-base)
         posteriors = planner = fp_model = None
         gc.collect()
-        with rep.stage("validate in ONNX Runtime"):
+        with rep.stage("validate in ONNX Runtime") as outcome:
             validation = _validate(bundle, fp_path, q_path, providers, config, rep, undistilled=undistilled_path,
                                    reference=reference)
+            warning = collapse_warning(validation["fidelity"], plan.all_in_bits)
+            if warning:
+                outcome.warn(warning)
         if distilled is not None:
             distill_section = _distill_report(distilled, validation, bundle, q_path)
 
@@ -167,6 +170,7 @@ def compile_model(config: CompileConfig, reporter: Reporter | None = None,
         "posterior_sources": posterior_sources,
         **({"search": search} if search is not None else {}),
         **({"distill": distill_section} if distill_section is not None else {}),
+        "warnings": [warning] if warning else [],
         "timings_s": dict(rep.timings),
         "seed": config.seed,
     }

@@ -46,15 +46,21 @@ class Reporter:
 
     @contextlib.contextmanager
     def stage(self, name: str):
+        """A timed stage; it ends with ✓, or with ``!`` and the reason when the body called ``warn`` on what
+        this yields (a stage that ran but whose result is not to be trusted)."""
         start = time.perf_counter()
+        outcome = _Outcome()
         with self._display():
             task = self._live.add_task(name, total=None)
             try:
-                yield
+                yield outcome
             finally:
                 self._live.remove_task(task)
         self.timings[name] = round(time.perf_counter() - start, 3)
-        self.console.print(f"[green]✓[/] {name} [dim]({self.timings[name]:.1f} s)[/]")
+        if outcome.warning:
+            self.console.print(f"[bold red]![/] {name} [dim]({self.timings[name]:.1f} s)[/]: [red]{outcome.warning}[/]")
+        else:
+            self.console.print(f"[green]✓[/] {name} [dim]({self.timings[name]:.1f} s)[/]")
 
     def track(self, items, description: str):
         """Iterate over a sized collection with a progress bar."""
@@ -74,3 +80,10 @@ class Reporter:
         """A detail line, shown with ``verbose`` only."""
         if self.verbose:
             self.console.print(f"[dim]{text}[/]")
+
+
+class _Outcome:
+    warning: str | None = None
+
+    def warn(self, text: str) -> None:
+        self.warning = text

@@ -59,6 +59,7 @@ def to_markdown(report: dict) -> str:
     lines = [
         f"# BayesQ-ONNX report: {report['model']['name']}",
         "",
+        *[f"> **WARNING: {w}**\n" for w in report.get("warnings", [])],
         f"- method **{report['plan']['method']}**, all-in **{b['all_in']:.4f}** bits/weight "
         f"(from file: {b['all_in_from_file']:.4f}; nominal code bits {b['nominal']:.3f}) over "
         f"{b['quantized_weights']:,} weights in {len(report['plan']['tensors'])} tensors",
@@ -151,3 +152,19 @@ def bits_plot(plan: Plan) -> bytes:
 
 def to_json_bytes(report: dict) -> bytes:
     return (json.dumps(report, indent=2, sort_keys=False) + "\n").encode()
+
+
+# Below these the artifact no longer behaves like the model it came from, whatever the budget bought.
+COLLAPSE_FLOORS = {"agreement": 0.9, "argmax_agreement": 0.9, "top1_agreement": 0.9, "cosine_mean": 0.9,
+                   "logit_cosine_mean": 0.9}
+
+
+def collapse_warning(fidelity: dict, bits: float) -> str | None:
+    """One line saying the validated fidelity collapsed (any figure of :data:`COLLAPSE_FLOORS` under its
+    floor) and what to try, or ``None``."""
+    low = [f"{k} {fidelity[k]:.3f} < {floor}" for k, floor in COLLAPSE_FLOORS.items()
+           if isinstance(fidelity.get(k), float) and fidelity[k] < floor]
+    if not low:
+        return None
+    return (f"the quantized model's fidelity collapsed ({', '.join(low)}) at {bits:.3f} bits/weight: "
+            f"do not deploy it; try more bits, or --max-drop to find the budget that holds")
