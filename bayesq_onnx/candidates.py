@@ -11,6 +11,12 @@ Targets:
   it: it would dequantize on every call (measured on digits-resnet: 2.5× FP32 latency).
 * ``cuda`` — dtypes the CUDA execution provider runs natively: uniform 4/8-bit (per row, per 128) and FP16.
 
+Weights with short rows (fewer than :data:`SHORT_ROW` columns: depthwise kernels, stems, 1×1 convolutions
+over few channels) also get grids shared across rows, whose side information is amortized over the whole
+tensor: under ``size`` uniform 2/3/4/8-bit per tensor (``uint4-tensor``) and 2/3/4-bit codebooks shared by 8
+or 32 rows and by the whole tensor (``codebook3-8rows``, ``codebook3-tensor``); under ``cuda`` uniform 4/8-bit
+per tensor. The knapsack takes them where their lower cost outweighs the lost per-row range.
+
 An override file (JSON, or YAML when PyYAML is installed) maps tensor-name patterns (``fnmatch``) to the
 candidate labels allowed for them, e.g. ``{"*.attention.*": ["uint4-g128", "uint8-row"]}``.
 """
@@ -24,23 +30,31 @@ from pathlib import Path
 
 from .errors import UserError
 from .passes.collect_weights import WeightInfo
-from .plan import Candidate, QuantizedTensor
+from .plan import TENSOR, Candidate, QuantizedTensor
 from .quant.layout import WeightLayout
 
 TARGETS = ("size", "speed", "cuda")
 GROUP = 128
 PIN = Candidate("uniform", 8)
+# Rows shorter than this get the shared (per-tensor / row-group) candidates. A per-row uniform grid stores an
+# fp16 scale and a b-bit zero point per row, (16 + b)/cols bits per weight: at least 0.28 (2-bit) below 64
+# columns, 14% of a 2-bit code, and 2.0–2.7 for a 3×3 depthwise row; a per-row codebook costs 2^b·16/cols,
+# at least 1 bit below 64 columns. From 64 up — every MiniLM row (384+), a 3×3 conv over 8+ inputs (72+) —
+# per-row side information is a few percent of the code and the per-row range is worth it; those weights
+# keep exactly the candidates they had (so their plans, and the MiniLM artifacts, do not change).
+SHORT_ROW = 64
+SHARED_ROWS = (8, 32)  # rows per shared codebook table, besides one table for the whole tensor
 
 
 def _label_table() -> dict[str, Candidate]:
     table = {}
     for bits in (2, 3, 4, 8):
-        for group in (0, 32, 64, 128):
+        for group in (0, 32, 64, 128, TENSOR):
             for sym in (False, True):
                 for sdt in ("float16", "float32"):
                     c = Candidate("uniform", bits, group, symmetric=sym, scale_dtype=sdt)
                     table[c.label] = c
-        for rows in (1, 2, 4, 8):
+        for rows in (1, 2, 4, 8, 16, 32, TENSOR):
             c = Candidate("codebook", bits, rows)
             table[c.label] = c
     for bits in (16, 32):
@@ -53,7 +67,8 @@ LABELS = _label_table()
 
 
 def parse(label: str) -> Candidate:
-    """Candidate for a label such as ``uint4-g128``, ``int8-row``, ``uint4-g128-s32``, ``codebook3-row``, ``fp16``."""
+    """Candidate for a label such as ``uint4-g128``, ``int8-row``, ``uint4-g128-s32``, ``uint4-tensor``,
+    ``codebook3-row``, ``codebook3-8rows``, ``codebook3-tensor``, ``fp16``."""
     try:
         return LABELS[label]
     except KeyError:
@@ -62,8 +77,10 @@ def parse(label: str) -> Candidate:
 
 
 def for_target(weight: WeightInfo, target: str) -> list[Candidate]:
-    """The default candidates of one weight under ``target`` (only groups that divide its channels)."""
+    """The default candidates of one weight under ``target`` (only groups that divide its channels, and
+    the shared grids of :func:`short_row_candidates` for short rows)."""
     fits = weight.layout.in_channels % GROUP == 0
+    shared = short_row_candidates(weight.layout, target)
     if target == "speed":
         if _fused_matmul(weight):
             groups = [GROUP] if fits else []
@@ -72,10 +89,26 @@ def for_target(weight: WeightInfo, target: str) -> list[Candidate]:
         return [Candidate("codebook", b, 1) for b in (2, 3, 4)] + [Candidate("float", 16)]
     if target == "cuda":
         out = [Candidate("uniform", b, g) for b in (4, 8) for g in ([0, GROUP] if fits else [0])]
-        return out + [Candidate("float", 16)]
+        return out + shared + [Candidate("float", 16)]
     out = [Candidate("uniform", b, g) for b in (2, 3, 4, 8) for g in ([0, GROUP] if fits else [0])]
     out += [Candidate("codebook", b, 1) for b in (2, 3, 4)]
-    return out + [Candidate("float", 16)]
+    return out + shared + [Candidate("float", 16)]
+
+
+def short_row_candidates(layout: WeightLayout, target: str) -> list[Candidate]:
+    """Grids shared across the rows of a weight with rows shorter than :data:`SHORT_ROW` (none otherwise,
+    and none for a single row, where they equal the per-row forms). ``size``: uniform 2/3/4/8-bit per tensor,
+    codebooks of 2/3/4 bits per :data:`SHARED_ROWS` rows (row counts that divide the rows and are fewer than
+    all of them) and per tensor; ``cuda``: uniform 4/8-bit per tensor; ``speed``: none."""
+    if layout.cols >= SHORT_ROW or layout.rows < 2 or target == "speed":
+        return []
+    if target == "cuda":
+        return [Candidate("uniform", b, TENSOR) for b in (4, 8)]
+    groups = [r for r in SHARED_ROWS if r < layout.rows and layout.rows % r == 0] + [TENSOR]
+    # grouping-major: the codebook design sorts each table's weights once and reuses the sort for the next
+    # bit width of the same grouping
+    return ([Candidate("uniform", b, TENSOR) for b in (2, 3, 4, 8)]
+            + [Candidate("codebook", b, g) for g in groups for b in (2, 3, 4)])
 
 
 def _fused_matmul(weight: WeightInfo) -> bool:

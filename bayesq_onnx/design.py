@@ -39,7 +39,7 @@ def design_grid(weight: WeightInfo, post: WeightPosterior, cand: Candidate, *, t
     if cand.family == "uniform":
         return design.fit_uniform(mu, lam, cand.bits, cand.group_size, symmetric=cand.symmetric,
                                   scale_dtype=cand.scale_torch_dtype, temperature=temperature)
-    return design.fit_codebook(mu, lam, cand.bits, cand.group_size, temperature=temperature)
+    return design.fit_codebook(mu, lam, cand.bits, cand.rows_per_table(lay), temperature=temperature)
 
 
 def round_on_grid(weight: WeightInfo, post: WeightPosterior, cand: Candidate, grid, dist: torch.Tensor, *,

@@ -113,7 +113,7 @@ class QuantWeight(nn.Module):
         elif c.family == "codebook":
             levels0 = torch.from_numpy(qt.levels.astype(np.float32))
             self.register_buffer("codes", torch.from_numpy(qt.codes.astype(np.int64)))
-            self.rows_per_table = c.group_size
+            self.rows_per_table = c.rows_per_table(lay)
             self.register_buffer("levels0", levels0)
             self.register_buffer("unit", _rms(levels0, dim=1))
             self.delta = nn.Parameter(torch.zeros_like(levels0))

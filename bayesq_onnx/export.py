@@ -42,7 +42,7 @@ def traced_program(bundle: ModelBundle) -> torch.fx.GraphModule:
     :class:`UserError` naming why, in one line."""
     if isinstance(bundle.module, torch.fx.GraphModule):
         return bundle.module
-    example, dynamic_shapes = _example(bundle)
+    example, dynamic_shapes = _example(bundle, named=False)
     try:
         with _quiet():
             return export_program(bundle.module, example, dynamic_shapes)
@@ -74,10 +74,12 @@ def fp32_model(bundle: ModelBundle) -> tuple[ir.Model, dict]:
     return model, map_parameters(bundle.module, model)
 
 
-def _example(bundle: ModelBundle) -> tuple[tuple[torch.Tensor, ...], tuple]:
+def _example(bundle: ModelBundle, named: bool = True) -> tuple[tuple[torch.Tensor, ...], tuple]:
     """The export example and its dynamic shapes, by position (``forward``'s argument names need not match
     ``input_names``). An example with length 1 on a dynamic axis is doubled along it first: torch.export
-    specializes size-1 dims. Dynamic axes may take any length from 1 (a micro-batch of one item)."""
+    specializes size-1 dims. ``named``: the bundle's axis names (the ONNX file's dimension names);
+    otherwise ``Dim.DYNAMIC``, whose range torch.export infers from the model (a sequence axis bounded by
+    a position table), for the traced program the analysis runs micro-batches of any size through."""
     dims: dict[str, torch.export.Dim] = {}
     example = []
     dynamic_shapes = []
@@ -87,7 +89,7 @@ def _example(bundle: ModelBundle) -> tuple[tuple[torch.Tensor, ...], tuple]:
             if tensor.shape[axis] < 2:
                 tensor = torch.cat([tensor, tensor], dim=axis)
         example.append(tensor)
-        dynamic_shapes.append({axis: dims.setdefault(label, torch.export.Dim(label, min=1))
+        dynamic_shapes.append({axis: dims.setdefault(label, torch.export.Dim(label)) if named else torch.export.Dim.DYNAMIC
                                for axis, label in axes.items()} or None)
     return tuple(example), tuple(dynamic_shapes)
 

@@ -14,6 +14,7 @@ import torch
 
 from .quant import codebook, packing, uniform
 from .quant.layout import WeightLayout
+from .quant.uniform import TENSOR
 
 FAMILIES = ("uniform", "codebook", "float")
 CODE_BITS = (2, 3, 4, 8)
@@ -25,8 +26,9 @@ class Candidate:
     """One quantizer choice for a block (DESIGN §2).
 
     ``group_size``: for ``uniform``, input channels sharing one scale (0 = one scale per row);
-    for ``codebook``, rows sharing one table (1 = a table per row). ``float`` keeps the weight in
-    floating point at ``bits`` ∈ {16, 32}.
+    for ``codebook``, rows sharing one table (1 = a table per row). :data:`TENSOR` (both families): one
+    scale and zero point, or one table, for the whole tensor. ``float`` keeps the weight in floating point
+    at ``bits`` ∈ {16, 32}.
     """
 
     family: str
@@ -41,8 +43,10 @@ class Candidate:
         allowed = (16, 32) if self.family == "float" else CODE_BITS
         if self.bits not in allowed:
             raise ValueError(f"{self.family} cannot use {self.bits} bits; allowed: {allowed}")
-        if self.family == "codebook" and self.group_size < 1:
-            raise ValueError("a codebook needs group_size >= 1 rows per table")
+        if self.family == "codebook" and self.group_size < 1 and not self.per_tensor:
+            raise ValueError("a codebook needs group_size >= 1 rows per table (or TENSOR)")
+        if self.family == "uniform" and self.group_size < 0 and not self.per_tensor:
+            raise ValueError("a uniform grid needs group_size >= 0 input channels per scale (or TENSOR)")
         if self.scale_dtype not in _SCALE_DTYPES:
             raise ValueError(f"scale dtype must be one of {tuple(_SCALE_DTYPES)}")
 
@@ -50,9 +54,20 @@ class Candidate:
     def scale_torch_dtype(self) -> torch.dtype:
         return _SCALE_DTYPES[self.scale_dtype][1]
 
+    @property
+    def per_tensor(self) -> bool:
+        """One scale and zero point (uniform) or one table (codebook) shared by the whole tensor."""
+        return self.family != "float" and self.group_size == TENSOR
+
+    def rows_per_table(self, layout: WeightLayout) -> int:
+        """Codebook: rows reading each table (all of them for a per-tensor table)."""
+        return layout.rows if self.per_tensor else self.group_size
+
     def fits(self, layout: WeightLayout) -> bool:
         """Whether the candidate can store a weight of this layout: uniform groups must divide the input
-        channels, codebook row groups the rows."""
+        channels, codebook row groups the rows; a per-tensor grid fits any layout."""
+        if self.per_tensor:
+            return True
         if self.family == "uniform" and self.group_size:
             return layout.in_channels % self.group_size == 0
         if self.family == "codebook":
@@ -64,9 +79,9 @@ class Candidate:
         if self.family == "float":
             return f"fp{self.bits}"
         if self.family == "codebook":
-            per = "row" if self.group_size == 1 else f"{self.group_size}rows"
+            per = "tensor" if self.per_tensor else "row" if self.group_size == 1 else f"{self.group_size}rows"
             return f"codebook{self.bits}-{per}"
-        per = "row" if self.group_size == 0 else f"g{self.group_size}"
+        per = "tensor" if self.per_tensor else "row" if self.group_size == 0 else f"g{self.group_size}"
         scale = "-s32" if self.scale_dtype == "float32" else ""
         return f"{'int' if self.symmetric else 'uint'}{self.bits}-{per}{scale}"
 
@@ -80,8 +95,9 @@ class QuantizedTensor:
     """A weight tensor as the artifact stores it.
 
     Arrays are canonical ``[rows, cols]`` (see :mod:`bayesq_onnx.quant.layout`): ``codes`` int16;
-    uniform: ``scale`` and ``zero`` float32 ``[rows, n_groups]`` (scale values exactly representable in
-    ``scale_dtype``); codebook: ``levels`` float16 ``[n_tables, 2^bits]``; float: ``values``.
+    uniform: ``scale`` and ``zero`` float32 ``[rows, n_groups]``, ``[1, 1]`` per tensor (scale values
+    exactly representable in ``scale_dtype``); codebook: ``levels`` float16 ``[n_tables, 2^bits]``;
+    float: ``values``.
     """
 
     name: str
@@ -102,10 +118,10 @@ class QuantizedTensor:
             return cls(name, layout, c, values=np.zeros(layout.shape, np.float32))
         codes = np.zeros((rows, cols), np.int16)
         if c.family == "codebook":
-            return cls(name, layout, c, codes=codes, levels=np.zeros((rows // c.group_size, 2**c.bits), np.float16))
-        groups = 1 if c.group_size == 0 else cols // c.group_size
-        return cls(name, layout, c, codes=codes, scale=np.ones((rows, groups), np.float32),
-                   zero=np.zeros((rows, groups), np.float32))
+            tables = rows // c.rows_per_table(layout)
+            return cls(name, layout, c, codes=codes, levels=np.zeros((tables, 2**c.bits), np.float16))
+        shape = (1, 1) if c.per_tensor else (rows, 1 if c.group_size == 0 else cols // c.group_size)
+        return cls(name, layout, c, codes=codes, scale=np.ones(shape, np.float32), zero=np.zeros(shape, np.float32))
 
     @property
     def n_weights(self) -> int:
@@ -121,7 +137,8 @@ class QuantizedTensor:
             w2 = uniform.dequantize(torch.from_numpy(self.codes), torch.from_numpy(self.scale),
                                     torch.from_numpy(self.zero), c.group_size, c.scale_torch_dtype)
         else:
-            w2 = codebook.dequantize(torch.from_numpy(self.codes), torch.from_numpy(self.levels), c.group_size)
+            w2 = codebook.dequantize(torch.from_numpy(self.codes), torch.from_numpy(self.levels),
+                                     c.rows_per_table(self.layout))
         return self.layout.from_canonical(w2.numpy())
 
     # ---- storage --------------------------------------------------------------------------------
@@ -129,8 +146,9 @@ class QuantizedTensor:
         """Role -> array exactly as written to the ONNX file (dtype and layout).
 
         uniform: ``codes`` in the original layout (3-bit: packed bytes of that layout), ``scale`` and
-        ``zero_point`` shaped for ``DequantizeLinear`` (1-D per row, blocked otherwise; no zero point for
-        symmetric 2/4/8-bit). codebook: canonical ``codes`` (3-bit packed), ``levels`` ``[n_tables, 1, 2^b]``.
+        ``zero_point`` shaped for ``DequantizeLinear`` (scalars per tensor, 1-D per row, blocked otherwise;
+        no zero point for symmetric 2/4/8-bit). codebook: canonical ``codes`` (3-bit packed), ``levels``
+        ``[n_tables, 1, 2^b]``.
         """
         c, lay = self.candidate, self.layout
         if c.family == "float":
@@ -145,15 +163,17 @@ class QuantizedTensor:
         codes = lay.from_canonical(self.codes.astype(np.int16) + offset)
         out = {"codes": _store_codes(codes, c.bits, signed=signed)}
         scale, zero = self.scale, self.zero + offset
-        if c.group_size == 0:
+        if c.per_tensor:
+            scale, zero = scale.reshape(()), zero.reshape(())
+        elif c.group_size == 0:
             scale, zero = scale[:, 0], zero[:, 0]
         else:
             last = lay.in_channels // c.group_size
             scale, zero = lay.from_canonical(scale, last), lay.from_canonical(zero, last)
-        out["scale"] = np.ascontiguousarray(scale.astype(_SCALE_DTYPES[c.scale_dtype][0]))
+        out["scale"] = _contiguous(scale.astype(_SCALE_DTYPES[c.scale_dtype][0]))
         if not signed:
             zdtype = np.dtype(np.uint8) if packed3 else packing.code_dtype(c.bits, signed=False)
-            out["zero_point"] = np.ascontiguousarray(zero.astype(np.int16).astype(zdtype))
+            out["zero_point"] = _contiguous(zero.astype(np.int16).astype(zdtype))
         return out
 
     def stored_bits(self) -> int:
@@ -163,6 +183,12 @@ class QuantizedTensor:
         return {"name": self.name, "shape": list(self.layout.shape), "candidate": self.candidate.to_json(),
                 "weights": self.n_weights, "stored_bits": self.stored_bits(),
                 "all_in_bits": self.stored_bits() / self.n_weights, **self.info}
+
+
+def _contiguous(a: np.ndarray) -> np.ndarray:
+    """``a`` C-contiguous, a 0-d array kept 0-d (``np.ascontiguousarray`` makes it 1-D, which would no longer
+    be the scalar scale / zero point of per-tensor ``DequantizeLinear``)."""
+    return np.array(a, order="C", copy=True) if a.ndim == 0 else np.ascontiguousarray(a)
 
 
 def _store_codes(codes: np.ndarray, bits: int, *, signed: bool) -> np.ndarray:
@@ -208,7 +234,7 @@ class Plan:
                 continue
             if c.bits == 2:
                 opset = max(opset, 25)
-            elif c.bits == 4 or (c.family == "uniform" and c.group_size):
+            elif c.bits == 4 or (c.family == "uniform" and c.group_size > 0):
                 opset = max(opset, 21)
         return opset
 

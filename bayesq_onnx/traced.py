@@ -13,6 +13,7 @@ Pure torch / ``torch.fx``: nothing here knows about ONNX.
 
 from __future__ import annotations
 
+import dataclasses
 import operator
 import types
 from dataclasses import dataclass
@@ -60,6 +61,7 @@ class WeightOp:
     conv: ConvSpec | None = None
     item_axis: int | None = 0
     parameter: str | None = None
+    numel: int | None = None        # the weight's size, when the program records its shape
 
 
 def export_program(module: torch.nn.Module, example: tuple[torch.Tensor, ...], dynamic_shapes) -> fx.GraphModule:
@@ -183,6 +185,16 @@ def _classify(node: fx.Node, constant: dict, batch) -> WeightOp | None:
         return None
     shape = _shape(w)
     parameter = w.target if w.op == "get_attr" else None
+    numel = None
+    if shape is not None and all(isinstance(d, int) for d in shape):
+        numel = 1
+        for d in shape:
+            numel *= d
+    op = _classify_kind(node, t, x, shape, parameter, batch)
+    return None if op is None else dataclasses.replace(op, numel=numel)
+
+
+def _classify_kind(node: fx.Node, t, x: fx.Node, shape, parameter, batch) -> WeightOp | None:
     if t == aten.embedding.default:
         return WeightOp(node.name, "embedding", t, parameter=parameter)
     if t in _LINEAR or t == aten.addmm.default:

@@ -29,10 +29,11 @@ def plan_all(proto: onnx.ModelProto, cand: Candidate, scope: str = "all", seed: 
         if cand.family == "uniform":
             tensors[name] = fit_minmax(w, cand)
         elif cand.family == "codebook":
-            levels = np.sort(rng.normal(0, w.array.std(), (lay.rows // cand.group_size, 2**cand.bits)), axis=1)
+            per = cand.rows_per_table(lay)
+            levels = np.sort(rng.normal(0, w.array.std(), (lay.rows // per, 2**cand.bits)), axis=1)
             levels = levels.astype(np.float16)
             w2 = lay.to_canonical(torch.from_numpy(np.array(w.array)))
-            codes = codebook.nearest_codes(w2, torch.from_numpy(levels), cand.group_size).numpy()
+            codes = codebook.nearest_codes(w2, torch.from_numpy(levels), per).numpy()
             tensors[name] = QuantizedTensor(name, lay, cand, codes=codes, levels=levels)
         else:
             tensors[name] = QuantizedTensor(name, lay, cand, values=w.array)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bayesq_onnx.plan import Candidate
+from bayesq_onnx.plan import TENSOR, Candidate
 from bayesq_onnx.runtime.session import CUDA, cuda_status, make_session, resolve_providers
 from helpers import plan_all, reference_model, rewrite
 from tiny_models import conv_model, linear_model
@@ -14,7 +14,10 @@ pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not cuda_status()[0], reason=
 
 
 @pytest.mark.parametrize("cand", [Candidate("uniform", 4, 16), Candidate("uniform", 2), Candidate("uniform", 3),
-                                  Candidate("codebook", 3, 1), Candidate("codebook", 4, 4)], ids=lambda c: c.label)
+                                  Candidate("codebook", 3, 1), Candidate("codebook", 4, 4),
+                                  # the per-tensor grids --target cuda offers for short rows
+                                  Candidate("uniform", 4, TENSOR), Candidate("uniform", 8, TENSOR)],
+                         ids=lambda c: c.label)
 @pytest.mark.parametrize("make", [linear_model, conv_model], ids=["linear", "conv"])
 def test_artifact_runs_on_cuda_like_on_cpu(make, cand):
     import onnx_ir as ir

@@ -9,7 +9,7 @@ import onnx
 import onnx_ir as ir
 import pytest
 
-from bayesq_onnx.plan import Candidate
+from bayesq_onnx.plan import TENSOR, Candidate
 from bayesq_onnx.report import file_accounting
 from helpers import plan_all, reference_model, rewrite, run
 from tiny_models import conv_model, embedding_model, linear_model
@@ -17,7 +17,10 @@ from tiny_models import conv_model, embedding_model, linear_model
 UNIFORM = [Candidate("uniform", b, g, symmetric=s) for b in (2, 3, 4, 8) for g in (0, 16) for s in (False, True)]
 UNIFORM += [Candidate("uniform", 4, 0, scale_dtype="float32"), Candidate("uniform", 3, 16, scale_dtype="float32")]
 CODEBOOK = [Candidate("codebook", b, r) for b in (2, 3, 4, 8) for r in (1, 4)]
-CANDIDATES = UNIFORM + CODEBOOK + [Candidate("float", 16)]
+# grids shared by the whole tensor (short rows, tests/test_short_rows.py): they fit every layout
+SHARED = [Candidate("uniform", b, TENSOR) for b in (2, 3, 4, 8)] + [Candidate("uniform", 3, TENSOR, symmetric=True)]
+SHARED += [Candidate("codebook", 3, TENSOR), Candidate("codebook", 8, TENSOR)]
+CANDIDATES = UNIFORM + CODEBOOK + SHARED + [Candidate("float", 16)]
 
 MODELS = {
     "linear": (linear_model, lambda rng: {"x": rng.normal(size=(3, 64)).astype(np.float32)}),
@@ -63,7 +66,7 @@ def test_stored_bytes_are_exact(cand):
     assert len(codes.raw_data) == expected
     if cand.family == "codebook":
         levels = next(t for t in proto_q.graph.initializer if t.name == f"{name}.levels")
-        assert len(levels.raw_data) == 2 * (qt.layout.rows // cand.group_size) * 2**cand.bits
+        assert len(levels.raw_data) == 2 * (qt.layout.rows // cand.rows_per_table(qt.layout)) * 2**cand.bits
 
 
 @pytest.mark.parametrize("cand", [Candidate("uniform", 3, 16), Candidate("codebook", 2, 1), Candidate("uniform", 4)],

@@ -83,8 +83,8 @@ def _gptq_problem(rows=24, cols=256, seed=0):
     return w, h, lam
 
 
-@pytest.mark.parametrize("family", ["uniform-row", "uniform-g128", "uniform-sym-g128-s32", "codebook-row",
-                                    "codebook-4rows"])
+@pytest.mark.parametrize("family", ["uniform-row", "uniform-g128", "uniform-sym-g128-s32", "uniform-tensor",
+                                    "codebook-row", "codebook-4rows", "codebook-tensor"])
 @pytest.mark.parametrize("act_order", [False, True])
 def test_gptq_round_matches_the_column_loop_bit_for_bit(family, act_order):
     w, h, lam = _gptq_problem()
@@ -94,8 +94,12 @@ def test_gptq_round_matches_the_column_loop_bit_for_bit(family, act_order):
         grid, _ = design.fit_uniform(w, lam, 4, 128, temperature=0.0)
     elif family == "uniform-sym-g128-s32":
         grid, _ = design.fit_uniform(w, lam, 4, 128, symmetric=True, scale_dtype=torch.float32, temperature=0.0)
+    elif family == "uniform-tensor":
+        grid, _ = design.fit_uniform(w, lam, 3, uniform.TENSOR, temperature=0.0)
     elif family == "codebook-row":
         grid, _ = design.fit_codebook(w, lam, 3, 1, temperature=0.0)
+    elif family == "codebook-tensor":
+        grid, _ = design.fit_codebook(w, lam, 3, w.shape[0], temperature=0.0)
     else:
         grid, _ = design.fit_codebook(w, lam, 2, 4, temperature=0.0)
     want = _reference_gptq(w, h, grid, block=64, act_order=act_order)

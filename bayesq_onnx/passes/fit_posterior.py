@@ -15,6 +15,7 @@ import torch
 from ..bayes.laplace import fit_laplace
 from ..errors import UserError
 from ..export import traced_program
+from ..traced import weight_ops
 from ..models.base import ModelBundle
 from ..quant.layout import WeightLayout
 from .collect_weights import WeightInfo
@@ -117,7 +118,9 @@ class FitPosteriorPass:
         program = traced_program(b)
         batches = [{k: torch.from_numpy(v) for k, v in batch.items()} for batch in b.calibration]
         targets = [torch.from_numpy(t) for t in b.calibration_targets] if b.calibration_targets else None
-        layers = fit_laplace(program, batches, input_names=b.input_names, likelihood=b.likelihood,
+        sizes = {w.size for w in weights.values()}
+        ops = [op for op in weight_ops(program) if op.numel is None or op.numel in sizes]  # only what can bind
+        layers = fit_laplace(program, batches, ops, input_names=b.input_names, likelihood=b.likelihood,
                              targets=targets, progress=self.progress, **self.options)
         by_shape: dict[int, list[str]] = {}
         for key, post in layers.items():

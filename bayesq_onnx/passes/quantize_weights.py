@@ -1,7 +1,8 @@
 """QuantizeWeightsPass: replace each planned weight initializer by its stored form and a decode subgraph.
 
-    uniform  : codes [-> bayesq.Unpack3Bit] -> DequantizeLinear(axis | block_size) [-> Cast float]
-    codebook : codes -> bayesq.CodebookLookup(codes, levels)
+    uniform  : codes [-> bayesq.Unpack3Bit] -> DequantizeLinear(axis | block_size | scalar scale: per tensor)
+               [-> Cast float]
+    codebook : codes -> bayesq.CodebookLookup(codes, levels)   (a table per row, per group of rows, or one)
     float16  : values -> Cast float        (float32 "kept" tensors are left untouched)
 
 The decoded value keeps the weight's name, so consumers read exactly what they read before. A weight
@@ -68,8 +69,9 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
                 onnx_functions.add_function(model, "Unpack3Bit")
                 codes = add("Unpack3Bit", [codes], domain=onnx_functions.DOMAIN, shape=[lay.rows, lay.cols])
             onnx_functions.add_function(model, "CodebookLookup")
+            per = cand.rows_per_table(lay)
             out = add("CodebookLookup", [codes, stored["levels"]], domain=onnx_functions.DOMAIN,
-                      grouped_shape=[lay.rows // cand.group_size, cand.group_size, lay.cols],
+                      grouped_shape=[lay.rows // per, per, lay.cols],
                       pre_shape=list(lay.pre_shape), perm=list(lay.perm))
         else:
             codes = stored["codes"]
@@ -77,7 +79,9 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
                 onnx_functions.add_function(model, "Unpack3Bit")
                 codes = add("Unpack3Bit", [codes], domain=onnx_functions.DOMAIN, shape=list(lay.shape))
             dq_inputs = [codes, stored["scale"]] + ([stored["zero_point"]] if "zero_point" in stored else [])
-            if cand.group_size:
+            if cand.per_tensor:  # scalar scale and zero point: per-tensor quantization, no axis
+                out = add("DequantizeLinear", dq_inputs)
+            elif cand.group_size:
                 out = add("DequantizeLinear", dq_inputs, axis=lay.group_axis, block_size=cand.group_size)
             else:
                 out = add("DequantizeLinear", dq_inputs, axis=lay.row_axis)

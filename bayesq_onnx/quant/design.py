@@ -9,12 +9,15 @@ is the expected loss increase (second order) of quantizing a weight drawn from t
 closed form per weight is :func:`bayesq_onnx.bayes.gaussian.expected_sq_error`.
 
 * ``uniform``: for each row (or group) the clipping range ``[α·min, α·max]`` is searched over a grid of
-  ``α``; scale and zero point follow from the range; the ``α`` with the least ``D`` wins.
+  ``α``; scale and zero point follow from the range; the ``α`` with the least ``D`` wins. A per-tensor grid
+  (``group_size =`` :data:`~bayesq_onnx.quant.uniform.TENSOR`) is the same search with the whole tensor as
+  one row: one ``α`` minimizing ``D`` summed over every weight.
 * ``codebook``: weighted Lloyd (1-D k-means) per table: cells by nearest level, each level the
   ``λ``-weighted mean of its cell — with ``s > 0`` the *posterior* mean, ``Σ λ E[w; cell] / Σ λ P(cell)`` —
   started from the Lloyd–Max levels of N(0, 1) scaled to the table's weighted mean and spread. With hard
   cells (``s = 0``) each table is sorted once (shared by the bit widths of a tensor) and every iteration
-  reads its cell sums off float64 prefix sums at the cell bounds.
+  reads its cell sums off float64 prefix sums at the cell bounds. A table shared by several rows (up to
+  all of them) is fitted on the union of its rows' weights.
 
 Codes are always the nearest grid point of ``μ`` (or of the error-fed-back target, :mod:`.feedback`).
 Everything is vectorized over rows; rows are processed in chunks to bound memory.
@@ -46,7 +49,8 @@ def _temperature_sd(lam: torch.Tensor, temperature: float) -> torch.Tensor:
 
 @dataclass
 class UniformGrid:
-    """Affine grid per row / group: ``ŵ = (q − z)·s``. ``scale``/``zero``: ``[rows, n_groups]``."""
+    """Affine grid per row / group: ``ŵ = (q − z)·s``. ``scale``/``zero``: ``[rows, n_groups]``, or ``[1, 1]``
+    for a per-tensor grid (``group_size = TENSOR``), which every row and column reads."""
 
     scale: torch.Tensor
     zero: torch.Tensor
@@ -65,7 +69,7 @@ class UniformGrid:
     def columns(self, cols: torch.Tensor) -> "_UniformColumns":
         """The grid of the listed columns (all rows), expanded once for column-by-column rounding."""
         lo, hi = uniform.code_range(self.bits, self.symmetric)
-        if self.group_size == 0:
+        if self.group_size in (0, uniform.TENSOR):  # per tensor: s, z [1] broadcast over the rows
             s, z = self.scale[:, 0].contiguous(), self.zero[:, 0].contiguous()
             return _UniformColumns(None, None, s, z, lo, hi, self.scale_dtype)
         idx = cols // self.group_size
@@ -73,6 +77,8 @@ class UniformGrid:
                                lo, hi, self.scale_dtype)
 
     def _expand(self, rows: slice, cols: slice):
+        if self.group_size == uniform.TENSOR:
+            return self.scale, self.zero  # [1, 1]: the same grid for any sub-block
         s, z = self.scale[rows], self.zero[rows]
         if self.group_size == 0:
             return s[:, :1], z[:, :1]
@@ -104,7 +110,7 @@ class CodebookGrid:
 @dataclass
 class _UniformColumns:
     """:meth:`UniformGrid.columns`: per-column scales/zeros ``[n_cols, rows]`` (``None`` for a per-row grid,
-    whose single column ``s``/``z`` ``[rows]`` serves every column)."""
+    whose single column ``s``/``z`` ``[rows]`` serves every column, or a per-tensor one: ``[1]``)."""
 
     scales: torch.Tensor | None
     zeros: torch.Tensor | None
@@ -145,7 +151,8 @@ def _nearest(w: torch.Tensor, sorted_levels: torch.Tensor) -> torch.Tensor:
 def fit_uniform(w2: torch.Tensor, lam: torch.Tensor, bits: int, group_size: int, *, symmetric: bool = False,
                 scale_dtype: torch.dtype = torch.float16, temperature: float = 1.0,
                 ratios: tuple[float, ...] = CLIP_RATIOS) -> tuple[UniformGrid, torch.Tensor]:
-    """Search the clipping ratio per row/group; returns the grid and ``D`` per row/group ``[rows, n_groups]``.
+    """Search the clipping ratio per row/group; returns the grid and ``D`` per row/group ``[rows, n_groups]``
+    (``[1, 1]`` with ``group_size = TENSOR``: one ratio for the whole tensor).
 
     Ratio α clips the min-max range to ``[α·min, α·max]`` (asymmetric) or ``α·max|w|`` (symmetric); the
     scale and zero point follow as in :func:`uniform.minmax_params`, rounded to their storage dtype.
@@ -220,14 +227,20 @@ def _grid_distortion(g_w, g_lam, g_sd, scale, zero, k, scale_dtype, buffers=None
         err.sub_(g_w)
         torch.mul(g_lam, err, out=tmp).mul_(err)
         return tmp.sum(-1)
-    out = torch.empty(g_w.shape[:2])
-    rows = max(1, _CHUNK_ELEMENTS // max(1, g_w[0].numel() * k.numel()))
+    out = torch.zeros(g_w.shape[:2])
+    per_row = g_w[0].numel() * k.numel()
+    rows = max(1, _CHUNK_ELEMENTS // max(1, per_row))
+    # a row longer than a chunk (a per-tensor grid of a large tensor) is summed over column chunks
+    n = g_w.shape[-1]
+    step = n if per_row <= _CHUNK_ELEMENTS else max(1, _CHUNK_ELEMENTS // (g_w.shape[1] * k.numel()))
     for r in range(0, g_w.shape[0], rows):
         sl = slice(r, r + rows)
         levels = ((k - zero[sl][..., None]) * scale[sl][..., None]).to(scale_dtype).float()  # [r, G, K]
-        levels = levels[:, :, None, :].expand(*g_w[sl].shape, k.numel())
-        e = gaussian.expected_sq_error(g_w[sl], g_sd[sl], levels)
-        out[sl] = (g_lam[sl] * e).sum(-1)
+        for c in range(0, n, step):
+            cs = slice(c, c + step)
+            lv = levels[:, :, None, :].expand(*g_w[sl, :, cs].shape, k.numel())
+            e = gaussian.expected_sq_error(g_w[sl, :, cs], g_sd[sl, :, cs], lv)
+            out[sl] += (g_lam[sl, :, cs] * e).sum(-1)
     return out
 
 

@@ -1,10 +1,10 @@
 """Affine (uniform) scalar quantization of a canonical ``[rows, cols]`` weight matrix.
 
-Grid: a row (or a group of ``group_size`` consecutive columns of a row) gets a scale ``s`` and an integer
-zero point ``z``; codes ``q ∈ [0, 2^b − 1]`` (asymmetric) or ``q ∈ [−2^(b−1), 2^(b−1) − 1]`` (symmetric,
-``z = 0``) and the dequantized weight is ``ŵ = (q − z)·s``, exactly what ONNX ``DequantizeLinear`` computes.
-Scales are rounded to their storage dtype *before* the codes are chosen, so ``ŵ`` is what the artifact
-holds, bit for bit.
+Grid: a row (or a group of ``group_size`` consecutive columns of a row, or — ``group_size =`` :data:`TENSOR`
+— the whole tensor) gets a scale ``s`` and an integer zero point ``z``; codes ``q ∈ [0, 2^b − 1]``
+(asymmetric) or ``q ∈ [−2^(b−1), 2^(b−1) − 1]`` (symmetric, ``z = 0``) and the dequantized weight is
+``ŵ = (q − z)·s``, exactly what ONNX ``DequantizeLinear`` computes. Scales are rounded to their storage
+dtype *before* the codes are chosen, so ``ŵ`` is what the artifact holds, bit for bit.
 """
 
 from __future__ import annotations
@@ -13,6 +13,9 @@ import torch
 
 # The smallest positive float16 (a subnormal): a scale must survive storage as float16.
 _MIN_SCALE = 2.0**-24
+# ``group_size`` of a grid shared by the whole tensor: one scale and zero point (uniform), one table
+# (codebook). Negative, so it never collides with a count of columns or rows.
+TENSOR = -1
 
 
 def code_range(bits: int, symmetric: bool) -> tuple[int, int]:
@@ -23,8 +26,12 @@ def code_range(bits: int, symmetric: bool) -> tuple[int, int]:
 
 
 def grouped(w2: torch.Tensor, group_size: int) -> torch.Tensor:
-    """``[rows, cols]`` -> ``[rows, n_groups, group]``; ``group_size = 0`` means one group per row."""
+    """``[rows, cols]`` -> ``[rows, n_groups, group]``; ``group_size = 0`` means one group per row, and
+    :data:`TENSOR` one group for the whole tensor, ``[1, 1, rows·cols]`` (the tensor as one long row, so
+    every per-row fit and reduction serves the per-tensor grid unchanged)."""
     rows, cols = w2.shape
+    if group_size == TENSOR:
+        return w2.reshape(1, 1, rows * cols)
     if group_size == 0:
         return w2.reshape(rows, 1, cols)
     if cols % group_size:
@@ -40,7 +47,8 @@ def round_scale(scale: torch.Tensor, scale_dtype: torch.dtype) -> torch.Tensor:
 def minmax_params(
     w2: torch.Tensor, bits: int, group_size: int, *, symmetric: bool, scale_dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Min-max grid per row / group: returns ``(scale, zero)``, each ``[rows, n_groups]``.
+    """Min-max grid per row / group: returns ``(scale, zero)``, each ``[rows, n_groups]`` (``[1, 1]`` for
+    :data:`TENSOR`).
 
     Asymmetric: the range ``[min(w, 0), max(w, 0)]`` is split into ``2^b − 1`` steps,
     ``s = (max − min)/(2^b − 1)`` and ``z = round(−min/s)``, so zero is exactly representable.
