@@ -7,6 +7,7 @@ import math
 import numpy as np
 import onnx
 import onnx_ir as ir
+import onnxruntime as ort
 import pytest
 
 from bayesq_onnx.plan import TENSOR, Candidate
@@ -112,3 +113,26 @@ def test_opset_follows_dtypes():
     assert plan_all(proto, Candidate("uniform", 8)).min_opset == 19
     model, _ = rewrite(proto, plan_all(proto, Candidate("uniform", 2)))
     assert model.opset_imports[""] == 25 and model.ir_version >= 11
+
+
+def test_a_weight_that_is_also_a_graph_output_is_decoded_there_too():
+    import onnx.helper as oh
+
+    w = np.random.default_rng(0).normal(size=(8, 4)).astype(np.float32)
+    graph = oh.make_graph(
+        [oh.make_node("MatMul", ["x", "W"], ["y"])], "g",
+        [oh.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 8])],
+        [oh.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 4]),
+         oh.make_tensor_value_info("W", onnx.TensorProto.FLOAT, [8, 4])],
+        [onnx.numpy_helper.from_array(w, "W")])
+    proto = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 21)], ir_version=10)
+    plan = plan_all(proto, Candidate("uniform", 4))
+    model, flags = rewrite(proto, plan)
+    assert flags[1]
+    serialized = ir.serde.serialize_model(model)
+    onnx.checker.check_model(serialized, full_check=True)
+    sess = ort.InferenceSession(serialized.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = np.ones((2, 8), np.float32)
+    y, w_out = sess.run(None, {"x": x})
+    np.testing.assert_allclose(w_out, plan.tensors["W"].dequantize(), atol=1e-6)
+    np.testing.assert_allclose(y, x @ w_out, rtol=1e-5, atol=1e-5)

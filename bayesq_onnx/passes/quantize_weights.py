@@ -88,15 +88,13 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
             if cand.scale_dtype != "float32":
                 out = add("Cast", [out], to=ir.DataType.FLOAT)
 
-        ir.convenience.replace_all_uses_with(value, out)
+        # a weight that is also a graph output: the output becomes the decoded value (same name, same numbers)
+        ir.convenience.replace_all_uses_with(value, out, replace_graph_outputs=True)
         graph.initializers.pop(name)
         out.name = name
         out.dtype = ir.DataType.FLOAT
         out.shape = ir.Shape(list(lay.shape))
         graph.insert_before(graph[0], nodes)
-        for i, v in enumerate(graph.outputs):
-            if v is value:
-                graph.outputs[i] = out
 
     @staticmethod
     def _initializer(graph: ir.Graph, name: str, array) -> ir.Value:
