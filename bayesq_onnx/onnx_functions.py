@@ -2,7 +2,15 @@
 
 They live in the ``bayesq`` domain, so a rewritten graph reads as one node per weight. Every op inside is
 standard ONNX; runtimes inline the functions, and since all inputs are initializers ORT folds them into
-plain float weights when the session starts.
+plain float weights when the session starts -- in a session created with no options: none of them uses
+``DequantizeLinear``, which ORT's default QDQ handling keeps unfolded.
+
+What ORT's default constant folding folds (onnxruntime 1.31, CPU EP; checked by
+``tests/test_default_session.py``): ``Cast`` from every code dtype (INT8/UINT8, INT4/UINT4, INT2/UINT2) to
+float or int64, and float32 ``Reshape``/``Sub``/``Mul``/``GatherElements``/``Cast``. It cannot fold ops
+with no CPU kernel for their input type: ``Reshape`` of INT4/UINT4/INT2 tensors (so codes are cast before
+they are reshaped) and float16 ``Sub``/``Mul`` (so the arithmetic is float32 and only its result is rounded
+to float16).
 """
 
 from __future__ import annotations
@@ -55,7 +63,33 @@ def CodebookLookup(codes, levels, grouped_shape: Sequence[int], pre_shape: Seque
     return op.Cast(w, to=_FLOAT)
 
 
-FUNCTIONS = {"Unpack3Bit": Unpack3Bit, "CodebookLookup": CodebookLookup}
+@onnxscript.script(_bq, default_opset=op)
+def DequantizeAffine(codes, scale, zero_point, grouped_shape: Sequence[int], shape: Sequence[int], precision: int):
+    """Decode a uniform weight with a zero point: ``W = reshape(round((q − z)·s), shape)``, the value
+    ``DequantizeLinear`` computes, in ops that ORT's default session constant-folds.
+
+    ``codes`` (any integer dtype) are cast to float and reshaped to ``grouped_shape`` (the weight's shape,
+    with the input-channel axis split into [groups, group_size] for blocked scales); ``scale`` and
+    ``zero_point`` are stored in a shape that broadcasts against it. The float32 product is rounded to the
+    scale's element type ``precision`` (as ``DequantizeLinear``'s output is) and returned as float.
+    """
+    q = op.Reshape(op.Cast(codes, to=_FLOAT), op.Constant(value_ints=grouped_shape))
+    w = op.Mul(op.Sub(q, op.Cast(zero_point, to=_FLOAT)), op.Cast(scale, to=_FLOAT))
+    w = op.Cast(op.Cast(w, to=precision), to=_FLOAT)
+    return op.Reshape(w, op.Constant(value_ints=shape))
+
+
+@onnxscript.script(_bq, default_opset=op)
+def DequantizeSymmetric(codes, scale, grouped_shape: Sequence[int], shape: Sequence[int], precision: int):
+    """:func:`DequantizeAffine` without a zero point (signed codes): ``W = reshape(round(q·s), shape)``."""
+    q = op.Reshape(op.Cast(codes, to=_FLOAT), op.Constant(value_ints=grouped_shape))
+    w = op.Mul(q, op.Cast(scale, to=_FLOAT))
+    w = op.Cast(op.Cast(w, to=precision), to=_FLOAT)
+    return op.Reshape(w, op.Constant(value_ints=shape))
+
+
+FUNCTIONS = {"Unpack3Bit": Unpack3Bit, "CodebookLookup": CodebookLookup,
+             "DequantizeAffine": DequantizeAffine, "DequantizeSymmetric": DequantizeSymmetric}
 
 
 def add_function(model: ir.Model, name: str) -> None:

@@ -265,7 +265,7 @@ def _rewrite(fp_bytes: bytes, plan: Plan, config: CompileConfig, rep: Reporter,
             raise PassFailure(f"distilled value of {name!r} has shape {value.shape}, the initializer {init.shape}")
         init.const_value = ir.Tensor(np.ascontiguousarray(value, dtype=np.float32), name=name)
     _run(UpgradeOpsetPass(plan.min_opset), q_model, config, rep)
-    _run(QuantizeWeightsPass(plan), q_model, config, rep)
+    _run(QuantizeWeightsPass(plan, target=config.target), q_model, config, rep)
     q_model.metadata_props.update({
         "bayesq.version": __version__, "bayesq.method": plan.method,
         "bayesq.all_in_bits": f"{plan.all_in_bits:.6f}",

@@ -142,13 +142,19 @@ class QuantizedTensor:
         return self.layout.from_canonical(w2.numpy())
 
     # ---- storage --------------------------------------------------------------------------------
-    def stored(self) -> dict[str, np.ndarray]:
+    def stored(self, broadcast: bool = False) -> dict[str, np.ndarray]:
         """Role -> array exactly as written to the ONNX file (dtype and layout).
 
         uniform: ``codes`` in the original layout (3-bit: packed bytes of that layout), ``scale`` and
         ``zero_point`` shaped for ``DequantizeLinear`` (scalars per tensor, 1-D per row, blocked otherwise;
         no zero point for symmetric 2/4/8-bit). codebook: canonical ``codes`` (3-bit packed), ``levels``
         ``[n_tables, 1, 2^b]``.
+
+        ``broadcast=True`` (the arithmetic decode of size-target artifacts): the same arrays, same bytes in
+        the same order, with uniform ``scale`` and ``zero_point`` shaped to broadcast against the weight:
+        per row, size-1 axes except the row axis; per group, the blocked shape with a size-1 axis inserted
+        after the input-channel axis (against the codes reshaped by :meth:`grouped_shape`). Only the dims
+        differ, so :meth:`stored_bits` is the same for both.
         """
         c, lay = self.candidate, self.layout
         if c.family == "float":
@@ -170,11 +176,28 @@ class QuantizedTensor:
         else:
             last = lay.in_channels // c.group_size
             scale, zero = lay.from_canonical(scale, last), lay.from_canonical(zero, last)
+        if broadcast and not c.per_tensor:
+            if c.group_size == 0:
+                dims = [1] * len(lay.shape)
+                dims[lay.row_axis] = lay.rows
+                scale, zero = scale.reshape(dims), zero.reshape(dims)
+            else:
+                scale, zero = np.expand_dims(scale, lay.group_axis + 1), np.expand_dims(zero, lay.group_axis + 1)
         out["scale"] = _contiguous(scale.astype(_SCALE_DTYPES[c.scale_dtype][0]))
         if not signed:
             zdtype = np.dtype(np.uint8) if packed3 else packing.code_dtype(c.bits, signed=False)
             out["zero_point"] = _contiguous(zero.astype(np.int16).astype(zdtype))
         return out
+
+    def grouped_shape(self) -> list[int]:
+        """Uniform: the weight's shape with its input-channel axis split into ``[groups, group_size]`` for
+        per-group scales (the codes' shape in the arithmetic decode, against ``stored(broadcast=True)``
+        scales); the weight's shape otherwise."""
+        shape, c = list(self.layout.shape), self.candidate
+        if c.family != "uniform" or c.per_tensor or c.group_size == 0:
+            return shape
+        axis = self.layout.group_axis
+        return shape[:axis] + [shape[axis] // c.group_size, c.group_size] + shape[axis + 1:]
 
     def stored_bits(self) -> int:
         return 8 * sum(packing.stored_nbytes(a) for a in self.stored().values())

@@ -323,8 +323,8 @@ def notes_text(ctx: Context, notes: list[str], command: str) -> str:
         ("- compile s: wall time to produce the artifact. Ours: `compile_model` on the loaded bundle (export, "
         "analysis, plan, rewrite, write; its own validation stage subtracted). Peers: the quantizer call on the "
         f"exported FP32 model (the export itself, {ctx.export_s:.1f} s, is not included; FP32 row: the export)"),
-        ("- sessions: ours with the session settings the artifact records (size mode: "
-        "`session.disable_quant_qdq=1`, decodes folded at session start); peers with ORT defaults "
+        ("- sessions: ours with the session settings the artifact records (size mode: none, a default "
+        "session; its decodes fold at session start); peers with ORT defaults "
         "(MatMulNBits needs no setting; accuracy_level unset, i.e. float compute, unless the label says accN; "
         "QDQ models run ORT's quantized kernels). Our `--target speed` artifacts store DequantizeLinear → MatMul, "
         "which ORT fuses into MatMulNBits with its session default `session.qdq_matmulnbits_accuracy_level` = 4 "

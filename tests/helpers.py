@@ -14,7 +14,6 @@ from bayesq_onnx.passes.quantize_weights import QuantizeWeightsPass
 from bayesq_onnx.passes.upgrade_opset import UpgradeOpsetPass
 from bayesq_onnx.plan import Candidate, Plan, QuantizedTensor
 from bayesq_onnx.quant import codebook
-from bayesq_onnx.runtime.session import SIZE_MODE_SESSION_CONFIG
 
 
 def plan_all(proto: onnx.ModelProto, cand: Candidate, scope: str = "all", seed: int = 0) -> Plan:
@@ -40,10 +39,10 @@ def plan_all(proto: onnx.ModelProto, cand: Candidate, scope: str = "all", seed: 
     return Plan("test", tensors)
 
 
-def rewrite(proto: onnx.ModelProto, plan: Plan) -> tuple[ir.Model, list[bool]]:
-    """Upgrade + quantize; returns the model and the passes' ``modified`` flags."""
+def rewrite(proto: onnx.ModelProto, plan: Plan, target: str = "size") -> tuple[ir.Model, list[bool]]:
+    """Upgrade + quantize (in ``target``'s decode form); returns the model and the passes' ``modified`` flags."""
     model = ir.serde.deserialize_model(proto)
-    flags = [UpgradeOpsetPass(plan.min_opset)(model).modified, QuantizeWeightsPass(plan)(model).modified]
+    flags = [UpgradeOpsetPass(plan.min_opset)(model).modified, QuantizeWeightsPass(plan, target)(model).modified]
     return model, flags
 
 
@@ -59,14 +58,17 @@ def reference_model(proto: onnx.ModelProto, plan: Plan) -> onnx.ModelProto:
 
 def run(model: onnx.ModelProto | ir.Model | bytes, feed: dict, config: dict | None = None,
         optimized_path: str | None = None) -> np.ndarray:
+    """First output of ``model`` in an ORT CPU session with no options but the session config entries
+    ``config`` (none: how users load a model); ``optimized_path`` writes the graph ORT runs (at ORT's default
+    optimization level, so it shows what the session folded)."""
     if isinstance(model, ir.Model):
         model = ir.serde.serialize_model(model)
     if isinstance(model, onnx.ModelProto):
         model = model.SerializeToString()
     options = ort.SessionOptions()
-    for k, v in (config if config is not None else SIZE_MODE_SESSION_CONFIG).items():
+    options.log_severity_level = 3  # no warning for writing a model optimized at ORT_ENABLE_ALL
+    for k, v in (config or {}).items():
         options.add_session_config_entry(k, v)
     if optimized_path:
         options.optimized_model_filepath = optimized_path
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"]).run(None, feed)[0]

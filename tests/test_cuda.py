@@ -19,12 +19,13 @@ pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not cuda_status()[0], reason=
                                   Candidate("uniform", 4, TENSOR), Candidate("uniform", 8, TENSOR)],
                          ids=lambda c: c.label)
 @pytest.mark.parametrize("make", [linear_model, conv_model], ids=["linear", "conv"])
-def test_artifact_runs_on_cuda_like_on_cpu(make, cand):
+@pytest.mark.parametrize("target", ["size", "cuda"])  # the arithmetic decode and DequantizeLinear
+def test_artifact_runs_on_cuda_like_on_cpu(make, cand, target):
     import onnx_ir as ir
 
     proto = make()
     plan = plan_all(proto, cand)
-    model, _ = rewrite(proto, plan)
+    model, _ = rewrite(proto, plan, target=target)
     data = ir.serde.serialize_model(model).SerializeToString()
     shape = (2, 64) if make is linear_model else (2, 64, 8, 8)
     feed = {"x": np.random.default_rng(0).normal(size=shape).astype(np.float32)}

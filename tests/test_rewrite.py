@@ -96,7 +96,7 @@ def test_rewrite_is_deterministic():
 @pytest.mark.parametrize("cand", [Candidate("uniform", 4, 16), Candidate("uniform", 3), Candidate("codebook", 3, 1),
                                   Candidate("codebook", 2, 4), Candidate("float", 16)], ids=lambda c: c.label)
 def test_ort_folds_decode_subgraphs_at_session_start(tmp_path, cand):
-    """With the artifact's session config, ORT's constant folding leaves no decode op in the graph."""
+    """In a default session (no options), ORT's constant folding leaves no decode op in the graph."""
     proto = linear_model()
     model, _ = rewrite(proto, plan_all(proto, cand))
     opt = tmp_path / "optimized.onnx"

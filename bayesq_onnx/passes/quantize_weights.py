@@ -1,9 +1,20 @@
 """QuantizeWeightsPass: replace each planned weight initializer by its stored form and a decode subgraph.
 
-    uniform  : codes [-> bayesq.Unpack3Bit] -> DequantizeLinear(axis | block_size | scalar scale: per tensor)
-               [-> Cast float]
+    uniform, size target (the default)
+               : codes [-> bayesq.Unpack3Bit] -> bayesq.DequantizeAffine(codes, scale, zero_point)
+                 (symmetric 2/4/8-bit: bayesq.DequantizeSymmetric(codes, scale)): Cast -> Reshape -> Sub -> Mul
+                 -> rounded to the scale's dtype -> float, scales stored in a shape that broadcasts
+    uniform, cuda target, and speed target where every consumer is a MatMul (ORT fuses it: MatMulNBits)
+               : codes [-> bayesq.Unpack3Bit] -> DequantizeLinear(axis | block_size | scalar scale: per tensor)
+                 [-> Cast float]
     codebook : codes -> bayesq.CodebookLookup(codes, levels)   (a table per row, per group of rows, or one)
     float16  : values -> Cast float        (float32 "kept" tensors are left untouched)
+
+Both uniform forms compute the same numbers (``QuantizedTensor.dequantize()``) from the same stored bytes.
+ONNX Runtime's default session (no options) constant-folds every size-target decode into a plain float
+weight at session start, so a size artifact runs at FP32 speed as users load it; it keeps
+``DequantizeLinear`` unfolded (QDQ handling), which the speed target needs (the DequantizeLinear -> MatMul
+pattern becomes ``MatMulNBits``) and the CUDA execution provider runs natively.
 
 The decoded value keeps the weight's name, so consumers read exactly what they read before. A weight
 that is no longer an initializer has been rewritten already: running the pass twice changes nothing.
@@ -17,13 +28,21 @@ from .. import onnx_functions
 from ..errors import PassFailure
 from ..plan import Plan, QuantizedTensor
 
+# targets whose uniform weights stay behind DequantizeLinear (what their execution providers fuse or run)
+DEQUANTIZE_LINEAR_TARGETS = ("speed", "cuda")
+TARGETS = ("size", *DEQUANTIZE_LINEAR_TARGETS)
+
 
 class QuantizeWeightsPass(ir.passes.InPlacePass):
-    """Rewrite every tensor of ``plan`` that is still a float initializer of the main graph."""
+    """Rewrite every tensor of ``plan`` that is still a float initializer of the main graph, in the decode
+    form of ``target`` (``size``: ops ORT's default session folds; ``speed``/``cuda``: DequantizeLinear)."""
 
-    def __init__(self, plan: Plan):
+    def __init__(self, plan: Plan, target: str = "size"):
         super().__init__()
+        if target not in TARGETS:
+            raise ValueError(f"unknown target {target!r}; expected one of {TARGETS}")
         self.plan = plan
+        self.target = target
 
     def requires(self, model: ir.Model) -> None:
         opset = model.opset_imports.get("", 0)
@@ -52,7 +71,9 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
         graph, name, cand = model.graph, value.name, qt.candidate
         if tuple(int(d) for d in value.shape) != qt.layout.shape:
             raise ValueError(f"plan shape {qt.layout.shape} != initializer shape {tuple(value.shape)}")
-        stored = {role: self._initializer(graph, f"{name}.{role}", arr) for role, arr in qt.stored().items()}
+        arithmetic = cand.family == "uniform" and not self._keeps_dequantize_linear(value)
+        stored = {role: self._initializer(graph, f"{name}.{role}", arr)
+                  for role, arr in qt.stored(broadcast=arithmetic).items()}
         nodes: list[ir.Node] = []
 
         def add(op_type, inputs, domain="", **attributes) -> ir.Value:
@@ -79,13 +100,19 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
                 onnx_functions.add_function(model, "Unpack3Bit")
                 codes = add("Unpack3Bit", [codes], domain=onnx_functions.DOMAIN, shape=list(lay.shape))
             dq_inputs = [codes, stored["scale"]] + ([stored["zero_point"]] if "zero_point" in stored else [])
-            if cand.per_tensor:  # scalar scale and zero point: per-tensor quantization, no axis
+            if arithmetic:  # (q - z)·s in ops ORT's default constant folding folds
+                fn = "DequantizeAffine" if "zero_point" in stored else "DequantizeSymmetric"
+                onnx_functions.add_function(model, fn)
+                precision = ir.DataType.FLOAT16 if cand.scale_dtype == "float16" else ir.DataType.FLOAT
+                out = add(fn, dq_inputs, domain=onnx_functions.DOMAIN, grouped_shape=qt.grouped_shape(),
+                          shape=list(lay.shape), precision=int(precision))
+            elif cand.per_tensor:  # scalar scale and zero point: per-tensor quantization, no axis
                 out = add("DequantizeLinear", dq_inputs)
             elif cand.group_size:
                 out = add("DequantizeLinear", dq_inputs, axis=lay.group_axis, block_size=cand.group_size)
             else:
                 out = add("DequantizeLinear", dq_inputs, axis=lay.row_axis)
-            if cand.scale_dtype != "float32":
+            if cand.scale_dtype != "float32" and not arithmetic:
                 out = add("Cast", [out], to=ir.DataType.FLOAT)
 
         # a weight that is also a graph output: the output becomes the decoded value (same name, same numbers)
@@ -95,6 +122,19 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
         out.dtype = ir.DataType.FLOAT
         out.shape = ir.Shape(list(lay.shape))
         graph.insert_before(graph[0], nodes)
+
+    def _keeps_dequantize_linear(self, value: ir.Value) -> bool:
+        """Whether a uniform weight stays behind DequantizeLinear: under ``cuda`` always; under ``speed`` where
+        ORT fuses it (every consumer a MatMul reading it as B: ``MatMulNBits``); elsewhere the arithmetic
+        decode, which ORT folds even with its QDQ handling on (a DequantizeLinear into Conv or Gemm would
+        run on every call)."""
+        if self.target == "cuda":
+            return True
+        if self.target == "speed":
+            uses = list(value.uses())
+            return bool(uses) and all(node.op_type == "MatMul" and node.domain == "" and index == 1
+                                      for node, index in uses)
+        return False
 
     @staticmethod
     def _initializer(graph: ir.Graph, name: str, array) -> ir.Value:

@@ -14,16 +14,20 @@ from ..errors import UserError
 PROVIDERS = ("auto", "cpu", "cuda")
 CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
 
-# Size-mode artifacts keep weights behind DequantizeLinear; ORT's QDQ handling leaves DQ nodes unfolded
-# (to look for quantized kernels) unless QDQ processing is off. With it off, every decode subgraph folds
-# to a plain float weight when the session starts.
-SIZE_MODE_SESSION_CONFIG = {"session.disable_quant_qdq": "1"}
+# ORT's default QDQ handling leaves DequantizeLinear nodes unfolded (to look for quantized kernels); with it
+# off, every DequantizeLinear over an initializer folds to a plain float weight when the session starts.
+FOLD_DEQUANTIZE_LINEAR_CONFIG = {"session.disable_quant_qdq": "1"}
 
 
 def session_config_for(target: str) -> dict[str, str]:
-    """Session settings an artifact is meant to run with: speed-mode artifacts need ORT's QDQ handling on
-    (it fuses DequantizeLinear → MatMul into MatMulNBits); every other artifact folds its decodes."""
-    return {} if target == "speed" else dict(SIZE_MODE_SESSION_CONFIG)
+    """Session settings an artifact of ``target`` is meant to run with.
+
+    size: none -- its decodes use no DequantizeLinear and fold in a default session
+    (``ort.InferenceSession(path)``); speed: none -- ORT's QDQ handling must stay on to fuse
+    DequantizeLinear → MatMul into MatMulNBits; cuda: uniform weights stay behind DequantizeLinear (the CUDA
+    execution provider runs it natively), folded at session start with QDQ handling off.
+    """
+    return dict(FOLD_DEQUANTIZE_LINEAR_CONFIG) if target == "cuda" else {}
 
 
 @functools.lru_cache(maxsize=1)
