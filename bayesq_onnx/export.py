@@ -183,13 +183,15 @@ def _digest(a: np.ndarray) -> str:
 
 
 def torch_outputs(module: torch.nn.Module, batches: list[Batch], input_names: list[str]) -> np.ndarray:
-    """First output of ``module`` on each batch, concatenated."""
+    """First output of ``module`` on each batch, concatenated (as ``run_batches`` does for ORT)."""
+    from .runtime.session import concat_items
+
     outs = []
     with torch.inference_mode():
         for b in batches:
             out = module(*(torch.from_numpy(b[n]) for n in input_names))
             outs.append((out[0] if isinstance(out, (tuple, list)) else out).float().numpy())
-    return np.concatenate(outs)
+    return concat_items(outs)
 
 
 @contextlib.contextmanager

@@ -173,7 +173,7 @@ def fit_laplace(
                         out = module(*part)
                         out = out[0] if isinstance(out, (tuple, list)) else out
                         if pass_index == 0:
-                            outputs.append(out.detach().float().reshape(out.shape[0], -1))
+                            outputs.append(out.detach().float())
                         for s in range(samples):
                             for layer in layers.values():
                                 layer.calls.clear()
@@ -196,7 +196,7 @@ def fit_laplace(
     n = float(n_data) if n_data is not None else float(items)
     noise = 1.0
     if likelihood == "gaussian":
-        noise = float(output_noise) if output_noise is not None else max(float(torch.cat(outputs).var(dim=0).mean()), 1e-12)
+        noise = float(output_noise) if output_noise is not None else _output_variance(outputs)
     result = {}
     for name, layer in layers.items():
         if layer.weight is None or layer.fisher is None:
@@ -227,6 +227,17 @@ def fit_laplace(
             post.U = layer.Q @ (u_small[:, :k] * (sing[:k] / (items * samples * noise) ** 0.5))
         result[name] = post
     return result
+
+
+def _output_variance(outputs: list[torch.Tensor]) -> float:
+    """σ² of a Gaussian output: the mean over output coordinates of their variance across items; when the
+    batches' outputs differ in shape (one row per token, batches of different lengths), each row of the last
+    axis counts as a sample of its coordinates."""
+    if len({tuple(o.shape[1:]) for o in outputs}) == 1:
+        flat = torch.cat([o.reshape(o.shape[0], -1) for o in outputs])
+    else:
+        flat = torch.cat([o.reshape(-1, o.shape[-1]) for o in outputs])
+    return max(float(flat.var(dim=0).mean()), 1e-12)
 
 
 def fit_parameters(module: torch.nn.Module, batches: list[dict[str, torch.Tensor]], parameters: Iterable[str], *,

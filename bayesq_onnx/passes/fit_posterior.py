@@ -97,6 +97,11 @@ def bind_weight(array: np.ndarray, frame: torch.Tensor, op: str, rtol: float = 1
     return None
 
 
+# ONNX consumer -> the program op kinds whose weight it can hold
+_KINDS = {"MatMul": {"linear"}, "Gemm": {"linear"}, "Conv": {"conv", "generic"}, "ConvTranspose": {"generic"},
+          "Gather": {"embedding"}}
+
+
 class FitPosteriorPass:
     """Fit the Laplace posterior of every weight op of the traced program and re-express it per ONNX
     initializer. Afterwards ``unbound`` lists the initializers no op's weight was found in (they need the
@@ -127,7 +132,11 @@ class FitPosteriorPass:
             by_shape.setdefault(post.weight.numel(), []).append(key)
         out, self.unbound = {}, []
         for name, w in weights.items():
-            found = [bnd for key in by_shape.get(w.size, ()) if (bnd := bind_weight(w.array, layers[key].weight, key))]
+            # an initializer holds the weight of the program ops of its own consumers' kind: a table that a
+            # Gather reads and a MatMul reads from another copy is the MatMul's weight only
+            kinds = set().union(*(_KINDS.get(op, set()) for op in w.consumers))
+            found = [bnd for key in by_shape.get(w.size, ()) if layers[key].info["kind"] in kinds
+                     and (bnd := bind_weight(w.array, layers[key].weight, key))]
             if not found:
                 self.unbound.append(name)
                 continue
@@ -151,8 +160,8 @@ def _canonical(name: str, fits: list, layout: WeightLayout) -> WeightPosterior:
     tau = canon(torch.full_like(post.fisher_diag, post.prior_precision), binding)
     info = dict(post.info)
     info["posterior"] = "Laplace (" + ", ".join(
-        f"{p.parameter if p.parameter != p.op else 'op ' + p.op}"
-        + (" ᵀ" if bnd.transposed else "") + (" × per-channel scale" if bnd.scale is not None else "")
+        (f"{p.parameter} at op {p.op}" if p.parameter != p.op else f"computed weight of op {p.op}")
+        + (", transposed" if bnd.transposed else "") + (", × per-channel scale" if bnd.scale is not None else "")
         for p, bnd in fits) + ")"
     # a scaled weight's prior precision is τ/s² per channel: report the mean as the scalar τ
     wp = WeightPosterior(name, post.parameter, data + tau, float(tau.mean()), post.n_data, info=info)

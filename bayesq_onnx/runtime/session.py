@@ -88,7 +88,19 @@ def make_session(model: str | Path | bytes, providers: list[str],
 
 
 def run_batches(session: ort.InferenceSession, batches: list[dict[str, np.ndarray]], progress=None) -> np.ndarray:
-    """First output on every batch, concatenated."""
+    """First output on every batch, concatenated (:func:`concat_items`)."""
     names = {i.name for i in session.get_inputs()}
     batches = progress(batches) if progress else batches
-    return np.concatenate([session.run(None, {k: v for k, v in b.items() if k in names})[0] for b in batches])
+    return concat_items([session.run(None, {k: v for k, v in b.items() if k in names})[0] for b in batches])
+
+
+def concat_items(outputs: list[np.ndarray]) -> np.ndarray:
+    """Batches' outputs joined along the item axis. Where a later axis differs in length across batches (one
+    row per token, batches of different lengths), each is zero-padded at its end to the longest: two models
+    compared on the same batches get the same padding, and zeros add nothing to any per-item dot product,
+    norm or difference, so the fidelity figures are those of the unpadded outputs."""
+    if len({o.shape[1:] for o in outputs}) <= 1:
+        return np.concatenate(outputs)
+    longest = np.max([o.shape[1:] for o in outputs], axis=0)
+    return np.concatenate([np.pad(o, [(0, 0)] + [(0, int(m) - d) for m, d in zip(longest, o.shape[1:])])
+                           for o in outputs])
