@@ -34,11 +34,24 @@ def gptq_round(w2: torch.Tensor, hessian: torch.Tensor, grid, *, block: int = 12
     h = hessian.double().clone()
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
-    h += damp * torch.mean(torch.diag(h)) * torch.eye(cols, dtype=h.dtype)
+    mean_diag = torch.mean(torch.diag(h))
+    h += damp * mean_diag * torch.eye(cols, dtype=h.dtype)
     perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(cols)
     inv_perm = torch.argsort(perm)
     w, h = w[:, perm], h[perm][:, perm]
-    hinv = inverse_cholesky_upper(h).float()
+    # a second moment of low rank (fewer calibration tokens than columns) with a tiny dampening can lose
+    # positive definiteness to round-off: add ten times the dampening until the factorization holds, as
+    # GPTQ's implementations do
+    extra = max(damp, 1e-6)
+    while True:
+        try:
+            hinv = inverse_cholesky_upper(h).float()
+            break
+        except torch.linalg.LinAlgError:
+            if extra > 1.0:
+                raise
+            h += 9 * extra * mean_diag * torch.eye(cols, dtype=h.dtype)
+            extra *= 10
     codes = torch.zeros(rows, cols, dtype=torch.int16)
     values = torch.zeros(rows, cols)
     columns = getattr(grid, "columns", None)
