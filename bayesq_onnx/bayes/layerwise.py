@@ -38,14 +38,33 @@ def conv_patches(x: torch.Tensor, kernel: tuple[int, ...], *, strides: tuple[int
     if nd == 1:  # treat as 2-D with a unit height
         x, kernel, strides, dilations = x.unsqueeze(2), (1, *kernel), (1, *strides), (1, *dilations)
         pads = (0, pads[0], 0, pads[1])
+    c = x.shape[1]
+    if kernel == (1, 1) and not any(pads):  # pointwise: the strided input itself, no im2col
+        x = x[:, :, ::strides[0], ::strides[1]]
+        b, length = x.shape[0], x.shape[2] * x.shape[3]
+        return x.reshape(b, groups, c // groups, length).permute(0, 3, 1, 2).reshape(b * length, groups, c // groups)
     # F.pad takes (last-dim begin, last-dim end, previous-dim begin, previous-dim end)
     x = F.pad(x, (pads[1], pads[3], pads[0], pads[2]))
-    c = x.shape[1]
     patches = F.unfold(x, kernel, dilation=dilations, stride=strides)          # [B, C·kh·kw, L] (c-major)
     b, _, length = patches.shape
     taps = kernel[0] * kernel[1]
     patches = patches.reshape(b, groups, c // groups, taps, length).permute(0, 4, 1, 3, 2)  # [B, L, g, taps, C/g]
     return patches.reshape(b * length, groups, taps * (c // groups))
+
+
+def conv_positions(spatial: tuple[int, ...], kernel: tuple[int, ...], *, strides: tuple[int, ...],
+                   pads: tuple[int, ...], dilations: tuple[int, ...]) -> int:
+    """Output positions per item of a convolution over an input of ``spatial`` size (ONNX ``pads``)."""
+    nd = len(kernel)
+    out = 1
+    for i, (size, k, s, d) in enumerate(zip(spatial, kernel, strides, dilations)):
+        out *= max((size + pads[i] + pads[nd + i] - d * (k - 1) - 1) // s + 1, 0)
+    return out
+
+
+CHUNK_BYTES = 32 << 20
+"""Float64 working set of one step of a moment update: the rows (or conv patches) are converted and
+accumulated this many bytes at a time, so the peak does not grow with the batch."""
 
 
 @dataclass
@@ -61,17 +80,79 @@ class InputMoments:
 
     def __post_init__(self):
         self.diagonal_only = self.groups > 1
-        self.total = torch.zeros(self.groups, self.cols, dtype=torch.float64)
-        self.outer = torch.zeros((self.groups, self.cols) if self.diagonal_only else (self.cols, self.cols),
-                                 dtype=torch.float64)
+        self._total = torch.zeros(self.groups, self.cols, dtype=torch.float64)
+        self._outer = torch.zeros((self.groups, self.cols) if self.diagonal_only else (self.cols, self.cols),
+                                  dtype=torch.float64)
+        self._images: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # grouped conv: geometry → (Σ x, Σ x²)
         self.count = 0
 
     def update(self, rows: torch.Tensor) -> None:
-        """Add input rows ``[tokens, cols]`` (grouped: ``[tokens, groups, cols]``)."""
-        r = rows.reshape(-1, self.groups, self.cols).double()
-        self.total += r.sum(0)
-        self.outer += (r * r).sum(0) if self.diagonal_only else r[:, 0].T @ r[:, 0]
+        """Add input rows ``[tokens, cols]`` (grouped: ``[tokens, groups, cols]``), converted to float64
+        :data:`CHUNK_BYTES` at a time."""
+        r = rows.reshape(-1, self.groups, self.cols)
+        step = max(1, CHUNK_BYTES // (8 * self.groups * self.cols))
+        for start in range(0, r.shape[0], step):
+            c = r[start:start + step].double()
+            self._total += c.sum(0)
+            if self.diagonal_only:
+                self._outer += (c * c).sum(0)
+            else:
+                self._outer.addmm_(c[:, 0].T, c[:, 0])
         self.count += r.shape[0]
+
+    def update_conv(self, x: torch.Tensor, kernel: tuple[int, ...], *, strides: tuple[int, ...],
+                    pads: tuple[int, ...], dilations: tuple[int, ...]) -> None:
+        """Add the input patches of a convolution over ``x [B, C, spatial…]`` (the rows :func:`conv_patches`
+        gives, with ``groups`` = this accumulator's) without holding all of them at once.
+
+        Ungrouped: the items' patches in float64, :data:`CHUNK_BYTES` at a time. Grouped (diagonal moments):
+        no patches per item at all. Patch extraction is linear and only selects entries (or the zero padding),
+        so ``Σ_items Σ_positions patch`` and ``Σ patch²`` are the patches of ``Σ_items x`` and ``Σ_items x²``
+        summed over positions: the running sums of ``x`` and ``x²`` (one image each, per input geometry) are
+        kept, and turned into patches once, when the moments are read.
+        """
+        conv = dict(strides=tuple(strides), pads=tuple(pads), dilations=tuple(dilations))
+        items = x.shape[0]
+        positions = conv_positions(tuple(x.shape[2:]), tuple(kernel), **conv)
+        if items == 0:
+            return
+        if self.diagonal_only:
+            key = (tuple(x.shape[1:]), tuple(kernel), tuple(sorted(conv.items())))
+            if key not in self._images:
+                self._images[key] = (torch.zeros((1, *x.shape[1:]), dtype=torch.float64),
+                                     torch.zeros((1, *x.shape[1:]), dtype=torch.float64))
+            s1, s2 = self._images[key]
+            step = max(1, CHUNK_BYTES // (2 * 8 * x[0].numel()))
+            for start in range(0, items, step):
+                c = x[start:start + step].double()
+                s1 += c.sum(0, keepdim=True)
+                s2 += (c * c).sum(0, keepdim=True)
+        else:
+            step = max(1, CHUNK_BYTES // (8 * positions * self.cols))
+            for start in range(0, items, step):
+                p = conv_patches(x[start:start + step].double(), kernel, groups=1, **conv)[:, 0]
+                self._total += p.sum(0)
+                self._outer.addmm_(p.T, p)
+        self.count += items * positions
+
+    def _flush(self) -> None:
+        """Turn the grouped convolutions' pending image sums into patch moments (see :meth:`update_conv`)."""
+        for (_, kernel, conv), (s1, s2) in self._images.items():
+            self._total += conv_patches(s1, kernel, groups=self.groups, **dict(conv)).sum(0)
+            self._outer += conv_patches(s2, kernel, groups=self.groups, **dict(conv)).sum(0)
+        self._images.clear()
+
+    @property
+    def total(self) -> torch.Tensor:
+        """Σ x, ``[groups, cols]``."""
+        self._flush()
+        return self._total
+
+    @property
+    def outer(self) -> torch.Tensor:
+        """Σ x xᵀ ``[cols, cols]``; grouped: its diagonal per group, ``[groups, cols]``."""
+        self._flush()
+        return self._outer
 
     @property
     def mean(self) -> torch.Tensor:

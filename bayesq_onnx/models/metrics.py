@@ -68,3 +68,26 @@ def output_fidelity(reference: np.ndarray, candidate: np.ndarray) -> dict:
     if reference.ndim == 2 and reference.shape[1] > 1:
         out["argmax_agreement"] = float((reference.argmax(1) == candidate.argmax(1)).mean())
     return out
+
+
+def classifier_fidelity(reference: np.ndarray, candidate: np.ndarray) -> dict:
+    """How much of a classifier's FP32 behaviour the candidate keeps, without labels (logits ``[items,
+    classes]``): ``top1_agreement`` (argmax equal; the headline), ``top5_overlap`` (mean |top-5 ∩ top-5| / 5),
+    ``kl_mean`` / ``kl_p95`` (KL(softmax FP32 ‖ softmax candidate) per item, nats: mean and 95th percentile)
+    and the logits' cosine (mean, 5th percentile)."""
+    r = reference.reshape(len(reference), -1).astype(np.float64)
+    c = candidate.reshape(len(candidate), -1).astype(np.float64)
+    logp_r, logp_c = log_softmax(r, axis=1), log_softmax(c, axis=1)
+    kl = np.sum(np.exp(logp_r) * (logp_r - logp_c), axis=1).clip(min=0.0)
+    norms = np.linalg.norm(r, axis=1) * np.linalg.norm(c, axis=1)
+    cos = np.where(norms > 0, np.sum(r * c, axis=1) / np.maximum(norms, 1e-300), 1.0)
+    out = {"top1_agreement": float((r.argmax(1) == c.argmax(1)).mean()),
+           "kl_mean": float(kl.mean()), "kl_p95": float(np.percentile(kl, 95)),
+           "logit_cosine_mean": float(cos.mean()), "logit_cosine_p5": float(np.percentile(cos, 5)),
+           "items": int(len(r))}
+    k = min(5, r.shape[1])
+    if k > 1:
+        top_r = np.argpartition(-r, k - 1, axis=1)[:, :k]
+        top_c = np.argpartition(-c, k - 1, axis=1)[:, :k]
+        out[f"top{k}_overlap"] = float((top_r[:, :, None] == top_c[:, None, :]).any(2).sum(1).mean() / k)
+    return out

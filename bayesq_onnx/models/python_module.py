@@ -1,8 +1,10 @@
 """Any PyTorch module as a model source: the Python API (:func:`bayesq_onnx.compile`) and
 ``module:<package.module>:<factory>`` on the command line.
 
-A factory is called with no arguments and returns either a ready :class:`ModelBundle` (full control over
-data and metric) or an ``nn.Module``, whose calibration inputs then come from ``--calib FILE.npz`` (one array
+A factory is called with no arguments (or, if it has a parameter named ``options``, with the
+:class:`SourceOptions` of the command line: ``--calib-size``, ``--eval-size``, ``--seed``, …, so that a bundle
+can size its own data) and returns either a ready :class:`ModelBundle` (full control over data and metric) or an
+``nn.Module``, whose calibration inputs then come from ``--calib FILE.npz`` (one array
 per ``forward`` argument, items along the first axis) and evaluation inputs from ``--data FILE.npz`` or a
 held-out part of ``--calib``; the metric is fidelity to the FP32 outputs.
 """
@@ -28,7 +30,7 @@ BATCH = 32
 def load(argument: str, options: SourceOptions) -> ModelBundle:
     factory = _import_factory(argument)
     try:
-        made = factory()
+        made = factory(options=options) if _takes_options(factory) else factory()
     except Exception as exc:  # noqa: BLE001 - user code: report it in one line
         raise UserError(f"module:{argument}: the factory raised {type(exc).__name__}: {exc}") from exc
     if isinstance(made, ModelBundle):
@@ -149,6 +151,14 @@ def _split_items(groups: list[dict[str, np.ndarray]], size: int, limit: int) -> 
         n = min(len(next(iter(arrays.values()))), limit)
         out += [{k: v[i:i + size] for k, v in arrays.items()} for i in range(0, n, size)]
     return out
+
+
+def _takes_options(factory: Callable) -> bool:
+    """Whether ``factory`` has a parameter named ``options`` (it then gets the :class:`SourceOptions`)."""
+    try:
+        return "options" in inspect.signature(factory).parameters
+    except (TypeError, ValueError):  # builtins and some C callables have no signature
+        return False
 
 
 def _import_factory(argument: str) -> Callable:

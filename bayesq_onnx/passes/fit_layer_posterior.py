@@ -2,14 +2,19 @@
 running the ONNX model itself in ONNX Runtime — for inputs with no PyTorch model (``onnx:<file>``).
 
 Each consumer's activation (MatMul/Gemm input A, Conv input X, Gather indices) is exposed as an extra graph
-output of a throw-away copy of the model; one ORT run per calibration batch feeds the moment accumulators of
-:mod:`bayesq_onnx.bayes.layerwise` (layer-wise Gaussian likelihood, ``Λ = N·(G ⊗ A) + τ``). The result has
+output of a throw-away copy of the model; ORT runs over the calibration batches feed the moment accumulators
+of :mod:`bayesq_onnx.bayes.layerwise` (layer-wise Gaussian likelihood, ``Λ = N·(G ⊗ A) + τ``). Every exposed
+activation of a run is alive at once (in ORT and as the returned arrays), so a batch whose inputs are batched
+along a dynamic axis 0 runs in item chunks of about :data:`FETCH_BYTES` of activations, and the moments take
+each run's activations a bounded float64 chunk at a time: the peak memory does not grow with the batch size
+or the number of layers tapped, and the moments are the same sums (up to float64 summation order). The result has
 the same form as :class:`~bayesq_onnx.passes.fit_posterior.FitPosteriorPass`'s, so the planners do not
 care where it came from.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -17,12 +22,17 @@ import numpy as np
 import onnx
 import torch
 
-from ..bayes.layerwise import InputMoments, conv_patches, layerwise_posterior, token_frequency_posterior
+from ..bayes.layerwise import InputMoments, layerwise_posterior, token_frequency_posterior
 from ..errors import UserError
 from ..models.base import Batch
 from ..runtime.session import CPU, make_session
 from .collect_weights import WeightInfo
 from .fit_posterior import WeightPosterior
+
+
+FETCH_BYTES = 64 << 20
+"""About how many bytes of activations one ORT run fetches: a calibration batch runs in item chunks sized to
+this (the first chunk is one item, which measures it), since every exposed activation of a run is alive at once."""
 
 
 @dataclass(frozen=True)
@@ -38,12 +48,13 @@ class FitLayerPosteriorPass:
     """Fit ``Λ = N·(G ⊗ A) + τ`` per weight from ORT activations on the calibration batches."""
 
     def __init__(self, model: onnx.ModelProto, calibration: list[Batch], *, curvature: str = "kfac",
-                 n_data: float | None = None, prior_precision: float | None = None, progress: Callable | None = None):
+                 n_data: float | None = None, prior_precision: float | None = None, progress: Callable | None = None,
+                 fetch_bytes: int = FETCH_BYTES):
         if curvature == "lowrank":
             raise ValueError("the layer-wise likelihood has no per-item gradients for a low-rank posterior")
         self.model, self.calibration, self.curvature = model, calibration, curvature
         self.n_data = float(n_data) if n_data is not None else float(sum(len(next(iter(b.values()))) for b in calibration))
-        self.prior_precision, self.progress = prior_precision, progress
+        self.prior_precision, self.progress, self.fetch_bytes = prior_precision, progress, fetch_bytes
 
     def __call__(self, weights: dict[str, WeightInfo]) -> dict[str, WeightPosterior]:
         taps = _taps(self.model.graph, weights)
@@ -55,26 +66,25 @@ class FitLayerPosteriorPass:
         probe.graph.output.extend(onnx.ValueInfoProto(name=n) for n in fetch if n not in known)
         session, _ = make_session(probe.SerializeToString(), [CPU])
         feeds = {i.name for i in session.get_inputs()}
+        splittable = all(not isinstance(i.shape[0], int) for i in session.get_inputs() if i.shape)
 
         moments: dict[tuple[str, int], InputMoments] = {}
         counts: dict[tuple[str, int], torch.Tensor] = {}
+        per_item: dict[tuple, int] = {}  # activation bytes per item, by the items' input shapes
         batches = self.progress(self.calibration) if self.progress else self.calibration
         for batch in batches:
-            values = dict(zip(fetch, session.run(fetch, {k: v for k, v in batch.items() if k in feeds})))
-            values.update({k: v for k, v in batch.items() if k in inputs})
-            for name, ts in taps.items():
-                for i, tap in enumerate(ts):
-                    x = torch.from_numpy(np.ascontiguousarray(values[tap.activation]))
-                    if tap.op_type == "Gather":
-                        rows = weights[name].layout.shape[0]
-                        c = torch.bincount((x.reshape(-1).long() % rows), minlength=rows)
-                        counts[name, i] = counts[name, i] + c if (name, i) in counts else c
-                        continue
-                    rows_x, groups = _input_rows(x.float(), tap, weights[name])
-                    key = (name, i)
-                    if key not in moments:
-                        moments[key] = InputMoments(rows_x.shape[-1], groups=groups)
-                    moments[key].update(rows_x)
+            items = _items(batch) if splittable else None
+            if items is None:
+                self._run(session, fetch, feeds, inputs, batch, taps, weights, moments, counts)
+                continue
+            shapes = tuple(sorted((k, v.shape[1:]) for k, v in batch.items()))
+            start = 0
+            while start < items:  # the first chunk of a new shape is one item: it measures the bytes per item
+                step = max(1, self.fetch_bytes // per_item[shapes]) if shapes in per_item else 1
+                chunk = {k: v[start:start + step] for k, v in batch.items()}
+                size = self._run(session, fetch, feeds, inputs, chunk, taps, weights, moments, counts)
+                per_item[shapes] = max(per_item.get(shapes, 0), -(-size // len(next(iter(chunk.values())))), 1)
+                start += step
 
         out = {}
         for name, w in weights.items():
@@ -102,6 +112,38 @@ class FitLayerPosteriorPass:
                       "calibration_rows": int(moments[name, 0].count) if (name, 0) in moments else None})
         return out
 
+    @staticmethod
+    def _run(session, fetch: list[str], feeds: set[str], inputs: set[str], batch: Batch,
+             taps: dict[str, list[_Tap]], weights: dict[str, WeightInfo], moments: dict[tuple[str, int], InputMoments],
+             counts: dict[tuple[str, int], torch.Tensor]) -> int:
+        """One ORT run on ``batch``, its activations added to every consumer's moments (Gather: index counts);
+        returns the bytes it fetched. The fetched arrays are released on return."""
+        values = dict(zip(fetch, session.run(fetch, {k: v for k, v in batch.items() if k in feeds})))
+        size = sum(v.nbytes for v in values.values())
+        values.update({k: v for k, v in batch.items() if k in inputs})
+        for name, ts in taps.items():
+            for i, tap in enumerate(ts):
+                x = torch.from_numpy(np.ascontiguousarray(values[tap.activation]))
+                key = (name, i)
+                if tap.op_type == "Gather":
+                    rows = weights[name].layout.shape[0]
+                    c = torch.bincount((x.reshape(-1).long() % rows), minlength=rows)
+                    counts[key] = counts[key] + c if key in counts else c
+                    continue
+                x = x.float()
+                if tap.op_type in ("MatMul", "Gemm"):
+                    rows_x = _matmul_rows(x, tap)
+                    if key not in moments:
+                        moments[key] = InputMoments(rows_x.shape[-1])
+                    moments[key].update(rows_x)
+                    continue
+                kernel, conv = _conv_geometry(x, tap, weights[name])
+                groups = conv.pop("groups")
+                if key not in moments:
+                    moments[key] = InputMoments(math.prod(kernel) * (x.shape[1] // groups), groups=groups)
+                moments[key].update_conv(x, kernel, **conv)
+        return size
+
 
 def _taps(graph: onnx.GraphProto, weights: dict[str, WeightInfo]) -> dict[str, list[_Tap]]:
     """Each weight's consumers in the main graph, with the activation each one multiplies it by."""
@@ -115,15 +157,27 @@ def _taps(graph: onnx.GraphProto, weights: dict[str, WeightInfo]) -> dict[str, l
     return taps
 
 
-def _input_rows(x: torch.Tensor, tap: _Tap, w: WeightInfo) -> tuple[torch.Tensor, int]:
-    """The activation as rows in the weight's canonical column order, and the number of channel groups."""
+def _items(batch: Batch) -> int | None:
+    """The number of items of a batch whose arrays all share axis 0 (so it can run in item chunks), else None."""
+    lengths = {len(v) if v.ndim else -1 for v in batch.values()}
+    return lengths.pop() if len(lengths) == 1 and min(lengths, default=-1) > 0 else None
+
+
+def _matmul_rows(x: torch.Tensor, tap: _Tap) -> torch.Tensor:
+    """A MatMul/Gemm activation as rows in the weight's canonical column order."""
     if tap.op_type == "MatMul":
-        return x.reshape(-1, x.shape[-1]), 1
-    if tap.op_type == "Gemm":
-        x2 = x.reshape(x.shape[0], -1)
-        return (x2.T if tap.attributes.get("transA", 0) else x2), 1
+        return x.reshape(-1, x.shape[-1])
+    x2 = x.reshape(x.shape[0], -1)
+    return x2.T if tap.attributes.get("transA", 0) else x2
+
+
+def _conv_geometry(x: torch.Tensor, tap: _Tap, w: WeightInfo) -> tuple[tuple[int, ...], dict]:
+    """A Conv consumer's kernel and its strides/pads/dilations/groups, ``auto_pad`` resolved on ``x``'s shape."""
     kernel = tuple(int(k) for k in tap.attributes.get("kernel_shape", w.layout.shape[2:]))
     nd = len(kernel)
+    if nd not in (1, 2) or x.dim() != nd + 2:
+        raise UserError(f"weight {w.name}: conv patches for 1-D and 2-D convolutions only, got kernel {kernel} and "
+                        f"input {tuple(x.shape)}; keep it in floating point with an --overrides entry 'fp16'")
     strides = tuple(tap.attributes.get("strides", (1,) * nd))
     dilations = tuple(tap.attributes.get("dilations", (1,) * nd))
     groups = int(tap.attributes.get("group", 1))
@@ -139,8 +193,4 @@ def _input_rows(x: torch.Tensor, tap: _Tap, w: WeightInfo) -> tuple[torch.Tensor
         pads = tuple(pads_b + pads_e)
     else:
         pads = tuple(tap.attributes.get("pads", (0,) * (2 * nd)))
-    try:
-        patches = conv_patches(x, kernel, strides=strides, pads=pads, dilations=dilations, groups=groups)
-    except ValueError as exc:
-        raise UserError(f"weight {w.name}: {exc}; keep it in floating point with an --overrides entry 'fp16'") from exc
-    return (patches[:, 0] if groups == 1 else patches), groups
+    return kernel, {"strides": strides, "pads": pads, "dilations": dilations, "groups": groups}
