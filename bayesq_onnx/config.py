@@ -82,8 +82,10 @@ class CompileConfig:
         if self.method == "gptq" and not CODE_BITS[0] <= self.bits <= CODE_BITS[-1]:
             raise UserError(f"--bits {self.bits:g} is outside GPTQ's code widths; pick a budget between "
                             f"{CODE_BITS[0]} and {CODE_BITS[-1]}")
-        if self.method == "bayesq" and not 1.0 <= self.bits <= 32.0:
-            raise UserError(f"--bits {self.bits:g} is outside any candidate set; budgets lie between 1 and 32")
+        if self.method == "bayesq" and not CODE_BITS[0] <= self.bits <= 32.0:
+            # every candidate stores codes of at least CODE_BITS[0] bits per weight: refuse before the model loads
+            raise UserError(f"--bits {self.bits:g} cannot be met: every candidate stores at least {CODE_BITS[0]}-bit "
+                            f"codes per weight (FP32 is 32); pick a budget between {CODE_BITS[0]} and 32")
         from .candidates import TARGETS
 
         for name, allowed in (("family", FAMILIES), ("curvature", CURVATURES), ("fisher", FISHERS),

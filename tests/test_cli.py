@@ -47,9 +47,8 @@ def test_console_script_exit_code(tmp_path):
     assert not out.exists()
 
 
-@pytest.mark.slow
 def test_budget_below_the_cheapest_candidates(tmp_path):
-    """Known only once the model's tensors are known: still one line, exit 2, nothing written."""
+    """Below the narrowest code width: refused before the model loads (one line, exit 2, nothing written)."""
     out = tmp_path / "out"
     _assert_user_error(invoke("compile", "--bits", "1.5", "-q", "--calib-size", "8", "--eval-size", "8",
                               "--out", str(out)), out, "--bits 1.5 cannot be met")
