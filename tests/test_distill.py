@@ -52,13 +52,7 @@ def classifier_bundle(seed: int = 0) -> ModelBundle:
         headline="top1_agreement", info={"source": "tests"}, likelihood="categorical")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models on a shared machine: one intra-op thread is ~20× faster than two contended ones."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 BUNDLES = {"tiny-lm": tiny_bundle, "tiny-classifier": classifier_bundle}

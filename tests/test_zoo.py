@@ -65,12 +65,7 @@ MIN_SIZE = 1024  # CollectWeightsPass's default: smaller tensors stay in float b
 BAD_SOURCE = re.compile(r"none|placeholder|prior only", re.IGNORECASE)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_threaded_torch():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ---- data --------------------------------------------------------------------------------------------------
