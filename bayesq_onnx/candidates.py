@@ -2,7 +2,8 @@
 
 Targets:
 * ``size`` — everything the rewrite stores exactly: uniform 2/3/4/8-bit per row and per group of 128 input
-  channels, per-row codebooks of 2/3/4 bits, and FP16. Decodes fold at session start (FP32 speed).
+  channels, per-row codebooks of 2/3/4 bits, and FP16. Decodes are standard-op functions that ORT's default
+  session constant-folds at session start (FP32 speed).
 * ``speed`` — MatMul weights only as uniform 4/8-bit blocks with float32 scales: the
   DequantizeLinear → MatMul form ONNX Runtime fuses into ``MatMulNBits`` (faster inference). Every other
   weight (Conv, Gemm) only in forms that still fold at session start: codebooks and FP16. A speed artifact

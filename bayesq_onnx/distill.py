@@ -7,7 +7,8 @@
     codebook  ŵ[r, c] = fp16(ℓ₀ + ρ·δ)[table(r), q[r, c]]
     float16   ŵ = fp16(w) (fixed)
 
-which is exactly what the artifact's ``DequantizeLinear`` (FP16 scale, FP16 output, ``Cast`` to float) and
+which is exactly what the artifact's uniform decode (``DequantizeAffine`` / ``DequantizeSymmetric`` in size
+mode, ``DequantizeLinear`` for speed and cuda: FP16 scale, FP16 output, ``Cast`` to float) and
 ``CodebookLookup`` (FP16 levels) compute. Codes ``q`` and zero points ``z`` are fixed buffers. Every
 rounding to float16 is taken on every forward with a straight-through estimator (value rounded, gradient
 as if it were not), so what trains is what gets stored. Trainable:
@@ -19,7 +20,7 @@ as if it were not), so what trains is what gets stored. Trainable:
   holds as initializers, as ``p = p₀ + ρ·δ`` with ``ρ`` the tensor's RMS (floored);
 
 everything else is frozen. Zero points stay fixed: the artifact stores them as integers of the code dtype
-(``DequantizeLinear``'s ``x_zero_point`` must have the type of ``x``), so a continuous zero offset could not
+(as ``DequantizeLinear``'s ``x_zero_point``, which must have the type of ``x``), so a continuous zero offset could not
 be written back exactly; a shift of the grid is, to first order, what a bias already absorbs.
 
 **Teacher.** The posterior predictive: S models with the planned weights drawn from the fitted posterior
