@@ -159,7 +159,7 @@ ARG_CASES = [
     (["--method", "rtn", "--bits", "5"], "--bits 5 is not available for --method rtn"),
     (["--method", "bayesq-fixed", "--bits", "3.5"], "--bits 3.5 is not available"),
     (["--method", "gptq", "--bits", "1.5"], "outside GPTQ's code widths"),
-    (["--bits", "0.5"], "outside any candidate set"),
+    (["--bits", "0.5"], "--bits 0.5 cannot be met: every candidate stores at least 2-bit codes"),
     (["--method", "bogus"], "Invalid value for '--method'"),
     (["--target", "fastest"], "Invalid value for '--target'"),
     (["--provider", "tpu"], "Invalid value for '--provider'"),
