@@ -41,7 +41,7 @@ class CompileConfig:
     rank: int = 8                # low-rank directions per layer
     # Effective data size N in Λ = N·F + τ. The data a pretrained model was fitted to is unknown here and
     # far larger than the calibration set; with N = 256 calibration items the prior outweighs the data term
-    # 10–30× and the design degrades (README: sensitivity to N). 10^6 is the order of a training corpus.
+    # 10–30× and the design degrades (docs/method.md and docs/results.md: sensitivity to N). 10^6 is the order of a training corpus.
     n_data: float | None = 1e6
     prior_precision: float | None = None  # τ (default: empirical Bayes per layer)
     temperature: float = 0.0     # posterior temperature in the design objective (0: design on μ alone)
@@ -53,7 +53,7 @@ class CompileConfig:
     risk: str = "closed"         # bayesq: closed-form proxy or Monte Carlo on calibration data
     max_drop: float | None = None  # bayesq: search the least budget whose headline drop is at most this
     scope: str = "linear"        # linear: Conv/Gemm/MatMul weights; all: + Gather embedding tables
-    # calibration-only distillation of the plan (bayesq_onnx/distill.py); off by default: see README
+    # calibration-only distillation of the plan (bayesq_onnx/distill.py); off by default: see docs/cli.md
     distill: bool = False
     distill_steps: int = 300     # Adam steps at most (early stopping on held-out calibration batches)
     distill_lr: float = 1e-3     # relative step: log-scale for scales, RMS units for levels / biases / norms
