@@ -17,6 +17,7 @@ import dataclasses
 import operator
 import types
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.fx as fx
@@ -91,6 +92,10 @@ def fold_batchnorm(gm: fx.GraphModule) -> tuple[int, int]:
             continue
         if bn.target == aten.batch_norm.default and bn.args[5]:
             continue  # training-mode statistics: nothing constant to fold
+        uses = list(bn.users)
+        if bn.target != aten.batch_norm.default and not all(
+                u.target is operator.getitem and u.args[1] == 0 for u in uses):
+            continue  # a tuple result whose statistics are read too: the BatchNorm must stay
         w_node = conv.args[1]
         b_node = conv.args[2] if len(conv.args) > 2 else conv.kwargs.get("bias")
         params = [bn.args[i] for i in range(1, 5)]
@@ -112,7 +117,7 @@ def fold_batchnorm(gm: fx.GraphModule) -> tuple[int, int]:
         if b_node is not None:
             _set(gm, b_node.target, torch.nn.Parameter(new_b.to(weight.dtype)))
         else:
-            owner, _, leaf = w_node.target.rpartition(".")
+            owner = w_node.target.rpartition(".")[0]
             target = _free_name(gm, f"{owner}.bias" if owner else "bias")
             _set(gm, target, torch.nn.Parameter(new_b.to(weight.dtype)))
             with graph.inserting_before(conv):
@@ -120,12 +125,9 @@ def fold_batchnorm(gm: fx.GraphModule) -> tuple[int, int]:
             args = list(conv.args) + [None] * max(0, 3 - len(conv.args))
             args[2] = b_node
             conv.args = tuple(args)
-        uses = list(bn.users)
         if bn.target == aten.batch_norm.default:
             bn.replace_all_uses_with(conv)
-        else:  # a tuple: only its first element (the output) may be read
-            if not all(u.target is operator.getitem and u.args[1] == 0 for u in uses):
-                continue
+        else:  # a tuple whose first element (the output) is all that is read
             for u in uses:
                 u.replace_all_uses_with(conv)
                 graph.erase_node(u)
@@ -159,19 +161,52 @@ def weight_ops(gm: fx.GraphModule) -> list[WeightOp]:
     return out
 
 
-def weight_argument(gm: fx.GraphModule, op: WeightOp) -> tuple[fx.Node, fx.Node]:
-    """The (activation, weight) argument nodes of ``op``."""
-    node = next(n for n in gm.graph.nodes if n.name == op.name)
-    return _operands(node)
+def operands(target, args: tuple):
+    """The (activation, weight) arguments of a weight op ``target`` called with ``args`` (graph nodes while
+    tracing, tensors while running)."""
+    if target == aten.embedding.default:
+        return args[1], args[0]
+    if target == aten.addmm.default:
+        return args[1], args[2]
+    return args[0], args[1]
 
 
-def _operands(node: fx.Node) -> tuple[fx.Node, fx.Node]:
-    t = node.target
-    if t == aten.embedding.default:
-        return node.args[1], node.args[0]
-    if t == aten.addmm.default:
-        return node.args[1], node.args[2]
-    return node.args[0], node.args[1]
+class _Recorder:
+    """The callback of the taps currently in a program (see :func:`insert_taps`)."""
+
+    record: Callable | None = None
+
+
+def _tap(key: str, out, args):
+    """Identity on ``out``, the result of the op named ``key`` called with ``args``; hands both to the
+    active recorder first."""
+    if _Recorder.record is not None and isinstance(out, torch.Tensor):
+        _Recorder.record(key, out, args)
+    return out
+
+
+def insert_taps(program: fx.GraphModule, names, record: Callable) -> list[fx.Node]:
+    """After each op named in ``names``, in place, a node that calls ``record(name, output, args)`` on every
+    run and passes the output on unchanged; :func:`remove_taps` undoes it."""
+    nodes = {n.name: n for n in program.graph.nodes}
+    taps = []
+    for key in names:
+        node = nodes[key]
+        with program.graph.inserting_after(node):
+            tap = program.graph.call_function(_tap, (key, node, tuple(node.args)))
+        node.replace_all_uses_with(tap, delete_user_cb=lambda user, tap=tap: user is not tap)
+        taps.append(tap)
+    program.recompile()
+    _Recorder.record = record
+    return taps
+
+
+def remove_taps(program: fx.GraphModule, taps: list[fx.Node]) -> None:
+    _Recorder.record = None
+    for tap in taps:
+        tap.replace_all_uses_with(tap.args[1])
+        program.graph.erase_node(tap)
+    program.recompile()
 
 
 def _classify(node: fx.Node, constant: dict, batch) -> WeightOp | None:
@@ -180,7 +215,7 @@ def _classify(node: fx.Node, constant: dict, batch) -> WeightOp | None:
         return None
     if len(node.args) < 2 or (t == aten.addmm.default and len(node.args) < 3):
         return None
-    x, w = _operands(node)
+    x, w = operands(t, node.args)
     if not isinstance(w, fx.Node) or not constant.get(w, False) or not isinstance(x, fx.Node) or constant.get(x, False):
         return None
     shape = _shape(w)
