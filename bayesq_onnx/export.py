@@ -47,8 +47,7 @@ def traced_program(bundle: ModelBundle) -> torch.fx.GraphModule:
         with _quiet():
             return export_program(bundle.module, example, dynamic_shapes)
     except Exception as exc:  # noqa: BLE001 - any tracing failure is the model's: say which, in one line
-        first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
-        raise UserError(f"torch.export cannot trace {bundle.name}: {type(exc).__name__}: {first[:300]}") from exc
+        raise UserError(f"torch.export cannot trace {bundle.name}: {_one_line(exc)}") from exc
 
 
 def fp32_model(bundle: ModelBundle) -> tuple[ir.Model, dict]:
@@ -104,9 +103,14 @@ def export_model(bundle: ModelBundle) -> ir.Model:
                 output_names=bundle.output_names, dynamic_shapes=dynamic_shapes, optimize=True, verbose=False,
             )
     except Exception as exc:  # noqa: BLE001 - an op the ONNX exporter cannot translate: name it in one line
-        first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
-        raise UserError(f"the ONNX export of {bundle.name} failed: {type(exc).__name__}: {first[:300]}") from exc
+        raise UserError(f"the ONNX export of {bundle.name} failed: {_one_line(exc)}") from exc
     return program.model
+
+
+def _one_line(exc: Exception) -> str:
+    """An exporter exception as one line: its type and the first non-empty line of its message."""
+    first = next((line for line in str(exc).splitlines() if line.strip()), "")
+    return f"{type(exc).__name__}: {first[:300]}"
 
 
 def map_parameters(module: torch.nn.Module, model: ir.Model, *, rename: bool = True) -> dict[str, ParameterBinding]:

@@ -20,6 +20,7 @@ import onnx_ir as ir
 import torch
 
 from . import __version__, artifact, candidates
+from .bayes.layerwise import common_scale
 from .config import CompileConfig
 from .distill import DistillResult, DistillUnsupported, distill
 from .errors import BayesQError, PassFailure, UserError
@@ -28,7 +29,6 @@ from .models import check_model_spec, load_model
 from .models.base import ModelBundle
 from .passes.collect_weights import CollectWeightsPass, WeightInfo
 from .passes.fit_layer_posterior import FitLayerPosteriorPass
-from .bayes.layerwise import common_scale
 from .passes.fit_posterior import FitPosteriorPass
 from .passes.mc_risk import MonteCarloRisk
 from .passes.plan_bayesq import PlanBayesQPass
@@ -100,7 +100,8 @@ def compile_model(config: CompileConfig, reporter: Reporter | None = None,
         posteriors, posterior_sources = None, {}
         if config.method != "rtn":
             with rep.stage(_analysis_title(config, bundle)):
-                posteriors, posterior_sources = _fit_posteriors(config, bundle, fp_bytes, weights, rep)
+                posteriors = _fit_posteriors(config, bundle, fp_bytes, weights, rep)
+                posterior_sources = {n: p.info.get("posterior", "") for n, p in sorted(posteriors.items())}
 
         # ---- plan: one candidate per weight, with the exact values to store -------------------------
         search, reference = None, None
@@ -189,24 +190,23 @@ def _analysis_title(config: CompileConfig, bundle: ModelBundle) -> str:
 
 
 def _fit_posteriors(config: CompileConfig, bundle: ModelBundle, fp_bytes: bytes, weights: dict[str, WeightInfo],
-                    rep: Reporter) -> tuple[dict, dict[str, str]]:
-    """Every weight's posterior, and where each came from.
+                    rep: Reporter) -> dict:
+    """Every weight's posterior (its ``info["posterior"]`` says where it came from).
 
     The Laplace posterior from PyTorch gradients on the traced program; a weight no program op could be
     bound to (and every weight of an ONNX input, or for GPTQ, which needs only its layer inputs' second
     moments) gets the layer-wise likelihood on ORT activations. Mixed, the layer-wise precisions are put on
     the Laplace scale (:func:`~bayesq_onnx.bayes.layerwise.common_scale`) before any planner compares them.
     """
-    def layerwise(names) -> dict:
+    def layerwise() -> dict:
         return FitLayerPosteriorPass(
             onnx.load_from_string(fp_bytes), bundle.calibration,
             curvature="kfac" if config.method == "gptq" else config.curvature, n_data=config.n_data,
             prior_precision=config.prior_precision,
-            progress=lambda b: rep.track(b, "calibration activations (ORT)"))({n: weights[n] for n in names})
+            progress=lambda b: rep.track(b, "calibration activations (ORT)"))(weights)
 
     if bundle.module is None or config.method == "gptq":
-        posts = layerwise(weights)
-        return posts, {n: p.info.get("posterior", "layer-wise") for n, p in posts.items()}
+        return layerwise()
     laplace = FitPosteriorPass(
         bundle, curvature=config.curvature, fisher=config.fisher, samples=config.fisher_samples, rank=config.rank,
         n_data=config.n_data, prior_precision=config.prior_precision, seed=config.seed,
@@ -218,12 +218,11 @@ def _fit_posteriors(config: CompileConfig, bundle: ModelBundle, fp_bytes: bytes,
                             "exporter, not held by a traced op; --curvature lowrank has no layer-wise form: use kfac or diag")
         rep.note(f"[yellow]{len(laplace.unbound)} of {len(weights)} weights hold no traced op's weight "
                  f"(e.g. {laplace.unbound[0]}): layer-wise posterior for them[/]")
-        both = layerwise(weights)
+        both = layerwise()
         scale = common_scale([(posts[n].design_weights(), both[n].design_weights()) for n in posts])
         for n in laplace.unbound:
             posts[n] = both[n].rescaled(scale)
-    sources = {n: posts[n].info.get("posterior", "") for n in sorted(posts)}
-    return posts, sources
+    return posts
 
 
 def _planner(config: CompileConfig, weights: dict[str, WeightInfo], posteriors, allowed, bundle, bindings,

@@ -72,3 +72,24 @@ def run(model: onnx.ModelProto | ir.Model | bytes, feed: dict, config: dict | No
     if optimized_path:
         options.optimized_model_filepath = optimized_path
     return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"]).run(None, feed)[0]
+
+
+def fit_parameters(module: torch.nn.Module, batches: list[dict[str, torch.Tensor]], parameters, *,
+                   input_names: list[str], **options) -> dict:
+    """:func:`~bayesq_onnx.bayes.laplace.fit_laplace` for named parameters of a plain module, keyed by
+    parameter: traced as a compile traces it (axis 0 and every axis whose length differs across ``batches``
+    dynamic). A parameter several ops read (tied) is fitted on each; the first op in graph order is returned."""
+    from bayesq_onnx.bayes.laplace import fit_laplace
+    from bayesq_onnx.export import traced_program
+    from bayesq_onnx.models.python_module import module_bundle
+    from bayesq_onnx.traced import weight_ops
+
+    program = traced_program(module_bundle(module, batches, input_names=input_names))
+    wanted = set(parameters)
+    ops = [op for op in weight_ops(program) if op.parameter in wanted]
+    fitted = fit_laplace(program, batches, ops, input_names=input_names, **options)
+    out: dict = {}
+    for op in ops:
+        if op.name in fitted and op.parameter not in out:
+            out[op.parameter] = fitted[op.name]
+    return out

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bayesq_onnx.bayes.laplace import evidence_prior_precision, fit_parameters
+from bayesq_onnx.bayes.laplace import evidence_prior_precision
+from helpers import fit_parameters
 
 
 class Tiny(torch.nn.Module):

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from bayesq_onnx.bayes import laplace
-from bayesq_onnx.bayes.laplace import fit_parameters
+from bayesq_onnx.bayes import laplace, op_gradients
+from helpers import fit_parameters
 from bayesq_onnx.traced import ConvSpec
 from bayesq_onnx.quant import design, feedback, uniform
 from bayesq_onnx.runtime.latency import compare_latency
@@ -430,7 +430,7 @@ def test_strided_1x1_conv_patches_are_unfold():
     conv = torch.nn.Conv2d(4, 2, 1, stride=2)
     x = torch.randn(3, 4, 7, 6)
     spec = ConvSpec((2, 2), (0, 0), (1, 1), 1)
-    assert torch.equal(laplace._patches(x, (1, 1), spec), torch.nn.functional.unfold(x, 1, stride=2))
+    assert torch.equal(op_gradients.conv_patches(x, (1, 1), spec), torch.nn.functional.unfold(x, 1, stride=2))
 
 
 def test_gram_upper_blocks_match_the_full_product():
@@ -438,10 +438,10 @@ def test_gram_upper_blocks_match_the_full_product():
     for n in (5, 300, 1030):
         p = torch.randn(n, 77, generator=g)
         acc = torch.zeros(n, n)
-        laplace._add_gram(acc, p)
-        laplace._add_gram(acc, p[:, :10])
+        op_gradients.add_gram(acc, p)
+        op_gradients.add_gram(acc, p[:, :10])
         want = p @ p.T + p[:, :10] @ p[:, :10].T
-        torch.testing.assert_close(laplace._symmetric(acc), want, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(op_gradients.symmetric(acc), want, rtol=1e-5, atol=1e-4)
 
 
 # ------------------------------------------------------------------------------------------------ latency

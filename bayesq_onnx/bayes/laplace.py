@@ -48,7 +48,8 @@ import torch
 import torch.nn.functional as F
 
 from ..quant.feedback import one_thread
-from ..traced import ConvSpec, WeightOp, weight_ops
+from ..traced import WeightOp, insert_taps, operands, remove_taps, weight_ops
+from .op_gradients import add_gram, per_item, symmetric
 
 CURVATURES = ("diag", "kfac", "lowrank")
 FISHERS = ("true", "empirical")
@@ -137,10 +138,9 @@ def fit_laplace(
         raise ValueError(f"micro_batch must be >= 1 (or None), not {micro_batch}")
     if kfac_output not in ("diag", "full"):
         raise ValueError(f"kfac_output must be 'diag' or 'full', not {kfac_output!r}")
-    module = program
     ops = list(weight_ops(program) if ops is None else ops)
     layers = {op.name: _Layer(op.name, op, op.kind, kfac=curvature == "kfac", kfac_output=kfac_output) for op in ops}
-    taps = _instrument(program, layers)
+    taps = insert_taps(program, list(layers), _recorder(layers))
     items = sum(int(b[input_names[0]].shape[0]) for b in batches)
     outputs: list[torch.Tensor] = []
     full_backward = None  # unknown until the first backward: see _backward
@@ -170,7 +170,7 @@ def fit_laplace(
                         part = [next(fed) * 1 if x.is_floating_point() else x for x in part]
                     target = _rows(targets[bi], rows, size) if targets else None
                     with torch.enable_grad():
-                        out = module(*part)
+                        out = program(*part)
                         out = out[0] if isinstance(out, (tuple, list)) else out
                         if pass_index == 0:
                             outputs.append(out.detach().float())
@@ -178,7 +178,7 @@ def fit_laplace(
                             for layer in layers.values():
                                 layer.calls.clear()
                             loss = _pseudo_loss(out, likelihood, fisher, target, draws, s, rows)
-                            module.zero_grad(set_to_none=True)
+                            program.zero_grad(set_to_none=True)
                             full_backward = _backward(loss, leaves, layers.values(), s < samples - 1, full_backward)
                             for layer in layers.values():
                                 _accumulate(layer, curvature, pass_index, rank, draws, s, rows)
@@ -187,11 +187,11 @@ def fit_laplace(
                         layer.outputs.clear()
                     out = loss = part = leaves = None
     finally:
-        _remove_taps(program, taps)
+        remove_taps(program, taps)
         for layer in layers.values():
             layer.calls.clear()
             layer.outputs.clear()
-        module.zero_grad(set_to_none=True)
+        program.zero_grad(set_to_none=True)
 
     n = float(n_data) if n_data is not None else float(items)
     noise = 1.0
@@ -207,8 +207,8 @@ def fit_laplace(
         if curvature == "kfac" and layer.A is None:
             kind_curvature = "diag"  # embeddings and grouped convs: exact diagonal instead of K-FAC
         if curvature == "kfac" and layer.A is not None:
-            A = _symmetric(layer.A) / max(layer.tokens, 1)
-            G = (torch.diag(layer.G) if layer.G.dim() == 1 else _symmetric(layer.G)) / (items * samples * noise)
+            A = symmetric(layer.A) / max(layer.tokens, 1)
+            G = (torch.diag(layer.G) if layer.G.dim() == 1 else symmetric(layer.G)) / (items * samples * noise)
             # K-FAC "expand": F ≈ G ⊗ A, so its diagonal is diag(G) ⊗ diag(A) (no per-item gradients needed)
             fisher_diag = (torch.diag(G)[:, None] * torch.diag(A)[None, :]).reshape(layer.fisher.shape)
         else:
@@ -240,34 +240,6 @@ def _output_variance(outputs: list[torch.Tensor]) -> float:
     return max(float(flat.var(dim=0).mean()), 1e-12)
 
 
-def fit_parameters(module: torch.nn.Module, batches: list[dict[str, torch.Tensor]], parameters: Iterable[str], *,
-                   input_names: list[str], **options) -> dict[str, LayerPosterior]:
-    """:func:`fit_laplace` for named parameters of a plain module: traced with ``torch.export`` (the item axis
-    0 of every input dynamic, and every axis whose length differs across ``batches``), keyed by parameter.
-    A parameter several ops read (tied) is fitted on each; the first op in graph order is returned."""
-    from ..traced import export_program
-
-    first = batches[0]
-    dims: dict[str, torch.export.Dim] = {"batch": torch.export.Dim("batch", min=1)}
-    dynamic = []
-    for name in input_names:
-        axes = {0: dims["batch"]}
-        for axis in range(1, first[name].dim()):
-            if len({int(b[name].shape[axis]) for b in batches}) > 1:
-                axes[axis] = dims.setdefault(f"{name}_{axis}", torch.export.Dim(f"{name}_{axis}", min=1))
-        dynamic.append(axes)
-    example = tuple(torch.cat([first[n], first[n]]) if first[n].shape[0] < 2 else first[n] for n in input_names)
-    program = export_program(module, example, tuple(dynamic))
-    wanted = set(parameters)
-    ops = [op for op in weight_ops(program) if op.parameter in wanted]
-    fitted = fit_laplace(program, batches, ops, input_names=input_names, **options)
-    out: dict[str, LayerPosterior] = {}
-    for op in ops:
-        if op.name in fitted and op.parameter not in out:
-            out[op.parameter] = fitted[op.name]
-    return out
-
-
 def evidence_prior_precision(w: torch.Tensor, data_precision: torch.Tensor, iters: int = 100) -> float:
     """Empirical-Bayes prior precision of one layer (MacKay 1992): the fixed point of
     ``τ = γ / ‖w‖²``, ``γ = Σ_i λ_i / (λ_i + τ)`` with ``λ_i = N·F_ii``, started at ``1 / Var(w)``."""
@@ -286,36 +258,21 @@ def evidence_prior_precision(w: torch.Tensor, data_precision: torch.Tensor, iter
     return tau
 
 
-class _Taps:
-    """The layers being fitted, reachable from the tap nodes inserted into the program (see :func:`_instrument`)."""
-
-    active: dict[str, _Layer] = {}
-
-
-def _tap(key: str, out, args):
-    """Identity on ``out``, the result of a weight op called with ``args``: records the op's weight (once),
-    its activation, and a hook that pairs the activation with the output gradient in the backward pass."""
-    layer = _Taps.active.get(key)
-    if layer is None or not isinstance(out, torch.Tensor):
-        return out
-    x, w = _operands(layer.op, args)
-    if layer.weight is None:
-        _allocate(layer, w.detach())
-    if layer.kind == "generic":
-        layer.args = args
-    if out.requires_grad:
-        layer.outputs.append(out)
-        xd = x.detach()
-        out.register_hook(lambda grad: layer.calls.append((xd, grad.detach())))
-    return out
-
-
-def _operands(op: WeightOp, args: tuple):
-    if op.kind == "embedding":
-        return args[1], args[0]
-    if op.target == torch.ops.aten.addmm.default:
-        return args[1], args[2]
-    return args[0], args[1]
+def _recorder(layers: dict[str, _Layer]) -> Callable:
+    """What a tap does for a fitted op: record its weight (once, allocating the layer), its activation, and a
+    hook that pairs the activation with the output gradient in the backward pass."""
+    def record(key: str, out: torch.Tensor, args: tuple) -> None:
+        layer = layers[key]
+        x, w = operands(layer.op.target, args)
+        if layer.weight is None:
+            _allocate(layer, w.detach())
+        if layer.kind == "generic":
+            layer.args = args
+        if out.requires_grad:
+            layer.outputs.append(out)
+            xd = x.detach()
+            out.register_hook(lambda grad: layer.calls.append((xd, grad.detach())))
+    return record
 
 
 def _allocate(layer: _Layer, w: torch.Tensor) -> None:
@@ -329,29 +286,6 @@ def _allocate(layer: _Layer, w: torch.Tensor) -> None:
         cols = frame[0].numel()
         layer.A = torch.zeros(cols, cols)
         layer.G = torch.zeros(frame.shape[0]) if layer.kfac_output == "diag" else torch.zeros(frame.shape[0], frame.shape[0])
-
-
-def _instrument(program: fx.GraphModule, layers: dict[str, _Layer]) -> list[fx.Node]:
-    """Insert a :func:`_tap` after every fitted op (in place; :func:`_remove_taps` undoes it)."""
-    nodes = {n.name: n for n in program.graph.nodes}
-    taps = []
-    for key in layers:
-        node = nodes[key]
-        with program.graph.inserting_after(node):
-            tap = program.graph.call_function(_tap, (key, node, tuple(node.args)))
-        node.replace_all_uses_with(tap, delete_user_cb=lambda user, tap=tap: user is not tap)
-        taps.append(tap)
-    program.recompile()
-    _Taps.active = layers
-    return taps
-
-
-def _remove_taps(program: fx.GraphModule, taps: list[fx.Node]) -> None:
-    _Taps.active = {}
-    for tap in taps:
-        tap.replace_all_uses_with(tap.args[1])
-        program.graph.erase_node(tap)
-    program.recompile()
 
 
 def _backward(loss: torch.Tensor, inputs: list[torch.Tensor], layers, retain: bool, full: bool | None) -> bool:
@@ -422,99 +356,6 @@ def _pseudo_loss(out: torch.Tensor, likelihood: str, fisher: str, target, draws:
     return (out * eps).sum()
 
 
-def _per_item(layer: _Layer, need_grads: bool = True, need_tokens: bool = False):
-    """Per-item gradient ``[B, out, in']`` in the layer's frame (summed over the calls of a layer; ``None``
-    unless ``need_grads``) and, with ``need_tokens``, the K-FAC tokens of every call: inputs ``[in', N]``, one
-    column per token (``N`` = items × positions), and output gradients ``[B, out, positions]``."""
-    grads, tokens = None, []
-    op = layer.op
-    for x, d in layer.calls:
-        if op.kind == "generic":
-            g = _vjp_per_item(layer, x, d) if need_grads else None
-        elif op.kind == "linear":
-            a, dd = _items_first(x, op.item_axis).float(), _items_first(d, op.item_axis).float()
-            a = a.reshape(a.shape[0], -1, a.shape[-1])                  # [B, T, in]
-            dd = dd.reshape(dd.shape[0], -1, dd.shape[-1])              # [B, T, out]
-            g = torch.einsum("bto,bti->boi", dd, a) if need_grads else None
-            if need_tokens:
-                tokens.append((a.reshape(-1, a.shape[-1]).T, dd.transpose(1, 2)))
-        else:  # conv: unfold input patches; groups handled by splitting channels
-            x4 = x if x.dim() == 4 else x.unsqueeze(2)
-            d4 = d if d.dim() == 4 else d.unsqueeze(2)
-            patches = _patches(x4.float(), layer.weight.shape[2:], op.conv)             # [B, C·kk, L]
-            groups = op.conv.groups
-            b, ckk, L = patches.shape
-            out = d4.shape[1]
-            g = None
-            if need_grads:
-                pg = patches.reshape(b, groups, ckk // groups, L)
-                dg = d4.float().reshape(b, groups, out // groups, -1)                  # [B, g, out_g, L]
-                g = torch.einsum("bgol,bgil->bgoi", dg, pg).reshape(b, out, -1)
-            if need_tokens and groups == 1:  # K-FAC factors only for ungrouped convs (see _allocate)
-                tokens.append((patches.transpose(0, 1).reshape(ckk, -1), d4.float().reshape(b, out, -1)))
-        if g is not None:
-            grads = g if grads is None else grads + g
-    return grads, tokens
-
-
-def _items_first(t: torch.Tensor, axis: int | None) -> torch.Tensor:
-    """``t`` with its item axis first; with no item axis (merged by the exporter), one row per item."""
-    if axis is None:
-        return t.reshape(-1, 1, t.shape[-1])
-    return t.movedim(axis, 0) if axis else t
-
-
-def _vjp_per_item(layer: _Layer, x: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-    """Per-item gradient of an op with no closed form: ``∂⟨op(x_i, W), δ_i⟩/∂W`` for each item ``i``,
-    flattened in the frame ``[B, out, numel/out]``."""
-    op, axis = layer.op, layer.op.item_axis or 0
-    w0 = layer.args[1] if op.kind != "embedding" else layer.args[0]
-    rest = layer.args[2:]
-    grads = []
-    with torch.enable_grad():
-        w = w0.detach().float().requires_grad_()
-        for i in range(x.shape[axis]):
-            xi = x.narrow(axis, i, 1).float()
-            out = op.target(xi, w, *rest)
-            grads.append(torch.autograd.grad(out, w, d.narrow(axis, i, 1).float())[0])
-    g = torch.stack(grads)
-    return g.reshape(g.shape[0], layer.weight.shape[0], -1)
-
-
-def _patches(x4: torch.Tensor, kernel, conv: ConvSpec) -> torch.Tensor:
-    """``F.unfold`` of a 1-D/2-D convolution's input, ``[B, C·kk, L]`` (a 1×1 kernel without padding needs no
-    unfold: its patches are the strided input itself, the same values)."""
-    two = lambda v: tuple(v) if len(v) == 2 else (1, v[0])  # noqa: E731 - 1-D as 2-D with unit height
-    k, st, dl = two(tuple(kernel)), two(conv.stride), two(conv.dilation)
-    if isinstance(conv.padding, str):
-        if conv.padding == "valid":
-            pad = (0, 0)
-        else:  # "same": PyTorch pads (total // 2) before and the rest after
-            total = [d * (kk - 1) for d, kk in zip(dl, k)]
-            x4 = F.pad(x4, (total[1] // 2, total[1] - total[1] // 2, total[0] // 2, total[0] - total[0] // 2))
-            pad = (0, 0)
-    else:
-        pad = tuple(conv.padding) if len(conv.padding) == 2 else (0, conv.padding[0])
-    if k == (1, 1) and pad == (0, 0):
-        return x4[:, :, ::st[0], ::st[1]].reshape(x4.shape[0], x4.shape[1], -1)
-    return F.unfold(x4, k, dilation=dl, padding=pad, stride=st)
-
-
-def _add_gram(acc: torch.Tensor, p: torch.Tensor) -> None:
-    """``acc += p pᵀ`` for ``p [n, N]``, computed on and above the diagonal only, in row blocks (about
-    half the work of the full product; :func:`_symmetric` fills the lower triangle at the end)."""
-    n = p.shape[0]
-    blocks = max(1, min(8, n // 128))
-    edges = [n * i // blocks for i in range(blocks + 1)]
-    for r0, r1 in zip(edges[:-1], edges[1:]):
-        acc[r0:r1, r0:].addmm_(p[r0:r1], p[r0:].T)
-
-
-def _symmetric(upper: torch.Tensor) -> torch.Tensor:
-    """The symmetric matrix whose upper triangle (diagonal included) is that of ``upper``."""
-    return torch.triu(upper) + torch.triu(upper, 1).T
-
-
 def _accumulate(layer: _Layer, curvature: str, pass_index: int, rank: int, draws: _BatchDraws, sample: int,
                 rows: slice) -> None:
     if not layer.calls:
@@ -527,18 +368,19 @@ def _accumulate(layer: _Layer, curvature: str, pass_index: int, rank: int, draws
         return
     kfac = curvature == "kfac" and layer.A is not None
     # K-FAC needs only the token factors, the other forms only the per-item gradients
-    g, tokens = _per_item(layer, need_grads=not kfac, need_tokens=kfac and pass_index == 0)
+    g, tokens = per_item(layer.op, layer.weight, layer.calls, layer.args, need_grads=not kfac,
+                         need_tokens=kfac and pass_index == 0)
     flat = g.reshape(g.shape[0], -1) if g is not None else None        # [B, numel]
     if pass_index == 0:
         if g is not None:
             layer.fisher += (g * g).sum(dim=0).reshape(layer.fisher.shape)
         for a, dd in tokens:
-            _add_gram(layer.A, a)
+            add_gram(layer.A, a)
             layer.tokens += a.shape[1]
             if layer.G.dim() == 1:
                 layer.G += (dd * dd).sum((0, 2))
             else:
-                _add_gram(layer.G, dd.transpose(0, 1).reshape(dd.shape[1], -1))
+                add_gram(layer.G, dd.transpose(0, 1).reshape(dd.shape[1], -1))
         if curvature == "lowrank":
             width = rank + 8  # oversampling makes the range finder accurate for the top `rank` directions
             omega = draws.get(("omega", sample, layer.name), lambda g: torch.randn(draws.size, width, generator=g))

@@ -127,15 +127,15 @@ class FitPosteriorPass:
         ops = [op for op in weight_ops(program) if op.numel is None or op.numel in sizes]  # only what can bind
         layers = fit_laplace(program, batches, ops, input_names=b.input_names, likelihood=b.likelihood,
                              targets=targets, progress=self.progress, **self.options)
-        by_shape: dict[int, list[str]] = {}
+        by_size: dict[int, list[str]] = {}
         for key, post in layers.items():
-            by_shape.setdefault(post.weight.numel(), []).append(key)
+            by_size.setdefault(post.weight.numel(), []).append(key)
         out, self.unbound = {}, []
         for name, w in weights.items():
             # an initializer holds the weight of the program ops of its own consumers' kind: a table that a
             # Gather reads and a MatMul reads from another copy is the MatMul's weight only
             kinds = set().union(*(_KINDS.get(op, set()) for op in w.consumers))
-            found = [bnd for key in by_shape.get(w.size, ()) if layers[key].info["kind"] in kinds
+            found = [bnd for key in by_size.get(w.size, ()) if layers[key].info["kind"] in kinds
                      and (bnd := bind_weight(w.array, layers[key].weight, key))]
             if not found:
                 self.unbound.append(name)
@@ -150,9 +150,11 @@ def _canonical(name: str, fits: list, layout: WeightLayout) -> WeightPosterior:
     binding: transposed as stored, and a per-channel scale ``s`` gives ``λ / s²`` (Λ of ``s·w`` is Λ_w / s²)."""
     post, binding = fits[0]
 
-    def canon(t: torch.Tensor, bnd: OpBinding) -> torch.Tensor:
+    def canon(t: torch.Tensor, bnd: OpBinding, power: int = 2) -> torch.Tensor:
+        """A precision-like tensor (``power`` 2; a square-root factor such as a column of U: 1) of the
+        op's frame in the initializer's canonical layout."""
         if bnd.scale is not None:
-            t = t / (bnd.scale ** 2).reshape((-1,) + (1,) * (t.dim() - 1))
+            t = t / (bnd.scale ** power).reshape((-1,) + (1,) * (t.dim() - 1))
         t = t.T if bnd.transposed else t
         return layout.to_canonical(t.float())
 
@@ -171,15 +173,9 @@ def _canonical(name: str, fits: list, layout: WeightLayout) -> WeightPosterior:
         g = torch.diag(post.G).float()
         wp.G_diag = g / binding.scale ** 2 if binding.scale is not None else g
     if post.U is not None:
-        k = post.U.shape[1]
         shape = tuple(post.weight.shape)
-        cols = []
-        for i in range(k):
-            u = post.U[:, i].reshape(shape)
-            if binding.scale is not None:
-                u = u / binding.scale.reshape((-1,) + (1,) * (u.dim() - 1))
-            cols.append(layout.to_canonical((u.T if binding.transposed else u).float()).reshape(-1) * np.sqrt(post.n_data))
-        wp.U = torch.stack(cols, dim=1)
+        wp.U = torch.stack([canon(post.U[:, i].reshape(shape), binding, power=1).reshape(-1) * np.sqrt(post.n_data)
+                            for i in range(post.U.shape[1])], dim=1)
     return wp
 
 
