@@ -1,11 +1,11 @@
 """Writing the output directory as a unit: a compile killed at any point leaves the previous artifact or none
-at ``--out``, never a mix of old and new files and never a partial file.
+at ``out``, never a mix of old and new files and never a partial file.
 
 All files go into a fresh hidden sibling ``.{out}.bayesq-tmp-{pid}-{random}`` (same parent, so renames stay
-on one file system) and are fsynced. Then, if ``--out`` is absent, one ``rename`` publishes the directory;
+on one file system) and are fsynced. Then, if ``out`` is absent, one ``rename`` publishes the directory;
 otherwise the previous artifact is renamed aside to ``.{out}.bayesq-old-{pid}-{random}``, the new one renamed
-to ``--out`` and the old one removed. A kill between those two renames leaves no ``--out`` (allowed: "none").
-Leftovers of killed runs are removed by the next write to the same ``--out``. Only a directory holding
+to ``out`` and the old one removed. A kill between those two renames leaves no ``out`` (allowed: "none").
+Leftovers of killed runs are removed by the next write to the same ``out``. Only a directory holding
 nothing but artifact files is ever moved, and only artifact files are ever deleted from it.
 """
 
@@ -38,19 +38,19 @@ def check_output_dir(out: Path) -> None:
     out = Path(out)
     real = _real(out)
     if real.exists() and not real.is_dir():
-        raise UserError(f"--out {out} is a file, not a directory; pass a directory path")
+        raise UserError(f"`out` {out} is a file, not a directory; pass a directory path")
     if real.is_dir() and (foreign := _foreign(real)):
-        raise UserError(f"--out {out} holds files that are not a BayesQ artifact ({', '.join(foreign[:3])}); "
+        raise UserError(f"`out` {out} holds files that are not a BayesQ artifact ({', '.join(foreign[:3])}); "
                         "pass a new or empty directory, or one a previous compile wrote")
     probe = real.parent
     while not probe.exists():
         probe = probe.parent
     if not probe.is_dir():
-        raise UserError(f"--out {out}: {probe} is a file, not a directory; pass a directory path")
+        raise UserError(f"`out` {out}: {probe} is a file, not a directory; pass a directory path")
     try:
         Path(tempfile.mkdtemp(prefix=".bayesq-probe-", dir=probe)).rmdir()
     except OSError as exc:
-        raise UserError(f"--out {out}: cannot write in {probe} ({exc.strerror}); "
+        raise UserError(f"`out` {out}: cannot write in {probe} ({exc.strerror}); "
                         "pass a directory you can write to") from exc
 
 
@@ -61,7 +61,7 @@ def write_files(out: Path, files: dict[str, bytes]) -> dict[str, Path]:
     try:
         real.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise UserError(f"--out {out}: cannot create {real.parent} ({exc.strerror})") from exc
+        raise UserError(f"`out` {out}: cannot create {real.parent} ({exc.strerror})") from exc
     staging = _sibling(real, "tmp")
     try:
         _remove_leftovers(real)
@@ -72,7 +72,7 @@ def write_files(out: Path, files: dict[str, bytes]) -> dict[str, Path]:
         _publish(staging, real, out)
     except OSError as exc:
         shutil.rmtree(staging, ignore_errors=True)
-        raise UserError(f"cannot write {out} ({exc.strerror or exc}); free space or pick another --out") from exc
+        raise UserError(f"cannot write {out} ({exc.strerror or exc}); free space or pick another `out`") from exc
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -86,10 +86,10 @@ def _publish(staging: Path, out: Path, shown: Path) -> None:
     else:
         # checked again: something may have appeared since check_output_dir (a user's file, --dump-dir in it)
         if not out.is_dir():
-            raise UserError(f"--out {shown} is now a file, not a directory; pass a directory path")
+            raise UserError(f"`out` {shown} is now a file, not a directory; pass a directory path")
         if foreign := _foreign(out):
-            raise UserError(f"--out {shown} now holds files that are not a BayesQ artifact ({', '.join(foreign[:3])}); "
-                            "nothing was replaced: move them away or pick another --out")
+            raise UserError(f"`out` {shown} now holds files that are not a BayesQ artifact ({', '.join(foreign[:3])}); "
+                            "nothing was replaced: move them away or pick another `out`")
         os.chmod(staging, stat.S_IMODE(out.stat().st_mode))  # keep the permissions the user gave --out
         old = _sibling(out, "old")
         os.rename(out, old)
@@ -125,7 +125,7 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _real(out: Path) -> Path:
-    """Absolute, symlinks resolved: a linked --out is replaced where it points, and the link keeps working."""
+    """Absolute, symlinks resolved: a linked `out` is replaced where it points, and the link keeps working."""
     return Path(os.path.realpath(out))
 
 

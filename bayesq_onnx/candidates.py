@@ -118,7 +118,7 @@ def _fused_matmul(weight: WeightInfo) -> bool:
 
 
 def pin_for(weight: WeightInfo, target: str) -> Candidate:
-    """What ``--keep-first-last`` keeps a layer at: 8-bit per row, in the form the target runs fast
+    """What ``keep_first_last`` keeps a layer at: 8-bit per row, in the form the target runs fast
     (speed: float32 scales on a MatMul, which ORT fuses; FP16 on anything else, which folds)."""
     if target == "speed":
         return Candidate("uniform", 8, 0, scale_dtype="float32") if _fused_matmul(weight) else Candidate("float", 16)
@@ -131,7 +131,7 @@ def load_overrides(path: Path) -> list[tuple[str, list[Candidate]]]:
     try:
         text = path.read_text()
     except OSError as exc:
-        raise UserError(f"--overrides {path}: cannot read it ({exc.strerror})") from exc
+        raise UserError(f"`overrides` {path}: cannot read it ({exc.strerror})") from exc
     try:
         if path.suffix in (".yaml", ".yml"):
             import yaml
@@ -140,10 +140,10 @@ def load_overrides(path: Path) -> list[tuple[str, list[Candidate]]]:
         else:
             data = json.loads(text)
     except Exception as exc:  # noqa: BLE001 - any parse error is the user's file
-        raise UserError(f"--overrides {path}: not valid {'YAML' if path.suffix in ('.yaml', '.yml') else 'JSON'} "
+        raise UserError(f"`overrides` {path}: not valid {'YAML' if path.suffix in ('.yaml', '.yml') else 'JSON'} "
                         f"({str(exc).splitlines()[0]})") from exc
     if not isinstance(data, dict) or not all(isinstance(v, list) and v for v in data.values()):
-        raise UserError(f"--overrides {path}: expected a mapping from name pattern to a non-empty list of "
+        raise UserError(f"`overrides` {path}: expected a mapping from name pattern to a non-empty list of "
                         "candidate labels")
     return [(str(pattern), [parse(str(label)) for label in labels]) for pattern, labels in data.items()]
 
@@ -173,7 +173,7 @@ def allowed(weights: dict[str, WeightInfo], *, target: str = "size", keep_first_
         for name in {names[0], names[-1]}:
             pin = pin_for(weights[name], target)
             if overrides and any(fnmatch.fnmatchcase(name, p) for p, _ in overrides) and pin not in out[name]:
-                raise UserError(f"--keep-first-last pins {name} to {pin.label}, but the override file excludes it")
+                raise UserError(f"`keep_first_last` pins {name} to {pin.label}, but the override file excludes it")
             out[name] = [pin]
     return out
 
@@ -195,5 +195,5 @@ def check_budget(budget: float, weights: dict[str, WeightInfo], allowed: dict[st
     """Raise :class:`UserError` unless some choice of allowed candidates meets ``budget`` all-in bits."""
     lo, hi = budget_range(weights, allowed)
     if not lo - 1e-9 <= budget <= hi + 1e-9:
-        raise UserError(f"--bits {budget:g} cannot be met: the allowed candidates give between {lo:.3f} and "
+        raise UserError(f"`bits` {budget:g} cannot be met: the allowed candidates give between {lo:.3f} and "
                         f"{hi:.3f} all-in bits per weight for this model; pick a budget in that range")

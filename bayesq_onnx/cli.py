@@ -9,8 +9,9 @@ from pathlib import Path
 import click
 
 from .candidates import TARGETS
-from .config import CURVATURES, DEFAULT_METHOD, FAMILIES, FISHERS, GPTQ_MIXES, METHODS, RISKS, TEACHERS, CompileConfig
-from .errors import BayesQError, UserError
+from .config import (CURVATURES, DEFAULT_METHOD, FAMILIES, FISHERS, GPTQ_MIXES, METHODS, RECIPES, RISKS, TEACHERS,
+                     build_config)
+from .errors import BayesQError, UserError, in_words_of
 from .passes.collect_weights import SCOPES
 from .runtime.session import PROVIDERS
 
@@ -50,100 +51,130 @@ def main():
     """
 
 
-@main.command()
+def _show_all_options(ctx: click.Context, _param, value) -> None:
+    """``--help-all``: the help with every option, the advanced ones included."""
+    if not value or ctx.resilient_parsing:
+        return
+    for param in ctx.command.params:
+        param.hidden = False
+    click.echo(ctx.get_help())
+    ctx.exit()
+
+
+def _advanced(*names, **kwargs):
+    """An option reachable on the command line but listed only by ``--help-all`` (and in docs/cli.md)."""
+    return click.option(*names, hidden=True, **kwargs)
+
+
+@main.command(epilog="Every other setting: 'bayesq compile --help-all', a --config file, or docs/cli.md.")
 @click.argument("model", default="minilm")
-@click.option("--weights", type=click.Path(path_type=Path), default=None,
-              help="torchvision:/module: a state dict file (.pt/.pth/.safetensors).")
-@click.option("--data", type=click.Path(path_type=Path), default=None,
-              help="Evaluation data: an ImageFolder dir (torchvision:) or a GLUE task dir (hf: --task glue:NAME).")
-@click.option("--calib", type=click.Path(path_type=Path), default=None,
-              help="Calibration data: an ImageFolder dir (torchvision:) or an .npz of named inputs (onnx:).")
-@click.option("--task", default=None, help="hf: the task, e.g. glue:sst2 (reads --data DIR/train.tsv, dev.tsv).")
 @click.option("--bits", type=float, default=4.0, show_default=True,
               help="Budget: average all-in bits per weight (codes + scales + zero points + codebooks). "
                    "bayesq and gptq take fractional values (e.g. 3.5); rtn and bayesq-fixed one of 2, 3, 4, 8.")
 @click.option("--method", type=click.Choice(METHODS), default=DEFAULT_METHOD, show_default=True,
-              help="Planner: bayesq = Bayesian design + mixed precision by knapsack under the budget; "
-                   "bayesq-fixed = one bit-width, Bayesian design; rtn = round-to-nearest baseline; "
-                   "gptq = GPTQ baseline (fractional --bits mix two widths).")
+              help="bayesq = Bayesian design + mixed precision under the budget; bayesq-fixed = one width, "
+                   "Bayesian design; rtn = round-to-nearest; gptq = GPTQ (fractional --bits mix two widths).")
+@click.option("--recipe", type=click.Choice(tuple(RECIPES)), default="default", show_default=True,
+              help="Named settings: fast (a quick look), default, best (distillation, more data; slower).")
+@click.option("--config", "config_file", type=click.Path(path_type=Path), default=None,
+              help="YAML or JSON file of settings (keys: the names of --help-all's options, with _ for -); "
+                   "options given here override it.")
+@click.option("--data", type=click.Path(path_type=Path), default=None,
+              help="Evaluation data: an ImageFolder dir (torchvision:), a GLUE task dir (hf: --task), "
+                   "a .txt/.jsonl of texts (minilm, hf: encoders), an .npz of named inputs (onnx:, module:).")
+@click.option("--calib", type=click.Path(path_type=Path), default=None,
+              help="Calibration data, in the same forms as --data.")
+@click.option("--task", default=None, help="hf: the task, e.g. glue:sst2 (reads --data DIR/train.tsv, dev.tsv).")
+@click.option("--weights", type=click.Path(path_type=Path), default=None,
+              help="torchvision:/module: a state dict file (.pt/.pth/.safetensors).")
 @click.option("--target", type=click.Choice(TARGETS), default="size", show_default=True,
-              help="bayesq: size (any stored form, decodes fold at load), speed (MatMul weights as 4/8-bit "
-                   "blocks ORT fuses to MatMulNBits, others as codebooks/FP16), cuda (4/8-bit and FP16 only).")
-@click.option("--keep-first-last", is_flag=True, help="bayesq: pin the first and last quantized layers to 8-bit "
-              "(speed: FP16 where not a MatMul).")
-@click.option("--overrides", type=click.Path(path_type=Path), default=None,
-              help="bayesq: JSON/YAML file mapping tensor-name patterns to allowed candidate labels.")
+              help="size (smallest file, decodes fold at load), speed (MatMulNBits-fusable MatMul weights), "
+                   "cuda (4/8-bit and FP16 only).")
 @click.option("--max-drop", type=float, default=None,
-              help="bayesq: instead of --bits, find the least all-in budget whose validated headline metric "
-                   "drops by at most this (its units: 0.003 = 0.3 points of top-1, 0.01 of cosine).")
-@click.option("--risk", type=click.Choice(RISKS), default="closed", show_default=True,
-              help="bayesq: closed-form posterior risk, or Monte Carlo on calibration data (slower).")
-@click.option("--family", type=click.Choice(FAMILIES), default="uniform", show_default=True,
-              help="bayesq-fixed: uniform grids (DequantizeLinear) or per-row codebooks (FP16 levels).")
-@click.option("--group-size", type=int, default=0, show_default=True,
-              help="Uniform: input channels sharing one scale (0: one scale per output row).")
-@click.option("--codebook-rows", type=int, default=1, show_default=True, help="Codebook: rows sharing one table.")
-@click.option("--curvature", type=click.Choice(CURVATURES), default="kfac", show_default=True,
-              help="Posterior precision: diag (Laplace diagonal), kfac (A ⊗ G; GPTQ-style error feedback), "
-                   "lowrank (diagonal + top-k GGN directions).")
-@click.option("--fisher", type=click.Choice(FISHERS), default="true", show_default=True,
-              help="true: targets sampled from the model (no labels); empirical: the data's labels.")
-@click.option("--fisher-samples", type=int, default=1, show_default=True, help="Target samples per item.")
-@click.option("--rank", type=int, default=8, show_default=True, help="lowrank: directions per layer.")
-@click.option("--n-data", type=float, default=1e6, show_default=True,
-              help="Effective data size N in Λ = N·F + τ (the pretrained model's data, not the calibration set).")
-@click.option("--prior-precision", type=float, default=None,
-              help="Prior precision τ [empirical Bayes per layer].")
-@click.option("--act-order/--no-act-order", default=False, show_default=True,
-              help="kfac and gptq: round columns in decreasing curvature order (GPTQ's act-order).")
-@click.option("--gptq-mix", type=click.Choice(GPTQ_MIXES), default="knapsack", show_default=True,
-              help="gptq at a fractional --bits: wider codes by knapsack on GPTQ's layer errors, or to layers "
-                   "in graph order (proportional).")
-@click.option("--temperature", type=float, default=0.0, show_default=True,
-              help="Posterior temperature in the design objective (0: design on the trained weights alone).")
-@click.option("--scope", type=click.Choice(SCOPES), default="linear", show_default=True,
-              help="linear: Conv/Gemm/MatMul weights; all: also Gather embedding tables.")
-@click.option("--distill/--no-distill", default=False, show_default=True,
-              help="After planning, train scales, codebook levels, biases and norm parameters (codes fixed, "
-                   "budget unchanged) toward the teacher on calibration inputs only.")
-@click.option("--distill-steps", type=int, default=300, show_default=True,
-              help="Distillation: Adam steps at most (early stop on held-out calibration batches).")
-@click.option("--distill-lr", type=float, default=1e-3, show_default=True,
-              help="Distillation: relative step size (log-scale for scales, RMS units otherwise).")
-@click.option("--teacher", type=click.Choice(TEACHERS), default="posterior", show_default=True,
-              help="Distillation teacher: posterior predictive (average of posterior-sampled models; the FP32 "
-                   "model for methods without a posterior, e.g. rtn, or when the samples stray farther from it "
-                   "than the quantized plan) or fp (the FP32 model).")
-@click.option("--teacher-samples", type=int, default=4, show_default=True,
-              help="Distillation: posterior samples the teacher averages.")
+              help="bayesq: instead of --bits, the least budget whose validated headline metric drops by at "
+                   "most this (its units: 0.003 = 0.3 points of top-1, 0.01 of cosine).")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("bayesq-out"), show_default=True,
               help="Output directory for model.onnx, report.json, report.md, bits.png.")
-@click.option("--calib-size", type=int, default=256, show_default=True, help="Calibration items.")
-@click.option("--eval-size", type=int, default=1024, show_default=True, help="Held-out evaluation items.")
-@click.option("--provider", type=click.Choice(PROVIDERS), default="auto", show_default=True,
-              help="ONNX Runtime provider for validation; 'cuda' fails if CUDA is not usable.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed for every random choice.")
-@click.option("--latency-runs", type=int, default=20, show_default=True, help="Timed runs per model.")
-@click.option("--latency-batch", type=int, default=8, show_default=True, help="Batch size for latency.")
-@click.option("--latency-seq", type=int, default=128, show_default=True, help="Sequence length for latency.")
-@click.option("--verify-each", is_flag=True, help="Run onnx.checker after every pass.")
-@click.option("--dump-dir", type=click.Path(path_type=Path), default=None, help="Save the model after every pass.")
 @click.option("-q", "--quiet", is_flag=True, help="Print only the final summary line.")
-@click.option("-v", "--verbose", is_flag=True, help="Also print each pass's outcome and each tensor's choice.")
-def compile(model, quiet, verbose, **options):
-    """Quantize MODEL (default: minilm) and validate it in ONNX Runtime."""
+@click.option("--help-all", is_flag=True, expose_value=False, is_eager=True, callback=_show_all_options,
+              help="Show every option and exit.")
+@_advanced("-v", "--verbose", is_flag=True, help="Also print each pass's outcome and each tensor's choice.")
+@_advanced("--scope", type=click.Choice(SCOPES), default="all", show_default=True,
+           help="all: Conv/Gemm/MatMul weights and Gather embedding tables; linear: without the tables.")
+@_advanced("--keep-first-last", is_flag=True, help="bayesq: pin the first and last quantized layers to 8-bit "
+           "(speed: FP16 where not a MatMul).")
+@_advanced("--overrides", type=click.Path(path_type=Path), default=None,
+           help="bayesq: JSON/YAML file mapping tensor-name patterns to allowed candidate labels.")
+@_advanced("--risk", type=click.Choice(RISKS), default="closed", show_default=True,
+           help="bayesq: closed-form posterior risk, or Monte Carlo on calibration data (slower).")
+@_advanced("--family", type=click.Choice(FAMILIES), default="uniform", show_default=True,
+           help="bayesq-fixed: uniform grids (DequantizeLinear) or per-row codebooks (FP16 levels).")
+@_advanced("--group-size", type=int, default=0, show_default=True,
+           help="Uniform: input channels sharing one scale (0: one scale per output row).")
+@_advanced("--codebook-rows", type=int, default=1, show_default=True, help="Codebook: rows sharing one table.")
+@_advanced("--curvature", type=click.Choice(CURVATURES), default="kfac", show_default=True,
+           help="Posterior precision: diag (Laplace diagonal), kfac (A ⊗ G; GPTQ-style error feedback), "
+                "lowrank (diagonal + top-k GGN directions).")
+@_advanced("--fisher", type=click.Choice(FISHERS), default="true", show_default=True,
+           help="true: targets sampled from the model (no labels); empirical: the data's labels.")
+@_advanced("--fisher-samples", type=int, default=1, show_default=True, help="Target samples per item.")
+@_advanced("--rank", type=int, default=8, show_default=True, help="lowrank: directions per layer.")
+@_advanced("--n-data", type=float, default=1e6, show_default=True,
+           help="Effective data size N in Λ = N·F + τ (the pretrained model's data, not the calibration set).")
+@_advanced("--prior-precision", type=float, default=None, help="Prior precision τ [empirical Bayes per layer].")
+@_advanced("--act-order/--no-act-order", default=False, show_default=True,
+           help="kfac and gptq: round columns in decreasing curvature order (GPTQ's act-order).")
+@_advanced("--gptq-mix", type=click.Choice(GPTQ_MIXES), default="knapsack", show_default=True,
+           help="gptq at a fractional --bits: wider codes by knapsack on GPTQ's layer errors, or to layers "
+                "in graph order (proportional).")
+@_advanced("--temperature", type=float, default=0.0, show_default=True,
+           help="Posterior temperature in the design objective (0: design on the trained weights alone).")
+@_advanced("--distill/--no-distill", default=False, show_default=True,
+           help="After planning, train scales, codebook levels, biases and norm parameters (codes fixed, "
+                "budget unchanged) toward the teacher on calibration inputs only.")
+@_advanced("--distill-steps", type=int, default=300, show_default=True,
+           help="Distillation: Adam steps at most (early stop on held-out calibration batches).")
+@_advanced("--distill-lr", type=float, default=1e-3, show_default=True,
+           help="Distillation: relative step size (log-scale for scales, RMS units otherwise).")
+@_advanced("--teacher", type=click.Choice(TEACHERS), default="posterior", show_default=True,
+           help="Distillation teacher: posterior predictive (average of posterior-sampled models; the FP32 "
+                "model for methods without a posterior, e.g. rtn, or when the samples stray farther from it "
+                "than the quantized plan) or fp (the FP32 model).")
+@_advanced("--teacher-samples", type=int, default=4, show_default=True,
+           help="Distillation: posterior samples the teacher averages.")
+@_advanced("--calib-size", type=int, default=256, show_default=True, help="Calibration items.")
+@_advanced("--eval-size", type=int, default=256, show_default=True,
+           help="Held-out evaluation items (the headline's 95 % interval narrows with more).")
+@_advanced("--provider", type=click.Choice(PROVIDERS), default="auto", show_default=True,
+           help="ONNX Runtime provider for validation; 'cuda' fails if CUDA is not usable.")
+@_advanced("--seed", type=int, default=0, show_default=True, help="Seed for every random choice.")
+@_advanced("--latency-runs", type=int, default=20, show_default=True, help="Timed runs per model.")
+@_advanced("--latency-warmup", type=int, default=3, show_default=True, help="Untimed runs before timing.")
+@_advanced("--latency-batch", type=int, default=8, show_default=True, help="Batch size for latency.")
+@_advanced("--latency-seq", type=int, default=128, show_default=True, help="Sequence length for latency.")
+@_advanced("--verify-each", is_flag=True, help="Run onnx.checker after every pass.")
+@_advanced("--dump-dir", type=click.Path(path_type=Path), default=None, help="Save the model after every pass.")
+@click.pass_context
+def compile(ctx, model, recipe, config_file, quiet, verbose, **options):
+    """Quantize MODEL (default: minilm, bundled) and validate it in ONNX Runtime."""
     from .pipeline import compile_model
     from .progress import Reporter
 
-    config = CompileConfig(model=model, **options)  # every other option is a CompileConfig field of its name
-    with Reporter(quiet=quiet, verbose=verbose) as reporter:
+    # only what the user typed overrides the recipe and the file; the option defaults shown in --help-all
+    # are the dataclass's own
+    given = {name: value for name, value in options.items()
+             if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT}
+    config = _guard(lambda: build_config(recipe, config_file, model=model, **given))
+    with Reporter(quiet=quiet, verbose=verbose, wording=_flags(ctx)) as reporter:
         result = _guard(lambda: compile_model(config, reporter))
     r = result.report
+    h = r["headline"]
+    interval = f" (95% CI {h['ci95'][0]:.4f}–{h['ci95'][1]:.4f}, {h['items']} items)" if "ci95" in h else ""
     click.echo(f"{result.artifact}: {r['bits']['all_in']:.3f} bits/weight all-in, "
                f"{r['sizes']['artifact_bytes'] / 1e6:.2f} MB ({r['sizes']['fp32_bytes'] / r['sizes']['artifact_bytes']:.1f}x smaller), "
-               f"{r['headline']['metric']} {r['headline']['value']:.4f}, latency x{r['latency']['ratio']:.2f} vs FP32")
+               f"{h['metric']} {h['value']:.4f}{interval}, latency x{r['latency']['ratio']:.2f} vs FP32")
     for warning in r.get("warnings", []):
-        click.echo(f"warning: {warning}", err=True)
+        click.echo(f"warning: {_flags(ctx)(warning)}", err=True)
 
 
 @main.command()
@@ -151,8 +182,10 @@ def models():
     """List the models MODEL can name and what each needs."""
     from .models import SOURCES
 
+    wording = _flags(click.get_current_context().parent.command.commands["compile"].make_context(
+        "compile", [], resilient_parsing=True))
     for source in SOURCES.values():
-        click.echo(f"{source.usage:34s} {source.needs}")
+        click.echo(f"{source.usage:34s} {wording(source.needs)}")
 
 
 @main.command()
@@ -177,7 +210,7 @@ def inspect(artifact, as_json):
 @click.option("--data", type=click.Path(path_type=Path), default=None,
               help="Evaluation inputs: an .npz with one array per model input, items along the first axis "
                    "(metric: fidelity of the first output).")
-@click.option("--model", "model_spec", default=None,
+@click.option("--model", default=None,
               help="Instead of --data: the evaluation set and metric of a model source, e.g. minilm.")
 @click.option("--calib-size", type=int, default=256, show_default=True,
               help="--model: as given to compile (some sources draw evaluation items after calibration ones).")
@@ -187,14 +220,14 @@ def inspect(artifact, as_json):
               help="ONNX Runtime provider; 'cuda' fails if CUDA is not usable.")
 @click.option("--runs", type=int, default=20, show_default=True, help="Timed runs per model.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON instead of tables.")
-def validate(artifact, reference, data, model_spec, calib_size, eval_size, seed, provider, runs, as_json):
+def validate(artifact, reference, data, model, calib_size, eval_size, seed, provider, runs, as_json):
     """Re-run validation of ARTIFACT against an FP32 --reference in ONNX Runtime: fidelity on --data or
     a --model's evaluation set, latency of both, session start times."""
     from .inspect import validate_pair
     from .models.base import SourceOptions
 
     options = SourceOptions(calib_size=calib_size, eval_size=eval_size, seed=seed)
-    result = _guard(lambda: validate_pair(artifact, reference, data=data, model=model_spec, options=options,
+    result = _guard(lambda: validate_pair(artifact, reference, data=data, model=model, options=options,
                                           provider=provider, runs=runs))
     if as_json:
         click.echo(json.dumps(result, indent=2))
@@ -279,13 +312,26 @@ def _print_validation(result: dict) -> None:
                   f"latency ratio quantized / FP32 (median): {lat['ratio']:.3f}")
 
 
+def _flags(ctx: click.Context):
+    """Library text (fields in backticks, errors.py) in this command's words: `calib_size` → --calib-size,
+    an argument's field → its metavar (MODEL)."""
+    names = {}
+    for param in ctx.command.params:
+        if isinstance(param, click.Option):
+            names[param.name] = max(param.opts, key=len)
+        elif isinstance(param, click.Argument):
+            names[param.name] = param.human_readable_name
+    return lambda text: in_words_of(text, names)
+
+
 def _guard(fn):
     """User errors: one line on stderr, exit code 2. Other deliberate errors: one line, exit code 1."""
+    wording = _flags(click.get_current_context())
     try:
         return fn()
     except UserError as exc:
-        click.echo(f"error: {exc}", err=True)
+        click.echo(f"error: {wording(str(exc))}", err=True)
         sys.exit(2)
     except BayesQError as exc:
-        click.echo(f"failed: {exc}", err=True)
+        click.echo(f"failed: {wording(str(exc))}", err=True)
         sys.exit(1)

@@ -1,8 +1,13 @@
-"""Compile settings: one frozen dataclass, validated once; the CLI only fills it in."""
+"""Compile settings: one frozen dataclass, validated once; named recipes and YAML/JSON files fill it in,
+and so does the CLI, which only parses.
+
+Precedence, lowest first: the dataclass defaults, the recipe, the config file, explicit arguments.
+"""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import json
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from .errors import UserError
@@ -52,7 +57,7 @@ class CompileConfig:
     overrides: Path | None = None  # bayesq: JSON/YAML file, tensor-name pattern -> allowed candidate labels
     risk: str = "closed"         # bayesq: closed-form proxy or Monte Carlo on calibration data
     max_drop: float | None = None  # bayesq: search the least budget whose headline drop is at most this
-    scope: str = "linear"        # linear: Conv/Gemm/MatMul weights; all: + Gather embedding tables
+    scope: str = "all"           # all: Conv/Gemm/MatMul weights and Gather embedding tables; linear: without tables
     # calibration-only distillation of the plan (bayesq_onnx/distill.py); off by default: see docs/cli.md
     distill: bool = False
     distill_steps: int = 300     # Adam steps at most (early stopping on held-out calibration batches)
@@ -61,7 +66,7 @@ class CompileConfig:
     teacher_samples: int = 4     # posterior samples the teacher averages
     out: Path = Path("bayesq-out")
     calib_size: int = 256
-    eval_size: int = 1024
+    eval_size: int = 256         # the headline comes with a bootstrap 95 % interval; more items narrow it
     provider: str = "auto"
     seed: int = 0
     latency_runs: int = 20
@@ -77,14 +82,14 @@ class CompileConfig:
         if self.method not in METHODS:
             raise UserError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
         if self.method in ("rtn", "bayesq-fixed") and self.bits not in CODE_BITS:
-            raise UserError(f"--bits {self.bits:g} is not available for --method {self.method}; "
+            raise UserError(f"`bits` {self.bits:g} is not available for `method` {self.method}; "
                             f"choose one of {', '.join(map(str, CODE_BITS))}")
         if self.method == "gptq" and not CODE_BITS[0] <= self.bits <= CODE_BITS[-1]:
-            raise UserError(f"--bits {self.bits:g} is outside GPTQ's code widths; pick a budget between "
+            raise UserError(f"`bits` {self.bits:g} is outside GPTQ's code widths; pick a budget between "
                             f"{CODE_BITS[0]} and {CODE_BITS[-1]}")
         if self.method == "bayesq" and not CODE_BITS[0] <= self.bits <= 32.0:
             # every candidate stores codes of at least CODE_BITS[0] bits per weight: refuse before the model loads
-            raise UserError(f"--bits {self.bits:g} cannot be met: every candidate stores at least {CODE_BITS[0]}-bit "
+            raise UserError(f"`bits` {self.bits:g} cannot be met: every candidate stores at least {CODE_BITS[0]}-bit "
                             f"codes per weight (FP32 is 32); pick a budget between {CODE_BITS[0]} and 32")
         from .candidates import TARGETS
 
@@ -93,33 +98,39 @@ class CompileConfig:
             if getattr(self, name) not in allowed:
                 raise UserError(f"unknown {name} {getattr(self, name)!r}; choose one of {', '.join(allowed)}")
         if self.max_drop is not None and (self.method != "bayesq" or not self.max_drop >= 0):
-            raise UserError("--max-drop needs --method bayesq and a value >= 0 (in the headline metric's units, "
+            raise UserError("`max_drop` needs `method` bayesq and a value >= 0 (in the headline metric's units, "
                             "e.g. 0.003 for 0.3 points of top-1)")
         if self.codebook_rows < 1:
-            raise UserError("--codebook-rows must be at least 1")
+            raise UserError("`codebook_rows` must be at least 1")
         if self.fisher_samples < 1 or self.rank < 1:
-            raise UserError("--fisher-samples and --rank must be at least 1")
+            raise UserError("`fisher_samples` and `rank` must be at least 1")
         if self.temperature < 0 or (self.n_data is not None and self.n_data <= 0) or (
                 self.prior_precision is not None and self.prior_precision <= 0):
-            raise UserError("--temperature must be >= 0; --n-data and --prior-precision must be > 0")
+            raise UserError("`temperature` must be >= 0; `n_data` and `prior_precision` must be > 0")
         if self.teacher not in TEACHERS:
             raise UserError(f"unknown teacher {self.teacher!r}; choose one of {', '.join(TEACHERS)}")
         if self.distill_steps < 1 or self.teacher_samples < 1 or not self.distill_lr > 0:
-            raise UserError("--distill-steps and --teacher-samples must be at least 1, --distill-lr > 0")
+            raise UserError("`distill_steps` and `teacher_samples` must be at least 1, `distill_lr` > 0")
         if self.scope not in SCOPES:
             raise UserError(f"unknown scope {self.scope!r}; choose one of {', '.join(SCOPES)}")
         if self.provider not in PROVIDERS:
             raise UserError(f"unknown provider {self.provider!r}; choose one of {', '.join(PROVIDERS)}")
         if self.group_size < 0 or (self.group_size and self.group_size & (self.group_size - 1)):
-            raise UserError(f"--group-size {self.group_size} must be 0 (per row) or a power of two")
+            raise UserError(f"`group_size` {self.group_size} must be 0 (per row) or a power of two")
         for name in ("calib_size", "eval_size", "latency_runs", "latency_batch", "latency_seq"):
             if getattr(self, name) < 1:
-                raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+                raise UserError(f"`{name}` must be at least 1")
+        if self.latency_warmup < 0:
+            raise UserError("`latency_warmup` must be at least 0")
         if self.dump_dir is not None and Path(self.out).resolve() in (Path(self.dump_dir).resolve(), *Path(self.dump_dir).resolve().parents):
-            raise UserError(f"--dump-dir {self.dump_dir} is inside --out {self.out}, which is replaced as a unit; "
-                            f"use a directory beside it, e.g. --dump-dir {Path(self.out).name}-passes")
+            raise UserError(f"`dump_dir` {self.dump_dir} is inside `out` {self.out}, which is replaced as a unit; "
+                            f"use a directory beside it, e.g. `dump_dir` {Path(self.out).name}-passes")
+        for name in ("weights", "data", "calib", "overrides"):  # before any model loads
+            path = getattr(self, name)
+            if path is not None and not Path(path).expanduser().exists():
+                raise UserError(f"`{name}` {path}: no such file or directory")
         if self.eval_size < 2:
-            raise UserError("--eval-size must be at least 2 (fidelity compares items against each other)")
+            raise UserError("`eval_size` must be at least 2 (fidelity compares items against each other)")
         return self
 
     def source_options(self) -> SourceOptions:
@@ -135,3 +146,94 @@ class CompileConfig:
         for name in ("overrides", "weights", "data", "calib"):
             d[name] = str(getattr(self, name)) if getattr(self, name) else None
         return d
+
+
+# Named settings over the defaults. fast: a quick look (fewer calibration and evaluation items, fewer latency
+# runs); best: the most faithful artifact the method reaches (distillation on more calibration items,
+# a larger evaluation set for a tighter interval), at several times the default's time (docs/results.md).
+RECIPES: dict[str, dict] = {
+    "fast": {"calib_size": 64, "eval_size": 128, "latency_runs": 5},
+    "default": {},
+    "best": {"calib_size": 512, "eval_size": 1024, "distill": True},
+}
+
+
+def build_config(recipe: str = "default", file: Path | str | None = None, **fields_) -> CompileConfig:
+    """The config of ``recipe`` (:data:`RECIPES`), overridden by the fields of ``file`` (YAML or JSON,
+    field names as keys; a ``recipe`` key names the recipe when the argument leaves it at default), then
+    by ``fields_``. Unknown recipes and fields are a :class:`UserError` naming them."""
+    from_file = read_config_file(file) if file is not None else {}
+    recipe = from_file.pop("recipe", recipe) if recipe == "default" else recipe
+    from_file.pop("recipe", None)
+    if recipe not in RECIPES:
+        raise UserError(f"unknown `recipe` {recipe!r}; choose one of {', '.join(RECIPES)}")
+    unknown = sorted(set(fields_) - _FIELD_TYPES.keys())
+    if unknown:
+        raise UserError(f"unknown config field(s) {', '.join(unknown)}; fields: {', '.join(_FIELD_TYPES)}")
+    return CompileConfig(**{**RECIPES[recipe], **from_file, **fields_})
+
+
+def read_config_file(path: Path | str) -> dict:
+    """A config file's fields, each checked against the field's type (a path field takes a string, a float
+    field an int or float, ...); YAML (.yaml/.yml) or JSON (.json)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"`config` {path}: no such file")
+    text = path.read_text(encoding="utf-8", errors="replace")
+    suffix = path.suffix.lower()
+    if suffix not in (".json", ".yaml", ".yml"):
+        raise UserError(f"`config` {path}: expected a .yaml, .yml or .json file")
+    import yaml
+
+    try:
+        data = json.loads(text) if suffix == ".json" else yaml.safe_load(text)
+    except (ValueError, yaml.YAMLError) as exc:
+        raise UserError(f"`config` {path}: cannot parse it ({' '.join(str(exc).split())[:160]})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"`config` {path}: expected a mapping of field names to values, got {type(data).__name__}")
+    out = {}
+    for key, value in data.items():
+        if key == "recipe":
+            out[key] = str(value)
+            continue
+        if key not in _FIELD_TYPES or key == "extra":
+            raise UserError(f"`config` {path}: unknown field {key!r}; fields: {', '.join(_FIELD_TYPES)}")
+        out[key] = _coerce(key, value, path)
+    return out
+
+
+def _coerce(key: str, value, path: Path):
+    """``value`` as field ``key``'s type, or a UserError naming the file and field."""
+    kind = _FIELD_TYPES[key]
+    optional = value is None and "None" in kind
+    if optional:
+        return None
+    try:
+        if "Path" in kind:
+            if not isinstance(value, str):
+                raise TypeError
+            return Path(value)
+        if kind.startswith("bool"):
+            if not isinstance(value, bool):
+                raise TypeError
+            return value
+        if kind.startswith("int"):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError
+            return value
+        if kind.startswith("float"):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError
+            return float(value)
+        if kind.startswith("str"):
+            if not isinstance(value, str):
+                raise TypeError
+            return value
+    except TypeError:
+        raise UserError(f"`config` {path}: field {key!r} takes {kind}, got {value!r}") from None
+    return value
+
+
+_FIELD_TYPES = {f.name: str(f.type) for f in fields(CompileConfig) if f.name != "extra"}

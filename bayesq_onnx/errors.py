@@ -1,4 +1,18 @@
-"""Error family. A :class:`UserError` is the user's to fix: the CLI prints its one line and exits 2."""
+"""Error family. A :class:`UserError` is the user's to fix: the CLI prints its one line and exits 2.
+
+Messages name settings by their config field in backticks (`calib_size`), as a Python caller writes them;
+the CLI rewrites those into its own spelling (--calib-size) with :func:`in_words_of`.
+"""
+
+import re
+from collections.abc import Mapping
+
+_FIELD = re.compile(r"`([a-z][a-z0-9_]*)`")
+
+
+def in_words_of(text: str, names: Mapping[str, str]) -> str:
+    """``text`` with each backticked field name that ``names`` knows replaced by ``names[field]``."""
+    return _FIELD.sub(lambda m: names.get(m.group(1), m.group(0)), text)
 
 
 class BayesQError(Exception):

@@ -155,7 +155,7 @@ def inspect_artifact(path: str | Path) -> dict:
 
 
 def _plain_weights(proto: onnx.ModelProto, sizes: dict[str, int]) -> dict:
-    """The weights CollectWeightsPass finds in a plain model, marked with the ``--scope`` that quantizes them."""
+    """The weights CollectWeightsPass finds in a plain model, marked with the ``scope`` that quantizes them."""
     collect = CollectWeightsPass(scope="all")
     collect(ir.serde.deserialize_model(proto))
     weights = [{"name": w.name, "shape": list(w.layout.shape), "weights": w.size, "consumers": sorted(set(w.consumers)),
@@ -206,7 +206,7 @@ def npz_evaluation(reference: onnx.ModelProto, data: str | Path) -> list[Batch]:
     the model's fixed batch size, else of :data:`~bayesq_onnx.models.onnx_file.BATCH` items."""
     inits = {t.name for t in reference.graph.initializer}
     specs = {i.name: i.type.tensor_type for i in reference.graph.input if i.name not in inits}
-    arrays = read_inputs(Path(data), specs, "--data")
+    arrays = read_inputs(Path(data), specs, "`data`")
     return batches_for(arrays, batch_size(specs))
 
 
@@ -219,17 +219,17 @@ def validate_pair(artifact: str | Path, reference: str | Path, *, data: str | Pa
 
     Inputs: ``data`` (an .npz of arrays named like the model inputs; metric: output fidelity of the first
     output), or the evaluation set, metric and latency feed of model source ``model`` loaded with
-    ``options`` (pass the compile's --calib-size/--eval-size to get its evaluation items). Latency runs on
+    ``options`` (pass the compile's `calib_size`/`eval_size` to get its evaluation items). Latency runs on
     the first .npz batch, or the source's latency feed. The artifact runs with the ORT settings its
     metadata stores (default: size mode).
     """
     if data is None and model is None:
-        raise UserError("bayesq validate needs evaluation inputs: --data FILE.npz (arrays named like the model "
-                        "inputs) or --model SPEC (its evaluation set, e.g. minilm)")
+        raise UserError("bayesq validate needs evaluation inputs: `data` FILE.npz (arrays named like the model "
+                        "inputs) or `model` SPEC (its evaluation set, e.g. minilm)")
     if data is not None and model is not None:
-        raise UserError("pass one of --data FILE.npz and --model SPEC, not both")
+        raise UserError("pass one of `data` FILE.npz and `model` SPEC, not both")
     if runs < 1 or warmup < 0:
-        raise UserError("--runs must be at least 1 (and the warm-up runs at least 0)")
+        raise UserError("`runs` must be at least 1 (and the warm-up runs at least 0)")
     providers, note = resolve_providers(provider)
     q_path, q_proto = load_onnx(artifact, "artifact")
     fp_path, fp_proto = load_onnx(reference, "reference")
@@ -246,8 +246,8 @@ def validate_pair(artifact: str | Path, reference: str | Path, *, data: str | Pa
         latency_feed, source = bundle.latency_feed, f"evaluation set of {bundle.name}"
         wanted = [name for name, _ in _signature(fp_proto)[0]]
         if not set(wanted) <= set(batches[0]):
-            raise UserError(f"--model {model} feeds inputs {sorted(batches[0])}, but the reference takes {wanted}; "
-                            "pass the model the reference was exported from, or --data FILE.npz")
+            raise UserError(f"`model` {model} feeds inputs {sorted(batches[0])}, but the reference takes {wanted}; "
+                            "pass the model the reference was exported from, or `data` FILE.npz")
 
     fp_session, fp_start, _ = _session(fp_path, fp_proto, providers, {}, "reference")
     q_session, q_start, q_config = _session(q_path, q_proto, providers, session_config_for("size"), "artifact")

@@ -27,6 +27,7 @@ from .errors import BayesQError, PassFailure, UserError
 from .export import fp32_model, torch_outputs
 from .models import check_model_spec, load_model
 from .models.base import ModelBundle
+from .models.metrics import bootstrap_interval
 from .passes.collect_weights import CollectWeightsPass, WeightInfo
 from .passes.fit_layer_posterior import FitLayerPosteriorPass
 from .passes.fit_posterior import FitPosteriorPass
@@ -150,6 +151,7 @@ def compile_model(config: CompileConfig, reporter: Reporter | None = None,
             distill_section = _distill_report(distilled, validation, bundle, q_path)
 
     headline = bundle.headline or next(iter(validation["fidelity"]))
+    linear = [t for n, t in plan.tensors.items() if any(op != "Gather" for op in weights[n].consumers)]
     report = {
         "bayesq_onnx": __version__,
         "versions": _versions(),
@@ -158,10 +160,15 @@ def compile_model(config: CompileConfig, reporter: Reporter | None = None,
         "export": export_check,
         "bits": {"budget": plan.settings.get("budget", config.bits), "all_in": plan.all_in_bits, "all_in_from_file": accounting["all_in_bits_file"],
                  "nominal": plan.nominal_bits, "quantized_weights": plan.n_weights,
-                 "quantized_tensors": len(plan.tensors)},
-        "sizes": {"fp32_bytes": len(fp_bytes), "artifact_bytes": len(q_bytes), **accounting},
+                 "quantized_tensors": len(plan.tensors),
+                 # peers quantize Linear/Conv weights only: the same figure over those, for comparison
+                 "linear_all_in": sum(t.stored_bits() for t in linear) / max(sum(t.n_weights for t in linear), 1),
+                 "linear_weights": sum(t.n_weights for t in linear)},
+        "sizes": {"fp32_bytes": len(fp_bytes), "artifact_bytes": len(q_bytes),
+                  "smaller_x": len(fp_bytes) / len(q_bytes), **accounting},
         "fidelity": validation["fidelity"],
-        "headline": {"metric": headline, "value": validation["fidelity"][headline]},
+        "headline": {"metric": headline, "value": validation["fidelity"][headline],
+                     "ci95": list(validation["ci95"]), "items": validation["items"]},
         "latency": validation["latency"],
         "session_start_s": validation["session_start_s"],
         "provider": {"requested": config.provider, "used": providers[0], "note": provider_note,
@@ -215,7 +222,7 @@ def _fit_posteriors(config: CompileConfig, bundle: ModelBundle, fp_bytes: bytes,
     if laplace.unbound:
         if config.curvature == "lowrank":
             raise UserError(f"{len(laplace.unbound)} weights (e.g. {laplace.unbound[0]}) are computed by the "
-                            "exporter, not held by a traced op; --curvature lowrank has no layer-wise form: use kfac or diag")
+                            "exporter, not held by a traced op; `curvature` lowrank has no layer-wise form: use kfac or diag")
         rep.note(f"[yellow]{len(laplace.unbound)} of {len(weights)} weights hold no traced op's weight "
                  f"(e.g. {laplace.unbound[0]}): layer-wise posterior for them[/]")
         both = layerwise()
@@ -245,7 +252,7 @@ def _planner(config: CompileConfig, weights: dict[str, WeightInfo], posteriors, 
         cand = Candidate(config.family, int(config.bits), group)
         for w in weights.values():
             if not cand.fits(w.layout):
-                flag = "--codebook-rows" if config.family == "codebook" else "--group-size"
+                flag = "`codebook_rows`" if config.family == "codebook" else "`group_size`"
                 raise UserError(f"{flag} {group} does not divide the {w.layout.rows} rows × "
                                 f"{w.layout.in_channels} input channels of {w.name}; pick a divisor")
         return PlanBayesFixedPass(cand, posteriors, curvature=config.curvature, temperature=config.temperature,
@@ -314,8 +321,8 @@ def _search_budget(planner: PlanBayesQPass, weights: dict[str, WeightInfo], allo
     best, ok = validated(hi)
     hi = best.all_in_bits
     if not ok:
-        raise UserError(f"--max-drop {config.max_drop:g}: even the largest budget ({hi:.3f} bits) drops {headline} "
-                        f"by {tried[-1]['drop']:.4f}; raise --max-drop or allow larger candidates")
+        raise UserError(f"`max_drop` {config.max_drop:g}: even the largest budget ({hi:.3f} bits) drops {headline} "
+                        f"by {tried[-1]['drop']:.4f}; raise `max_drop` or allow larger candidates")
     plan, ok = validated(lo)
     if ok:
         best, hi = plan, lo
@@ -333,7 +340,7 @@ def _search_budget(planner: PlanBayesQPass, weights: dict[str, WeightInfo], allo
 
 def _run(p: ir.passes.PassBase, model: ir.Model, config: CompileConfig,
          rep: Reporter | None = None) -> ir.passes.PassResult:
-    """Run one pass; with --verify-each check the model after it, with --dump-dir save it."""
+    """Run one pass; with `verify_each` check the model after it, with `dump_dir` save it."""
     name = type(p).__name__
     start = time.perf_counter()
     try:
@@ -364,17 +371,17 @@ def _serialize(model: ir.Model) -> bytes:
 def _check_source_supports(config: CompileConfig, bundle: ModelBundle) -> None:
     """Settings that need a PyTorch model, refused for an ONNX input before any work is done."""
     if bundle.module is None and config.distill:
-        raise UserError("--distill trains a PyTorch copy of the model; an ONNX input has none: drop --distill")
+        raise UserError("`distill` trains a PyTorch copy of the model; an ONNX input has none: drop `distill`")
     if bundle.module is not None or config.method == "rtn":
         return
     if config.risk == "mc":
-        raise UserError("--risk mc perturbs a PyTorch model; an ONNX input takes --risk closed")
+        raise UserError("`risk` mc perturbs a PyTorch model; an ONNX input takes `risk` closed")
     if config.curvature == "lowrank":
-        raise UserError("--curvature lowrank needs per-item gradients of a PyTorch model; "
-                        "an ONNX input takes --curvature kfac or diag")
+        raise UserError("`curvature` lowrank needs per-item gradients of a PyTorch model; "
+                        "an ONNX input takes `curvature` kfac or diag")
     if config.fisher != "true":
-        raise UserError("--fisher empirical needs a PyTorch model and labels; an ONNX input uses the layer-wise "
-                        "likelihood on activations: drop --fisher")
+        raise UserError("`fisher` empirical needs a PyTorch model and labels; an ONNX input uses the layer-wise "
+                        "likelihood on activations: drop `fisher`")
 
 
 def _check_finite(model: ir.Model) -> None:
@@ -411,9 +418,13 @@ def _validate(bundle: ModelBundle, fp_path: Path, q_path: Path, providers: list[
         reference = run_batches(fp_session, bundle.evaluation, progress=lambda b: rep.track(b, "FP32 outputs"))
     candidate = run_batches(q_session, bundle.evaluation, progress=lambda b: rep.track(b, "quantized outputs"))
     fidelity = bundle.metric(reference, candidate)
+    headline = bundle.headline or next(iter(fidelity))
+    # the evaluation set is a sample: how far the headline could move on another one of the same size
+    ci95 = bootstrap_interval(bundle.metric, reference, candidate, headline, seed=config.seed)
     latency = latency_versus_fp32(fp_session, q_session, bundle.latency_feed, providers[0],
                                   runs=config.latency_runs, warmup=config.latency_warmup)
-    out = {"fidelity": fidelity, "latency": latency, "session_start_s": {"fp32": fp_start, "quantized": q_start}}
+    out = {"fidelity": fidelity, "ci95": ci95, "items": int(len(reference)), "latency": latency,
+           "session_start_s": {"fp32": fp_start, "quantized": q_start}}
     if undistilled is not None:  # the same plan before distillation, on the same evaluation set
         session, _ = make_session(undistilled, providers, session_config_for(config.target))
         out["undistilled_fidelity"] = bundle.metric(
@@ -432,7 +443,7 @@ def _distill(config: CompileConfig, bundle: ModelBundle, plan: Plan, bindings: d
     """
     teacher, note = config.teacher, None
     if teacher == "posterior" and not posteriors:
-        teacher, note = "fp", f"--method {config.method} fits no posterior: teacher is the FP32 model"
+        teacher, note = "fp", f"`method` {config.method} fits no posterior: teacher is the FP32 model"
         rep.note(f"[yellow]distill: {note}[/]")
     label = f"{config.teacher_samples} posterior samples" if teacher == "posterior" else "FP32"
     with rep.stage(f"distill (teacher: {label})"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -17,9 +18,10 @@ class Reporter:
     rich allows one live display at a time.
     """
 
-    def __init__(self, quiet: bool = False, verbose: bool = False):
+    def __init__(self, quiet: bool = False, verbose: bool = False, wording: Callable[[str], str] = str):
         self.console = Console(stderr=True, quiet=quiet, highlight=False, soft_wrap=True)
         self.verbose = verbose
+        self.wording = wording  # how settings are named (`field` for the API; the CLI passes its flags)
         self.timings: dict[str, float] = {}
         self._live = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
                               MofNCompleteColumn(), TimeElapsedColumn(), console=self.console, transient=True)
@@ -58,7 +60,7 @@ class Reporter:
                 self._live.remove_task(task)
         self.timings[name] = round(time.perf_counter() - start, 3)
         if outcome.warning:
-            self.console.print(f"[bold red]![/] {name} [dim]({self.timings[name]:.1f} s)[/]: [red]{outcome.warning}[/]")
+            self.console.print(f"[bold red]![/] {name} [dim]({self.timings[name]:.1f} s)[/]: [red]{self.wording(outcome.warning)}[/]")
         else:
             self.console.print(f"[green]✓[/] {name} [dim]({self.timings[name]:.1f} s)[/]")
 
@@ -74,12 +76,12 @@ class Reporter:
                 self._live.remove_task(task)
 
     def note(self, text: str) -> None:
-        self.console.print(text)
+        self.console.print(self.wording(text))
 
     def debug(self, text: str) -> None:
         """A detail line, shown with ``verbose`` only."""
         if self.verbose:
-            self.console.print(f"[dim]{text}[/]")
+            self.console.print(f"[dim]{self.wording(text)}[/]")
 
 
 class _Outcome:

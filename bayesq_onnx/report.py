@@ -56,13 +56,15 @@ def tensor_bytes(t: onnx.TensorProto) -> int:
 
 def to_markdown(report: dict) -> str:
     b, f, lat, sz = report["bits"], report["fidelity"], report["latency"], report["sizes"]
+    h = report["headline"]
     lines = [
         f"# BayesQ-ONNX report: {report['model']['name']}",
         "",
         *[f"> **WARNING: {w}**\n" for w in report.get("warnings", [])],
         f"- method **{report['plan']['method']}**, all-in **{b['all_in']:.4f}** bits/weight "
         f"(from file: {b['all_in_from_file']:.4f}; nominal code bits {b['nominal']:.3f}) over "
-        f"{b['quantized_weights']:,} weights in {len(report['plan']['tensors'])} tensors",
+        f"{b['quantized_weights']:,} weights in {len(report['plan']['tensors'])} tensors; "
+        f"{b['linear_all_in']:.4f} over the {b['linear_weights']:,} Conv/Gemm/MatMul weights",
         f"- artifact {sz['artifact_bytes'] / 1e6:.2f} MB vs FP32 ONNX {sz['fp32_bytes'] / 1e6:.2f} MB "
         f"({sz['fp32_bytes'] / sz['artifact_bytes']:.2f}× smaller)",
         f"- provider: {report['provider']['note']}",
@@ -70,6 +72,9 @@ def to_markdown(report: dict) -> str:
         if "max_abs_diff" in report["export"] else f"- input: {report['export']['source']}",
         "",
         "## Metrics on held-out data (FP32 reference and quantized artifact)",
+        "",
+        f"Headline {h['metric']} **{h['value']:.4f}**, bootstrap 95 % interval {h['ci95'][0]:.4f}–{h['ci95'][1]:.4f} "
+        f"over {h['items']} items." if "ci95" in h else f"Headline {h['metric']} **{h['value']:.4f}**.",
         "",
         "| metric | value |",
         "|---|---|",
@@ -167,4 +172,4 @@ def collapse_warning(fidelity: dict, bits: float) -> str | None:
     if not low:
         return None
     return (f"the quantized model's fidelity collapsed ({', '.join(low)}) at {bits:.3f} bits/weight: "
-            f"do not deploy it; try more bits, or --max-drop to find the budget that holds")
+            f"do not deploy it; try more bits, or `max_drop` to find the budget that holds")

@@ -168,7 +168,7 @@ ARG_CASES = [
     (["--group-size", "48"], "power of two"),
     (["--calib-size", "0"], "--calib-size must be at least 1"),
     (["--method", "rtn", "--bits", "4", "--max-drop", "0.01"], "--max-drop needs --method bayesq"),
-    (["--overrides", "/no/such/file.json"], "cannot read it"),
+    (["--overrides", "/no/such/file.json"], "no such file"),
     (["no-such-model"], "unknown model 'no-such-model'"),
     (["minilm:extra"], "takes no argument"),
     (["module:no_such_pkg.models:build"], "cannot import"),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import re
 import subprocess
 import sys
 
@@ -9,17 +11,33 @@ import pytest
 from click.testing import CliRunner
 
 from bayesq_onnx.cli import main
+from bayesq_onnx.config import CompileConfig
 
 
 def invoke(*args):
     return CliRunner().invoke(main, list(args), catch_exceptions=False)
 
 
+def _option_lines(help_text: str) -> list[str]:
+    return [line for line in help_text.splitlines() if re.match(r"^  (-\w, )?--[a-z]", line)]
+
+
 def test_help_lists_commands():
     r = invoke("--help")
     assert r.exit_code == 0 and "compile" in r.output and "models" in r.output
     r = invoke("compile", "--help")
-    assert r.exit_code == 0 and "--bits" in r.output and "--provider" in r.output
+    assert r.exit_code == 0 and "--bits" in r.output and "--recipe" in r.output and "--provider" not in r.output
+    options = [line for line in _option_lines(r.output) if "--help" not in line]
+    assert 5 <= len(options) <= 12, options
+
+
+def test_every_config_field_is_reachable_from_the_cli():
+    """--help-all lists every option, and every CompileConfig field is one (or the MODEL argument)."""
+    r = invoke("compile", "--help-all")
+    assert r.exit_code == 0 and "--provider" in r.output and "--distill-steps" in r.output
+    params = {p.name for p in main.commands["compile"].params}
+    missing = [f.name for f in dataclasses.fields(CompileConfig) if f.name != "extra" and f.name not in params]
+    assert not missing
 
 
 def test_models_lists_minilm():

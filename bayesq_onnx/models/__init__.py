@@ -28,15 +28,15 @@ SOURCES = {
     "digits-resnet": Source("digits_resnet", "digits-resnet", "nothing: a small ResNet trained on scikit-learn's "
                             "digits ships as package data (held-out top-1, NLL, ECE)", False),
     "torchvision": Source("torchvision_models", "torchvision:<arch>",
-                          "--weights FILE (state dict; without it: random init, timing only), --data DIR "
-                          "(ImageFolder, class folders) [--calib DIR] (top-1/top-5)", True),
+                          "`weights` FILE (state dict; without it: random init, timing only), `data` DIR "
+                          "(ImageFolder, class folders) [`calib` DIR] (top-1/top-5)", True),
     "hf": Source("hf", "hf:<dir>", "a local transformers model dir with its tokenizer; sequence classifiers take "
-                 "--task glue:<name> --data DIR (GLUE TSVs, official metric); encoders: embedding fidelity", True),
-    "onnx": Source("onnx_file", "onnx:<file>", "--calib FILE.npz (arrays named like the model's inputs); "
+                 "`task` glue:<name> `data` DIR (GLUE TSVs, official metric); encoders: embedding fidelity", True),
+    "onnx": Source("onnx_file", "onnx:<file>", "`calib` FILE.npz (arrays named like the model's inputs); "
                    "fidelity to the input model's outputs", True),
     "module": Source("python_module", "module:<package.module>:<factory>",
                      "an importable factory returning (module, example inputs) or a ModelBundle; "
-                     "[--weights FILE] (state dict)", True),
+                     "[`weights` FILE] (state dict)", True),
 }
 
 

@@ -84,13 +84,13 @@ def get_task(spec: str) -> GlueTask:
     """``"glue:sst2"`` (also ``glue:SST-2``, ``glue:sts-b``) → the task; :class:`UserError` otherwise."""
     prefix, sep, name = spec.partition(":")
     if prefix.lower() != "glue" or not sep:
-        raise UserError(f"--task {spec!r}: hf: models take a GLUE task, one of {task_names()}")
+        raise UserError(f"`task` {spec!r}: hf: models take a GLUE task, one of {task_names()}")
     key = name.strip().lower().replace("_", "-")
     key = {"mnli-m": "mnli", "mnli-matched": "mnli", "mnli-mismatched": "mnli-mm"}.get(key, key)
     if key not in TASKS:
         key = key.replace("-", "")
     if key not in TASKS:
-        raise UserError(f"--task {spec!r}: unknown GLUE task {name!r}; choose one of {task_names()}")
+        raise UserError(f"`task` {spec!r}: unknown GLUE task {name!r}; choose one of {task_names()}")
     return TASKS[key]
 
 
@@ -111,15 +111,15 @@ def split_path(task: GlueTask, data: Path | None, split: str) -> Path:
     """The file of ``split`` (train | dev) in the task dir ``data``; :class:`UserError` if it is missing."""
     file = task.train_file if split == "train" else task.dev_file
     if data is None:
-        raise UserError(f"--task glue:{task.name} needs --data DIR: the GLUE {task.title} dir with "
+        raise UserError(f"`task` glue:{task.name} needs `data` DIR: the GLUE {task.title} dir with "
                         f"{task.train_file} and {task.dev_file}")
     data = Path(data)
     if not data.is_dir():
-        raise UserError(f"--data {data}: not a directory; pass the GLUE {task.title} dir "
+        raise UserError(f"`data` {data}: not a directory; pass the GLUE {task.title} dir "
                         f"(with {task.train_file} and {task.dev_file})")
     path = data / file
     if not path.is_file():
-        raise UserError(f"--data {data}: no {file} for glue:{task.name}; pass the GLUE {task.title} dir "
+        raise UserError(f"`data` {data}: no {file} for glue:{task.name}; pass the GLUE {task.title} dir "
                         f"(with {task.train_file} and {task.dev_file})")
     return path
 
@@ -133,7 +133,7 @@ def read_split(task: GlueTask, data: Path | None, split: str) -> GlueSplit:
             rows = [r for r in csv.reader(fh, delimiter="\t", quoting=csv.QUOTE_NONE) if r and any(r)]
     except (OSError, UnicodeDecodeError) as exc:
         raise UserError(f"cannot read {path} ({exc}); pass a GLUE {task.title} dir of UTF-8 TSV files") from exc
-    wrong = f"{path}: not GLUE {task.title}'s layout; expected {task.expected} (is --task glue:{task.name} right?)"
+    wrong = f"{path}: not GLUE {task.title}'s layout; expected {task.expected} (is `task` glue:{task.name} right?)"
     if task.header is None:
         width = task.columns
         index = {c: c for c in range(width)}
@@ -204,7 +204,7 @@ def encode_labels(task: GlueTask, split: GlueSplit, mapping: dict[str, int]) -> 
                        ", ".join(task.labels) if task.labels is not None else
                        ", ".join(map(str, range(task.num_labels))))
             raise UserError(f"{split.path}: item {i + 1} has label {raw!r}, not one of glue:{task.name}'s "
-                            f"({allowed}); fix the file or the --task") from None
+                            f"({allowed}); fix the file or the `task`") from None
         out.append(value)
     return np.asarray(out, dtype=np.float32 if task.regression else np.int64)
 
@@ -273,14 +273,15 @@ def task_scores(task: GlueTask, outputs: np.ndarray, labels: np.ndarray) -> dict
     return {m: _METRICS[m](pred, labels) for m in task.metrics}
 
 
-def glue_metric(task: GlueTask, labels: np.ndarray) -> Callable[[np.ndarray, np.ndarray], dict]:
+def glue_metric(task: GlueTask, labels: np.ndarray) -> Callable[..., dict]:
     """``metric(reference, candidate)`` for ``task`` with true ``labels`` (in evaluation order): each official
     metric for the candidate and for the FP32 reference (``<name>_fp32``), the headline's drop in points
     (×100), and how the two models agree (argmax agreement; for STS-B the Pearson between their scores and
-    the largest score difference)."""
-    labels = np.asarray(labels)
+    the largest score difference). ``rows``: the items the arrays were drawn with (a bootstrap resample)."""
+    all_labels = np.asarray(labels)
 
-    def metric(reference: np.ndarray, candidate: np.ndarray) -> dict:
+    def metric(reference: np.ndarray, candidate: np.ndarray, rows: np.ndarray | None = None) -> dict:
+        labels = all_labels if rows is None else all_labels[rows]
         if len(candidate) != len(labels):
             raise ValueError(f"{len(candidate)} outputs for {len(labels)} labels")
         out: dict = {"items": len(labels)}

@@ -66,7 +66,7 @@ def _check_dir(root: Path | None, flag: str) -> Path:
     return root
 
 
-def scan(root: Path | None, flag: str = "--data", labels: bool = True) -> ImageFolder:
+def scan(root: Path | None, flag: str = "`data`", labels: bool = True) -> ImageFolder:
     """List the ImageFolder at ``root``; raise :class:`UserError` naming ``flag`` when it is not one.
 
     With ``labels=False`` (calibration images, labels unused) images directly in ``root`` are accepted too.
@@ -98,7 +98,7 @@ def named_by_index(classes: Sequence[str]) -> bool:
     return bool(classes) and all(c.isascii() and c.isdigit() for c in classes)
 
 
-def class_indices(classes: Sequence[str], num_classes: int, flag: str = "--data") -> np.ndarray:
+def class_indices(classes: Sequence[str], num_classes: int, flag: str = "`data`") -> np.ndarray:
     """The model's class index for each class folder.
 
     Folders all named by integers are those indices; otherwise there must be one folder per model class,
@@ -169,7 +169,7 @@ def _open_rgb(path: Path, flag: str):
         raise UserError(f"{flag}: cannot read image {path} ({exc}); remove or replace the file") from exc
 
 
-def check_images(paths: Sequence[Path], flag: str = "--data") -> None:
+def check_images(paths: Sequence[Path], flag: str = "`data`") -> None:
     """Open every file's header (cheap; decoding happens later, batch by batch) so a file that is not an
     image fails now, before any compute."""
     from PIL import Image
@@ -182,7 +182,7 @@ def check_images(paths: Sequence[Path], flag: str = "--data") -> None:
             raise UserError(f"{flag}: cannot read image {path} ({exc}); remove or replace the file") from exc
 
 
-def decode(paths: Sequence[Path], preprocess: Preprocess, flag: str = "--data") -> np.ndarray:
+def decode(paths: Sequence[Path], preprocess: Preprocess, flag: str = "`data`") -> np.ndarray:
     """float32 ``[len(paths), 3, crop, crop]``."""
     return np.stack([preprocess(_open_rgb(p, flag)) for p in paths]).astype(np.float32, copy=False)
 
@@ -192,7 +192,7 @@ class ImageBatches(Sequence):
     stand-in for :attr:`ModelBundle.evaluation`: ``len``, indexing, slicing, iteration)."""
 
     def __init__(self, paths: Sequence[Path], preprocess: Preprocess, input_name: str = "images",
-                 batch: int = 32, flag: str = "--data"):
+                 batch: int = 32, flag: str = "`data`"):
         self.paths, self.preprocess, self.input_name = list(paths), preprocess, input_name
         self.batch, self.flag = batch, flag
 

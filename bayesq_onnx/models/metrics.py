@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Callable
 
 import numpy as np
@@ -34,12 +35,14 @@ def expected_calibration_error(logits: np.ndarray, labels: np.ndarray, bins: int
     return float(np.abs(acc - cf).sum() / len(labels))
 
 
-def classification_metric(labels: np.ndarray) -> Callable[[np.ndarray, np.ndarray], dict]:
+def classification_metric(labels: np.ndarray) -> Callable[..., dict]:
     """Metric for a classifier with true ``labels``: the candidate's top-1/top-5/NLL/ECE, the FP32
-    reference's, the top-1 drop in points, and argmax agreement between the two models."""
-    labels = np.asarray(labels, dtype=np.int64)
+    reference's, the top-1 drop in points, and argmax agreement between the two models. ``rows``: the
+    items the arrays were drawn with (their labels are ``labels[rows]``), as :func:`bootstrap_interval` passes."""
+    all_labels = np.asarray(labels, dtype=np.int64)
 
-    def metric(reference: np.ndarray, candidate: np.ndarray) -> dict:
+    def metric(reference: np.ndarray, candidate: np.ndarray, rows: np.ndarray | None = None) -> dict:
+        labels = all_labels if rows is None else all_labels[rows]
         out = {"items": int(len(labels))}
         for tag, logits in (("", candidate), ("_fp32", reference)):
             out[f"top1{tag}"] = top_k_accuracy(logits, labels, 1)
@@ -91,3 +94,23 @@ def classifier_fidelity(reference: np.ndarray, candidate: np.ndarray) -> dict:
         top_c = np.argpartition(-c, k - 1, axis=1)[:, :k]
         out[f"top{k}_overlap"] = float((top_r[:, :, None] == top_c[:, None, :]).any(2).sum(1).mean() / k)
     return out
+
+
+def bootstrap_interval(metric: Callable[..., dict], reference: np.ndarray, candidate: np.ndarray, key: str,
+                       samples: int = 200, level: float = 0.95, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of ``metric(reference, candidate)[key]`` over items: ``samples``
+    resamples of the n items with replacement, the (1 ± level)/2 quantiles of the metric on them.
+
+    A metric that holds per-item data of its own (labels) takes ``rows=`` (the resampled item indices);
+    any other sees only the resampled arrays.
+    """
+    takes_rows = "rows" in inspect.signature(metric).parameters
+    rng = np.random.default_rng(seed)
+    n = len(reference)
+    values = np.empty(samples)
+    for i in range(samples):
+        rows = rng.integers(0, n, n)
+        extra = {"rows": rows} if takes_rows else {}
+        values[i] = metric(reference[rows], candidate[rows], **extra)[key]
+    lo, hi = np.quantile(values, [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)

@@ -1,8 +1,8 @@
-"""``onnx:<file>``: a plain FP32 ONNX model with calibration inputs in an ``.npz`` (``--calib``).
+"""``onnx:<file>``: a plain FP32 ONNX model with calibration inputs in an ``.npz`` (``calib``).
 
 There is no PyTorch model behind it, so the posterior comes from the layer-wise Gaussian likelihood on
 activations collected in ONNX Runtime (:mod:`bayesq_onnx.passes.fit_layer_posterior`). Evaluation is fidelity
-to the input model's first output, on ``--data FILE.npz`` or else on items of ``--calib`` held out from
+to the input model's first output, on ``data`` (FILE.npz) or else on items of ``calib`` held out from
 calibration.
 """
 
@@ -29,20 +29,20 @@ def load(argument: str, options: SourceOptions) -> ModelBundle:
     initializers = {i.name for i in graph.initializer}
     specs = {i.name: i.type.tensor_type for i in graph.input if i.name not in initializers}
     if options.calib is None:
-        raise UserError(f"onnx:{path} needs calibration inputs: --calib FILE.npz with one array per model input "
+        raise UserError(f"onnx:{path} needs calibration inputs: `calib` FILE.npz with one array per model input "
                         f"({', '.join(specs)}), items along the first axis")
-    calib_arrays = read_inputs(options.calib, specs, "--calib")
+    calib_arrays = read_inputs(options.calib, specs, "`calib`")
     batch = batch_size(specs)
     if options.data is not None:
-        eval_arrays = read_inputs(options.data, specs, "--data")
+        eval_arrays = read_inputs(options.data, specs, "`data`")
         calibration = _take(calib_arrays, 0, options.calib_size)
         evaluation = _take(eval_arrays, 0, options.eval_size)
         held_out = f"{options.data}"
     else:
         n = _items(calib_arrays)
         if n < 4:
-            raise UserError(f"--calib {options.calib} holds {n} items; hold-out evaluation needs at least 4 "
-                            "(or pass evaluation inputs with --data FILE.npz)")
+            raise UserError(f"`calib` {options.calib} holds {n} items; hold-out evaluation needs at least 4 "
+                            "(or pass evaluation inputs with `data` FILE.npz)")
         n_eval = min(options.eval_size, n // 2)
         calibration = _take(calib_arrays, 0, min(options.calib_size, n - n_eval))
         evaluation = _take(calib_arrays, n - n_eval, n_eval)

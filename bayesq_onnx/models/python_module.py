@@ -2,11 +2,11 @@
 ``module:<package.module>:<factory>`` on the command line.
 
 A factory is called with no arguments (or, if it has a parameter named ``options``, with the
-:class:`SourceOptions` of the command line: ``--calib-size``, ``--eval-size``, ``--seed``, …, so that a bundle
+:class:`SourceOptions` of the command line: ``calib_size``, ``eval_size``, ``seed``, …, so that a bundle
 can size its own data) and returns either a ready :class:`ModelBundle` (full control over data and metric) or an
-``nn.Module``, whose calibration inputs then come from ``--calib FILE.npz`` (one array
-per ``forward`` argument, items along the first axis) and evaluation inputs from ``--data FILE.npz`` or a
-held-out part of ``--calib``; the metric is fidelity to the FP32 outputs.
+``nn.Module``, whose calibration inputs then come from ``calib`` (an .npz, one array
+per ``forward`` argument, items along the first axis) and evaluation inputs from ``data`` (an .npz) or a
+held-out part of ``calib``; the metric is fidelity to the FP32 outputs.
 """
 
 from __future__ import annotations
@@ -44,11 +44,11 @@ def load(argument: str, options: SourceOptions) -> ModelBundle:
         load_weights(made, options.weights)
     names = forward_inputs(made)
     if options.calib is None:
-        raise UserError(f"module:{argument} needs calibration inputs: --calib FILE.npz with arrays named "
+        raise UserError(f"module:{argument} needs calibration inputs: `calib` FILE.npz with arrays named "
                         f"{', '.join(names)} (items along the first axis)")
-    calib = read_inputs(options.calib, dict.fromkeys(names), "--calib")
+    calib = read_inputs(options.calib, dict.fromkeys(names), "`calib`")
     if options.data is not None:
-        evaluation = [read_inputs(options.data, dict.fromkeys(names), "--data")]
+        evaluation = [read_inputs(options.data, dict.fromkeys(names), "`data`")]
         calibration = [calib]
     else:
         calibration, evaluation = [calib], None

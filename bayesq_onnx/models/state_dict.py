@@ -1,4 +1,4 @@
-"""Loading a user's state dict (``--weights``) into a module, with one-line errors for what does not fit."""
+"""Loading a user's state dict (``weights``) into a module, with one-line errors for what does not fit."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     inside a checkpoint's ``"state_dict"``/``"model"`` entry; a DataParallel ``module.`` prefix is dropped."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"--weights {path}: no such file; give a state dict saved with torch.save or safetensors")
+        raise UserError(f"`weights` {path}: no such file; give a state dict saved with torch.save or safetensors")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -23,13 +23,13 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - pickle/zip/safetensors raise many types
-        raise UserError(f"--weights {path} is not a readable state dict ({type(exc).__name__}: "
+        raise UserError(f"`weights` {path} is not a readable state dict ({type(exc).__name__}: "
                         f"{str(exc).splitlines()[0][:120]})") from exc
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
-        raise UserError(f"--weights {path} holds {type(state).__name__}, not a mapping of names to tensors")
+        raise UserError(f"`weights` {path} holds {type(state).__name__}, not a mapping of names to tensors")
     if state and all(k.startswith("module.") for k in state):
         state = {k[len("module."):]: v for k, v in state.items()}
     return state
@@ -55,6 +55,6 @@ def load_weights(module: torch.nn.Module, path: Path) -> None:
             parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
         if shapes:
             parts.append(f"{len(shapes)} of another shape (e.g. {shapes[0]})")
-        raise UserError(f"--weights {path} does not fit {type(module).__name__}: {'; '.join(parts)}; "
+        raise UserError(f"`weights` {path} does not fit {type(module).__name__}: {'; '.join(parts)}; "
                         "check the architecture (and num_classes) matches the checkpoint")
     module.load_state_dict(state, strict=True)

@@ -1,13 +1,13 @@
-"""``torchvision:<arch>``: a torchvision image classifier, its weights from ``--weights FILE`` (a state dict),
-evaluated on ``--data DIR`` (ImageFolder, ImageNet-val layout) with top-1/top-5.
+"""``torchvision:<arch>``: a torchvision image classifier, its weights from ``weights`` (a state dict file),
+evaluated on ``data`` (an ImageFolder dir, ImageNet-val layout) with top-1/top-5.
 
 Nothing downloads: the architecture is built with ``weights=None`` and filled from the user's file. Without
-``--weights`` the model keeps a fixed random initialization, good for timing and size only; a warning says
+``weights`` the model keeps a fixed random initialization, good for timing and size only; a warning says
 so on stderr and in the report (``model.warning``).
 
-Data: evaluation is a fixed sample of ``--eval-size`` images of ``--data``; calibration is a fixed sample
-of ``--calib-size`` images of ``--calib DIR`` (labels unused) or, without it, of ``--data``, disjoint from
-the evaluation sample (its labels then feed ``--fisher empirical``). Preprocessing is the architecture's
+Data: evaluation is a fixed sample of ``eval_size`` images of ``data``; calibration is a fixed sample
+of ``calib_size`` images of ``calib`` (a dir, labels unused) or, without it, of ``data``, disjoint from
+the evaluation sample (its labels then feed ``fisher="empirical"``). Preprocessing is the architecture's
 standard torchvision evaluation preset (resize 256, center crop 224, ImageNet mean/std for most).
 """
 
@@ -114,33 +114,33 @@ def _preprocess_and_classes(model: torch.nn.Module, arch: str) -> tuple[Preproce
 def load(argument: str | None, options: SourceOptions) -> ModelBundle:
     arch = _check_arch(argument or "")
     if options.data is None:
-        raise UserError(f"torchvision:{arch} needs --data DIR, an ImageFolder of labelled images: one sub-folder "
+        raise UserError(f"torchvision:{arch} needs `data` DIR, an ImageFolder of labelled images: one sub-folder "
                         "per class (ImageNet val: DIR/n01440764/*.JPEG …, or DIR/0/, DIR/1/ … by class index)")
-    data = scan(options.data, "--data")
-    calib_folder = scan(options.calib, "--calib", labels=False) if options.calib is not None else None
+    data = scan(options.data, "`data`")
+    calib_folder = scan(options.calib, "`calib`", labels=False) if options.calib is not None else None
 
     # fixed samples: evaluation from the start of one fixed shuffle of --data, calibration from its end
     n = len(data)
     if calib_folder is None:
         if n < options.calib_size + 2:
-            raise UserError(f"--data {data.root} has {n} images, too few for {options.calib_size} calibration "
-                            "images plus at least 2 held-out evaluation images; pass --calib DIR (separate "
-                            "calibration images) or a smaller --calib-size")
+            raise UserError(f"`data` {data.root} has {n} images, too few for {options.calib_size} calibration "
+                            "images plus at least 2 held-out evaluation images; pass `calib` DIR (separate "
+                            "calibration images) or a smaller `calib_size`")
         eval_idx = fixed_sample(n, min(options.eval_size, n - options.calib_size))
         calib_idx = fixed_sample(n, options.calib_size, from_end=True)
         calib_paths = [data.files[i] for i in calib_idx]
-        calib_flag, calib_source = "--data", f"{data.root} (disjoint from the evaluation sample)"
+        calib_flag, calib_source = "`data`", f"{data.root} (disjoint from the evaluation sample)"
     else:
         eval_idx = fixed_sample(n, options.eval_size)
         calib_paths = [calib_folder.files[i] for i in fixed_sample(len(calib_folder), options.calib_size)]
-        calib_flag, calib_source = "--calib", f"{calib_folder.root} (labels unused)"
+        calib_flag, calib_source = "`calib`", f"{calib_folder.root} (labels unused)"
     if len(eval_idx) < 2:
-        raise UserError(f"--data {data.root} has {n} image(s); evaluation needs at least 2")
+        raise UserError(f"`data` {data.root} has {n} image(s); evaluation needs at least 2")
     if len(calib_paths) < 2:  # the export traces the first calibration batch; a batch of 1 fixes the batch axis
-        raise UserError(f"calibration needs at least 2 images, got {len(calib_paths)}; raise --calib-size"
-                        + (f" or add images to --calib {calib_folder.root}" if calib_folder is not None else ""))
+        raise UserError(f"calibration needs at least 2 images, got {len(calib_paths)}; raise `calib_size`"
+                        + (f" or add images to `calib` {calib_folder.root}" if calib_folder is not None else ""))
     eval_paths = [data.files[i] for i in eval_idx]
-    check_images(eval_paths, "--data")
+    check_images(eval_paths, "`data`")
     check_images(calib_paths, calib_flag)
 
     model = _build(arch)
@@ -148,20 +148,20 @@ def load(argument: str | None, options: SourceOptions) -> ModelBundle:
         load_weights(model, options.weights)
         warning = None
     else:
-        warning = (f"torchvision:{arch} has no --weights: the model is randomly initialized, so its top-1/top-5 "
-                   "figures are meaningless (use this run for size and timing only; pass --weights FILE, a "
+        warning = (f"torchvision:{arch} has no `weights`: the model is randomly initialized, so its top-1/top-5 "
+                   "figures are meaningless (use this run for size and timing only; pass `weights` FILE, a "
                    "state dict, for real accuracy)")
     preprocess, num_classes = _preprocess_and_classes(model, arch)
-    labels = class_indices(data.classes, num_classes, f"--data {data.root}")[data.folder]
+    labels = class_indices(data.classes, num_classes, f"`data` {data.root}")[data.folder]
 
     calibration = ImageBatches(calib_paths, preprocess, INPUT, BATCH, calib_flag).materialize()
     calibration_targets = None
     if calib_folder is None:
         calib_labels = labels[calib_idx]
         calibration_targets = [calib_labels[i:i + BATCH] for i in range(0, len(calib_labels), BATCH)]
-    evaluation = ImageBatches(eval_paths, preprocess, INPUT, BATCH, "--data")  # decoded when read
+    evaluation = ImageBatches(eval_paths, preprocess, INPUT, BATCH, "`data`")  # decoded when read
     k = options.latency_batch
-    latency_feed = {INPUT: decode((eval_paths * (k // len(eval_paths) + 1))[:k], preprocess, "--data")}
+    latency_feed = {INPUT: decode((eval_paths * (k // len(eval_paths) + 1))[:k], preprocess, "`data`")}
 
     info = {"source": f"torchvision.models.get_model({arch!r}, weights=None)",
             "weights": str(options.weights) if options.weights is not None else None,

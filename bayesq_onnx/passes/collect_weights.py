@@ -80,7 +80,7 @@ class CollectWeightsPass(ir.passes.PassBase):
                 self.skipped[name] = f"read as {', '.join(readers) or 'nothing'}, not as a weight we quantize"
                 continue
             if not in_scope.intersection(ops):
-                self.skipped[name] = f"read by {', '.join(sorted(set(ops)))}: outside --scope {self.scope}"
+                self.skipped[name] = f"read by {', '.join(sorted(set(ops)))}: outside `scope` {self.scope}"
                 continue
             first = min(position.get(id(node), 0) for node, _ in value.uses())
             self.weights[name] = WeightInfo(name, layout, value.const_value.numpy(), ops, first)

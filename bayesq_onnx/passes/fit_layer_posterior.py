@@ -177,7 +177,7 @@ def _conv_geometry(x: torch.Tensor, tap: _Tap, w: WeightInfo) -> tuple[tuple[int
     nd = len(kernel)
     if nd not in (1, 2) or x.dim() != nd + 2:
         raise UserError(f"weight {w.name}: conv patches for 1-D and 2-D convolutions only, got kernel {kernel} and "
-                        f"input {tuple(x.shape)}; keep it in floating point with an --overrides entry 'fp16'")
+                        f"input {tuple(x.shape)}; keep it in floating point with an `overrides` entry 'fp16'")
     strides = tuple(tap.attributes.get("strides", (1,) * nd))
     dilations = tuple(tap.attributes.get("dilations", (1,) * nd))
     groups = int(tap.attributes.get("group", 1))

@@ -119,7 +119,7 @@ class FitPosteriorPass:
     def __call__(self, weights: dict[str, WeightInfo]) -> dict[str, WeightPosterior]:
         b = self.bundle
         if self.options["fisher"] == "empirical" and b.calibration_targets is None:
-            raise UserError(f"--fisher empirical needs labels; model {b.name!r} has none: use --fisher true")
+            raise UserError(f"`fisher` empirical needs labels; model {b.name!r} has none: use `fisher` true")
         program = traced_program(b)
         batches = [{k: torch.from_numpy(v) for k, v in batch.items()} for batch in b.calibration]
         targets = [torch.from_numpy(t) for t in b.calibration_targets] if b.calibration_targets else None

@@ -1,4 +1,4 @@
-"""MonteCarloRisk: the risk of one (block, candidate) measured on the model itself (``--risk mc``).
+"""MonteCarloRisk: the risk of one (block, candidate) measured on the model itself (``risk="mc"``).
 
 The block's parameter in the PyTorch model is replaced by its quantized value (nearest codes on the
 designed grid), everything else stays FP32, and the output on a calibration slice is compared with the

@@ -1,6 +1,6 @@
-"""PlanBayesFixedPass: one candidate everywhere (``--method bayesq-fixed``), every quantizer designed on
+"""PlanBayesFixedPass: one candidate everywhere (``method="bayesq-fixed"``), every quantizer designed on
 the posterior and rounded in the posterior metric (:mod:`bayesq_onnx.design`). It isolates what the
-Bayesian quantizer design buys, before mixed precision (``--method bayesq``) chooses the candidates.
+Bayesian quantizer design buys, before mixed precision (``method="bayesq"``) chooses the candidates.
 """
 
 from __future__ import annotations

@@ -42,7 +42,7 @@ def mix_widths(bits: float) -> tuple[int, ...]:
     below = [b for b in CODE_BITS if b < bits]
     above = [b for b in CODE_BITS if b > bits]
     if not below or not above:
-        raise UserError(f"--bits {bits:g} is outside GPTQ's code widths {CODE_BITS}; pick a budget between them")
+        raise UserError(f"`bits` {bits:g} is outside GPTQ's code widths {CODE_BITS}; pick a budget between them")
     return (below[-1], above[0])
 
 
@@ -64,13 +64,13 @@ class PlanGPTQPass:
         cands = [Candidate("uniform", b, self.group_size) for b in self.widths]
         for name in names:
             if not cands[0].fits(weights[name].layout):
-                raise UserError(f"--group-size {self.group_size} does not divide the input channels of {name}; "
+                raise UserError(f"`group_size` {self.group_size} does not divide the input channels of {name}; "
                                 "pick a divisor or 0 (per row)")
         total = sum(weights[n].size for n in names)
         costs = {n: [cost_bits(weights[n].layout, c) for c in cands] for n in names}
         lo, hi = (sum(c[i] for c in costs.values()) / total for i in (0, -1))
         if len(cands) > 1 and not lo <= self.bits <= hi:
-            raise UserError(f"--bits {self.bits:g} cannot be met mixing {self.widths[0]}- and {self.widths[1]}-bit "
+            raise UserError(f"`bits` {self.bits:g} cannot be met mixing {self.widths[0]}- and {self.widths[1]}-bit "
                             f"GPTQ layers: they give {lo:.3f} to {hi:.3f} all-in bits on this model")
         if len(cands) == 1:
             choice = {n: 0 for n in names}

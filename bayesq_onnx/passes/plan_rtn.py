@@ -1,4 +1,4 @@
-"""PlanRoundToNearestPass: the round-to-nearest baseline planner (``--method rtn``).
+"""PlanRoundToNearestPass: the round-to-nearest baseline planner (``method="rtn"``).
 
 Every weight in scope gets the same candidate: a per-row (or per-group) asymmetric min-max grid at one
 bit-width, codes by rounding to nearest. It stays as the baseline the Bayesian planners must beat.
@@ -20,7 +20,7 @@ def fit_minmax(weight: WeightInfo, candidate: Candidate) -> QuantizedTensor:
     lay = weight.layout
     if not candidate.fits(lay):
         raise UserError(f"group size {candidate.group_size} does not divide the {lay.in_channels} input "
-                        f"channels of {weight.name}; pick a divisor or --group-size 0 (per row)")
+                        f"channels of {weight.name}; pick a divisor or `group_size` 0 (per row)")
     w2 = lay.to_canonical(torch.from_numpy(np.array(weight.array, dtype=np.float32)))
     scale, zero = uniform.minmax_params(w2, candidate.bits, candidate.group_size,
                                         symmetric=candidate.symmetric, scale_dtype=candidate.scale_torch_dtype)

@@ -58,7 +58,7 @@ def cuda_status() -> tuple[bool, str]:
 
 
 def resolve_providers(requested: str) -> tuple[list[str], str]:
-    """Providers for ``--provider`` and a one-line note of what was chosen and why."""
+    """Providers for ``provider`` and a one-line note of what was chosen and why."""
     if requested not in PROVIDERS:
         raise UserError(f"unknown provider {requested!r}; choose one of {', '.join(PROVIDERS)}")
     if requested == "cpu":
@@ -66,7 +66,7 @@ def resolve_providers(requested: str) -> tuple[list[str], str]:
     usable, why = cuda_status()
     if requested == "cuda":
         if not usable:
-            raise UserError(f"--provider cuda: {why}; use --provider cpu or auto")
+            raise UserError(f"`provider` cuda: {why}; use `provider` cpu or auto")
         return [CUDA, CPU], "CUDA execution provider (requested)"
     if usable:
         return [CUDA, CPU], "CUDA execution provider (auto)"
