@@ -160,7 +160,7 @@ def test_wrong_layout_names_the_expected_header(assets, task, files, needle):
 
 def test_missing_empty_and_bad_labels(tmp_path):
     mnli = glue.TASKS["mnli"]
-    with pytest.raises(UserError, match="needs --data DIR"):
+    with pytest.raises(UserError, match="needs `data` DIR"):
         glue.read_split(mnli, None, "dev")
     with pytest.raises(UserError, match="not a directory"):
         glue.read_split(mnli, tmp_path / "nope", "dev")
@@ -249,7 +249,8 @@ def test_compile_sst2_end_to_end(assets, tmp_path):
     assert f["items"] == 8 and {"accuracy", "accuracy_fp32", "accuracy_drop_points", "agreement"} <= set(f)
     assert report["model"]["task"] == "glue:sst2" and report["model"]["evaluation_items"] == 8
     assert report["latency"]["feed"] == "input_ids 2×16, attention_mask 2×16, token_type_ids 2×16"
-    assert report["export"]["max_abs_diff"] < 1e-4 and report["bits"]["quantized_tensors"] == 13  # 2×6 + head
+    # 2×6 linear + head, and (scope all) the word and position tables; the token-type table is under min_size
+    assert report["export"]["max_abs_diff"] < 1e-4 and report["bits"]["quantized_tensors"] == 15
     assert result.report["headline"]["value"] == f["accuracy"]
     # the FP32 figure equals plain transformers on the same dev items in file order (labels stay aligned)
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -296,7 +297,7 @@ def _bad_dirs(assets) -> dict[str, Path]:
     ("no-config", "no config.json"),
     ("no-weights", "no weights in"),
     ("no-tokenizer", "no tokenizer in"),
-    ("no-task", "pass --task glue:<name> --data DIR"),
+    ("no-task", "is a sequence classifier (BertForSequenceClassification); pass"),
     ("no-data", "--task glue:sst2 needs --data DIR"),
     ("unknown-task", "unknown GLUE task 'sst9'"),
     ("wrong-columns", "expected a header with columns sentence, label"),
@@ -304,6 +305,9 @@ def _bad_dirs(assets) -> dict[str, Path]:
     ("num-labels", "has 2 output label(s) but glue:mnli needs 3"),
     ("bad-label", "item 2 has label 'yes'"),
     ("encoder-task", "not a sequence classifier"),
+    ("task-calib", "calibrates on the train.tsv in"),
+    ("encoder-glue-dir", "must be a .txt or .jsonl file of texts, not a directory"),
+    ("weights", "takes its weights from the dir"),
 ])
 def test_bad_input_one_line_exit_2(assets, tmp_path, case, needle):
     bad, g, m = _bad_dirs(assets), assets["glue"], assets["models"]
@@ -321,6 +325,9 @@ def test_bad_input_one_line_exit_2(assets, tmp_path, case, needle):
         "num-labels": [cls, "--task", "glue:mnli", "--data", str(g["MNLI"])],
         "bad-label": [cls, "--task", "glue:sst2", "--data", str(bad["badlabel"])],
         "encoder-task": [f"hf:{m['enc']}", "--task", "glue:sst2", "--data", str(g["SST-2"])],
+        "task-calib": [cls, "--task", "glue:sst2", "--data", str(g["SST-2"]), "--calib", str(g["SST-2"])],
+        "encoder-glue-dir": [f"hf:{m['enc']}", "--data", str(g["SST-2"])],
+        "weights": [cls, "--weights", str(m[2] / "model.safetensors")],
     }[case]
     out = tmp_path / "out"
     r = CliRunner().invoke(main, ["compile", *args, "--out", str(out)], catch_exceptions=False)

