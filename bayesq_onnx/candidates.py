@@ -1,4 +1,4 @@
-"""Which candidates each weight may take (DESIGN §3.5): per target, pins, and a user override file.
+"""Which candidates each weight may take (docs/design.md §3.5): per target, pins, and a user override file.
 
 Targets:
 * ``size`` — everything the rewrite stores exactly: uniform 2/3/4/8-bit per row and per group of 128 input

@@ -1,4 +1,4 @@
-"""Bayesian design of one weight tensor for one candidate (DESIGN §3.2–3.3):
+"""Bayesian design of one weight tensor for one candidate (docs/design.md §3.2–3.3):
 
     μ, diag Λ  ──design──►  grid   uniform scales/zero points or codebook levels minimizing
                                    Σ λ_i E_{w~N(μ_i, T/λ_i)}[(Q(w) − w)²]            (:mod:`quant.design`)

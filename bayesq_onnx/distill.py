@@ -1,5 +1,5 @@
 """Calibration-only distillation of the planned quantized model toward the posterior-predictive teacher
-(DESIGN §3 step 6). Pure PyTorch; no ONNX.
+(docs/design.md §3 step 6). Pure PyTorch; no ONNX.
 
 **Student.** The bundle's FP32 module with every planned weight *computed from the plan* on each forward:
 

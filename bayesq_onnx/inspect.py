@@ -2,7 +2,7 @@
 the artifact's validation against an FP32 reference re-run on any pair of models (``bayesq validate``).
 
 Both work from the files alone: the artifact's metadata (``bayesq.tensors``, written by the pipeline) names
-the stored arrays of every quantized tensor, so the accounting of DESIGN §2 can be redone without the plan.
+the stored arrays of every quantized tensor, so the accounting of docs/design.md §2 can be redone without the plan.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from . import artifact as artifact_files
 from . import candidates
 from .errors import UserError
 from .models.base import Batch, SourceOptions
-from .models.metrics import output_fidelity
+from .models.metrics import bootstrap_interval, output_fidelity
 from .models.onnx_file import batch_size, batches_for, read_inputs
 from .passes.collect_weights import CollectWeightsPass
 from .report import tensor_bytes
@@ -256,8 +256,10 @@ def validate_pair(artifact: str | Path, reference: str | Path, *, data: str | Pa
     fidelity = metric(expected, got)
     latency = latency_versus_fp32(fp_session, q_session, latency_feed, providers[0], runs=runs, warmup=warmup)
     headline = headline if headline in fidelity else next(iter(fidelity))
+    ci95 = bootstrap_interval(metric, expected, got, headline, seed=(options or SourceOptions()).seed)
     return {"artifact": str(q_path), "reference": str(fp_path), "inputs": source,
-            "fidelity": fidelity, "headline": {"metric": headline, "value": fidelity[headline]},
+            "fidelity": fidelity, "headline": {"metric": headline, "value": fidelity[headline],
+                                               "ci95": list(ci95), "items": int(len(expected))},
             "latency": latency, "session_start_s": {"fp32": fp_start, "quantized": q_start},
             "provider": {"requested": provider, "used": providers[0], "note": note,
                          "artifact_session_config": q_config}}

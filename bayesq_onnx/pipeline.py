@@ -54,7 +54,7 @@ class CompileResult:
 
 def compile_model(config: CompileConfig, reporter: Reporter | None = None,
                   bundle: ModelBundle | None = None) -> CompileResult:
-    """Compile ``config.model`` (or a ready ``bundle``) into ``config.out``; see DESIGN §1."""
+    """Compile ``config.model`` (or a ready ``bundle``) into ``config.out``; see docs/design.md §1."""
     config.validate()
     if bundle is None:
         check_model_spec(config.model)
@@ -434,7 +434,7 @@ def _validate(bundle: ModelBundle, fp_path: Path, q_path: Path, providers: list[
 
 def _distill(config: CompileConfig, bundle: ModelBundle, plan: Plan, bindings: dict, posteriors,
              rep: Reporter) -> tuple[DistillResult | None, str | None]:
-    """Distill ``plan`` (DESIGN §3.6; :mod:`bayesq_onnx.distill`): ``(result, None)``, or ``(None, why)``
+    """Distill ``plan`` (docs/design.md §3.6; :mod:`bayesq_onnx.distill`): ``(result, None)``, or ``(None, why)``
     with a note when the student cannot reproduce the artifact exactly (the compile goes on undistilled).
 
     A method without a posterior (rtn) has no posterior predictive: the teacher falls back to the FP32

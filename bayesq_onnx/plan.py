@@ -1,7 +1,7 @@
 """The plan: for every quantized tensor, its candidate and the exact values the artifact stores.
 
 A plan is what planners produce and what the rewrite consumes. Its accounting is the project's single
-source of truth for bits (DESIGN §2): every stored array — codes, scales, zero points, codebook levels —
+source of truth for bits (docs/design.md §2): every stored array — codes, scales, zero points, codebook levels —
 is counted at the size it occupies in the ONNX file.
 """
 
@@ -23,7 +23,7 @@ _SCALE_DTYPES = {"float16": (np.float16, torch.float16), "float32": (np.float32,
 
 @dataclass(frozen=True, order=True)
 class Candidate:
-    """One quantizer choice for a block (DESIGN §2).
+    """One quantizer choice for a block (docs/design.md §2).
 
     ``group_size``: for ``uniform``, input channels sharing one scale (0 = one scale per row);
     for ``codebook``, rows sharing one table (1 = a table per row). :data:`TENSOR` (both families): one
@@ -238,7 +238,7 @@ class Plan:
 
     @property
     def all_in_bits(self) -> float:
-        """Stored bits of every array of every planned tensor / planned weights (DESIGN §2)."""
+        """Stored bits of every array of every planned tensor / planned weights (docs/design.md §2)."""
         return self.stored_bits / max(self.n_weights, 1)
 
     @property

@@ -1,7 +1,7 @@
 """What the exporter traces: the ``torch.export`` program of a model, its BatchNorm folded, and every op in it
 that consumes a weight.
 
-The ONNX export and the Bayesian analysis start from the same program (DESIGN §3.1): whatever Python code
+The ONNX export and the Bayesian analysis start from the same program (docs/design.md §3.1): whatever Python code
 built the model, ``torch.export`` reduces it to ATen ops, and a weight is whatever constant (a parameter, or
 a function of parameters and buffers only: a transpose, a slice of a packed projection, a scaled copy) reaches
 the weight input of a linear, matmul, convolution or embedding op. The analysis then gets each such weight's

@@ -7,7 +7,7 @@ onnxruntime's MatMulNBits quantizers (RTN, HQQ, k-quant at 2/4/8 bits, block 32/
 
 Every row: the bundle's metric on the bundle's evaluation set against the same FP32 reference outputs,
 ONNX Runtime latency interleaved with the one FP32 session on the bundle's latency feed, session start,
-file size, all-in bits (DESIGN §2, the peers' measured from their files the same way) and the coverage of
+file size, all-in bits (docs/design.md §2, the peers' measured from their files the same way) and the coverage of
 our quantization scope. A row that fails (a peer that cannot handle an op, a setting a method refuses)
 records the error and the run goes on.
 
@@ -202,8 +202,10 @@ def run_ours(job: Job, ctx: Context, out_dir: Path, row: dict) -> dict:
     from bayesq_onnx.pipeline import compile_model
 
     s = ctx.settings
+    # scope linear: the peers quantize Conv/Gemm/MatMul weights only, so ours does the same here (the CLI's
+    # default also quantizes embedding tables)
     config = CompileConfig(model=ctx.model_spec, out=out_dir, calib_size=s.calib_size, eval_size=s.eval_size,
-                           provider=s.provider, seed=s.seed, latency_runs=1, latency_warmup=0,
+                           provider=s.provider, seed=s.seed, latency_runs=1, latency_warmup=0, scope="linear",
                            **s.source, **job.config)
     start = time.perf_counter()
     with Reporter(quiet=True) as rep:
@@ -315,7 +317,7 @@ def notes_text(ctx: Context, notes: list[str], command: str) -> str:
         (f"- latency: median of {s.latency_runs} runs after {s.latency_warmup} warm-up, interleaved with the FP32 "
         f"session on the latency feed ({feed}); × FP32 = median / FP32 median; {ctx.provider_note}; "
         f"{platform.processor() or platform.machine()}"),
-        ("- all-in bits (DESIGN §2) = 8 · bytes of the stored arrays that encode quantized weights / weights "
+        ("- all-in bits (docs/design.md §2) = 8 · bytes of the stored arrays that encode quantized weights / weights "
         "quantized. Ours: from the report (equal to the file's). Peers: read from their files: MatMulNBits "
         "B + scales + zero_points (+ g_idx) over K·N; QDQ weight DequantizeLinear x + scale + zero point over "
         "the size of x. coverage = fraction of our scope's weights the method quantized; bits over scope counts "

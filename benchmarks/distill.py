@@ -1,4 +1,4 @@
-"""Calibration-only distillation (``--distill``, DESIGN §3 step 6): the metric without and with it, the
+"""Calibration-only distillation (``--distill``, docs/design.md §3 step 6): the metric without and with it, the
 posterior-predictive teacher against the FP32 teacher, and the time it adds. Prints a table, writes
 Markdown/CSV and a plot.
 

@@ -76,6 +76,8 @@ def main() -> int:
     ap.add_argument("--calib-size", type=int, default=256)
     ap.add_argument("--eval-size", type=int, default=1024)
     ap.add_argument("--quick", action="store_true", help="64 calibration / 128 evaluation items")
+    ap.add_argument("--scope", choices=("linear", "all"), default="linear",
+                    help="weights in scope (linear: Conv/Gemm/MatMul, what peers quantize; all: + embedding tables)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = ap.parse_args()
     calib, evals = (64, 128) if args.quick else (args.calib_size, args.eval_size)
@@ -85,7 +87,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for i, (label, kw) in enumerate(configs(args.suite, bits)):
             config = CompileConfig(model=args.model, out=Path(tmp) / str(i), calib_size=calib, eval_size=evals,
-                                   latency_runs=5, **kw)
+                                   latency_runs=5, scope=args.scope, **kw)
             start = time.perf_counter()
             with Reporter(quiet=True) as rep:
                 r = compile_model(config, rep, bundle=bundle).report

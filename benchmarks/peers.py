@@ -16,7 +16,7 @@ Each peer takes the FP32 ONNX model the pipeline exports and returns the quantiz
 MatMulNBits peers quantize only MatMul nodes with a constant 2-D B; Conv and Gemm weights stay FP32 there,
 which :func:`peer_accounting` reports as coverage (the fraction of our scope's weights the peer quantized).
 
-Accounting "the same way" as ours (DESIGN §2): all-in bits = 8 · bytes of every stored array that encodes a
+Accounting "the same way" as ours (docs/design.md §2): all-in bits = 8 · bytes of every stored array that encodes a
 quantized weight (codes, scales, zero points, g_idx) / number of weights the peer quantized. Which arrays
 those are is read from the peer's own graph: MatMulNBits inputs B, scales, zero_points, g_idx (weights:
 K·N from its attributes); DequantizeLinear whose integer initializer feeds a weight input (MatMul B, Gemm
@@ -47,7 +47,7 @@ FAMILIES = ("ort-rtn", "ort-hqq", "ort-kquant", "ort-static")
 NBITS = (2, 4, 8)
 BLOCKS = (32, 128)
 
-# (op type, index of its weight input) -- the consumers our scope quantizes (DESIGN §2)
+# (op type, index of its weight input) -- the consumers our scope quantizes (docs/design.md §2)
 _WEIGHT_SLOTS = {"MatMul": 1, "Gemm": 1, "Conv": 1}
 
 
@@ -273,7 +273,7 @@ def peer_accounting(model_bytes: bytes, scope: dict[str, int]) -> PeerAccounting
     for node in graph.node:
         if node.op_type == "MatMulNBits" and node.domain == "com.microsoft":
             attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-            # inputs: A, B, scales, zero_points?, g_idx?, bias? -- bias is not a weight array (DESIGN §2)
+            # inputs: A, B, scales, zero_points?, g_idx?, bias? -- bias is not a weight array (docs/design.md §2)
             count(node.input[1:5])
             tensors[node.input[1]] = int(attrs["K"]) * int(attrs["N"])
         elif node.op_type == "DequantizeLinear" and node.input[0] in inits:

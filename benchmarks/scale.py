@@ -8,7 +8,7 @@ labels; the tokenizer is the BERT uncased WordPiece vocabulary that ships with a
 figures of such runs are meaningless; time, memory, bits and sizes are what a trained model of the same
 shape gives (the work does not depend on the weights' values).
 
-    python benchmarks/scale.py                      # both, at 3.5 bits, 64 calibration items
+    python benchmarks/scale.py                      # both, with the compile's default settings
     python benchmarks/scale.py --models bert-base -- --bits 3.0 --method gptq
 """
 
@@ -28,7 +28,7 @@ from bench_io import markdown_table, timed_compile, write_csv  # noqa: E402
 MODELS = ("resnet50", "bert-base")
 
 
-def image_folder(root: Path, classes: int = 10, per_class: int = 16, seed: int = 0) -> Path:
+def image_folder(root: Path, classes: int = 10, per_class: int = 56, seed: int = 0) -> Path:
     """Random 256 × 320 RGB PNGs in integer-named class folders (ImageNet class indices)."""
     from PIL import Image
 
@@ -73,7 +73,7 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/scale"), help="output stem")
     ap.add_argument("compile_args", nargs="*", help="arguments for every `bayesq compile` (after --)")
     args = ap.parse_args()
-    extra = args.compile_args or ["--bits", "3.5", "--calib-size", "64", "--eval-size", "128"]
+    extra = args.compile_args  # none: what `bayesq compile` does by default
     rows = []
     with tempfile.TemporaryDirectory(prefix="bayesq-scale-") as tmp:
         tmp = Path(tmp)
@@ -85,7 +85,7 @@ def main() -> int:
             wall, peak_mb, rep = timed_compile([*spec, *extra], tmp / f"out-{name}")
             peak_gb = peak_mb / 1024
             sizes = rep["sizes"]
-            row = {"model": name, "arguments": " ".join(extra), "wall_s": round(wall, 1),
+            row = {"model": name, "arguments": " ".join(extra) or "(defaults)", "wall_s": round(wall, 1),
                    "peak_rss_gb": round(peak_gb, 2), "all_in_bits": round(rep["bits"]["all_in"], 4),
                    "quantized_weights": rep["bits"]["quantized_weights"],
                    "fp32_mb": round(sizes["fp32_bytes"] / 1e6, 2), "artifact_mb": round(sizes["artifact_bytes"] / 1e6, 2),

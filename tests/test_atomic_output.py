@@ -238,7 +238,7 @@ def test_disk_full_during_compile_leaves_previous_artifact(tmp_path, monkeypatch
     # the disk fills 1000 bytes into model.onnx: a partial file is on disk in the staging directory
     _fail_in_staging(monkeypatch, "write", quota=1000)
     config = CompileConfig(model="tiny", method="rtn", bits=4, out=out, latency_runs=1, latency_warmup=0)
-    with pytest.raises(UserError, match=r"No space left on device\); free space or pick another --out"):
+    with pytest.raises(UserError, match=r"No space left on device\); free space or pick another `out`"):
         compile_model(config, bundle=tiny_bundle())
     assert _digests(out) == before
     assert _siblings(out) == []

@@ -221,7 +221,7 @@ def test_onnx_input_refuses_distill(tmp_path):
     bundle = classifier_bundle()
     bundle.module, bundle.onnx_file = None, tmp_path / "model.onnx"
     config = CompileConfig(model="onnx", out=tmp_path / "out", method="bayesq", distill=True)
-    with pytest.raises(UserError, match="--distill"):
+    with pytest.raises(UserError, match="`distill`"):
         compile_model(config, bundle=bundle)
 
 

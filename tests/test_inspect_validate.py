@@ -121,7 +121,9 @@ def test_validate_with_model_source_reproduces_the_report(compiled):
     assert r.exit_code == 0, r.output
     result = json.loads(r.stdout)
     assert result["fidelity"] == pytest.approx(report["fidelity"], abs=1e-6)
-    assert result["headline"] == pytest.approx(report["headline"], abs=1e-6)
+    assert result["headline"]["metric"] == report["headline"]["metric"] and result["headline"]["items"] == report["headline"]["items"]
+    assert result["headline"]["value"] == pytest.approx(report["headline"]["value"], abs=1e-6)
+    assert result["headline"]["ci95"] == pytest.approx(report["headline"]["ci95"], abs=1e-6)
     assert result["latency"]["feed"] == report["latency"]["feed"]
 
 

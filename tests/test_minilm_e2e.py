@@ -26,8 +26,13 @@ def test_minilm_compiles_and_stays_faithful_at_8_bits(compiled):
     report = json.loads((out / "report.json").read_text())
     assert report["export"]["max_abs_diff"] < 1e-4
     assert report["plan"]["method"] == "rtn"
-    # every Linear layer of the six transformer blocks: q, k, v, attention output, intermediate, output
-    assert report["bits"]["quantized_tensors"] == 36
+    # every Linear layer of the six transformer blocks (q, k, v, attention output, intermediate, output) and,
+    # in the default scope, the word and position embedding tables (the 2-row token-type table is too small)
+    names = [t["name"] for t in report["plan"]["tensors"]]
+    assert len(names) == report["bits"]["quantized_tensors"] == 38
+    assert sorted(n for n in names if "embeddings" in n) == ["encoder.embeddings.position_embeddings.weight",
+                                                             "encoder.embeddings.word_embeddings.weight"]
+    assert report["bits"]["linear_weights"] == 6 * (4 * 384 * 384 + 2 * 384 * 1536)
     assert report["bits"]["all_in"] == pytest.approx(report["bits"]["all_in_from_file"], rel=1e-12)
     assert 8 < report["bits"]["all_in"] < 8.2
     assert report["fidelity"]["cosine_mean"] > 0.995
@@ -58,5 +63,5 @@ def test_bayesian_quantizer_beats_rtn_on_minilm(tmp_path):
     assert bq["bits"]["all_in"] == pytest.approx(rtn["bits"]["all_in"])
     assert bq["fidelity"]["cosine_mean"] > rtn["fidelity"]["cosine_mean"] + 0.1
     assert bq["plan"]["method"] == "bayesq-fixed"
-    t = bq["plan"]["tensors"][0]
+    t = next(t for t in bq["plan"]["tensors"] if "embeddings" not in t["name"])  # a Linear weight
     assert t["curvature"] == "kfac" and t["fisher_mass"] > 0 and t["whitened_error"] > 0

@@ -168,7 +168,7 @@ def _garbage_image(root):
 
 @pytest.mark.parametrize("case,needle", [
     ("no-data", "needs --data DIR"),
-    ("data-missing", "does not exist; pass an ImageFolder directory"),
+    ("data-missing", "no such file or directory"),
     ("data-file", "is a file, not a directory"),
     ("no-class-folders", "has no class sub-folders (its 2 images must move into class folders)"),
     ("no-images", "has 2 class folders but no images"),

@@ -58,7 +58,7 @@ def test_bayesq_is_deterministic(tmp_path):
 
 
 def test_rtn_rejects_fractional_bits_before_writing(tmp_path):
-    with pytest.raises(UserError, match="--bits 3.5"):
+    with pytest.raises(UserError, match="`bits` 3.5"):
         _compile(tmp_path, bits=3.5)
     assert not (tmp_path / "out").exists()
 
@@ -91,7 +91,7 @@ def test_max_drop_finds_the_least_budget_within_the_drop(tmp_path):
 
 
 def test_max_drop_needs_bayesq(tmp_path):
-    with pytest.raises(UserError, match="--max-drop needs --method bayesq"):
+    with pytest.raises(UserError, match="`max_drop` needs `method` bayesq"):
         _compile(tmp_path, method="rtn", bits=4, max_drop=0.01)
     assert not (tmp_path / "out").exists()
 
@@ -109,6 +109,6 @@ def test_nan_weights_are_refused(tmp_path):
 
 
 def test_dump_dir_inside_out_is_refused(tmp_path):
-    with pytest.raises(UserError, match="is inside --out"):
+    with pytest.raises(UserError, match="is inside `out`"):
         _compile(tmp_path, bits=4, dump_dir=tmp_path / "out" / "passes")
     assert not (tmp_path / "out").exists()

@@ -120,7 +120,7 @@ def test_overrides(tmp_path, analysed):
         candidates.allowed(weights, overrides=candidates.load_overrides(path))
     order = sorted(weights, key=lambda n: weights[n].first_use)
     path.write_text(json.dumps({order[0]: ["uint4-row"]}))
-    with pytest.raises(UserError, match="keep-first-last"):
+    with pytest.raises(UserError, match="`keep_first_last`"):
         candidates.allowed(weights, overrides=candidates.load_overrides(path), keep_first_last=True, order=order)
 
 

@@ -155,4 +155,4 @@ def test_common_scale_is_the_median_ratio(ratios):
 def test_collapse_warning():
     assert collapse_warning({"cosine_mean": 0.95, "top1_agreement": 0.93}, 4.0) is None
     w = collapse_warning({"top1_agreement": 0.016, "logit_cosine_mean": 0.05}, 4.0)
-    assert w is not None and "\n" not in w and "--max-drop" in w and "0.016" in w
+    assert w is not None and "\n" not in w and "`max_drop`" in w and "0.016" in w

@@ -1,4 +1,4 @@
-"""Conformance over a zoo of architectures (DESIGN §3.1: "Test the binding on a zoo of models").
+"""Conformance over a zoo of architectures (docs/design.md §3.1: "Test the binding on a zoo of models").
 
 Every model is built in-process from a small config with random init (nothing downloads), compiled through
 the Python API at 4.0 all-in bits on 16 calibration and 8 held-out items, and checked for:
@@ -481,7 +481,7 @@ def test_hand_written_transformed_weights(tmp_path):
     # the constant-scaled weight is a computed initializer, bound to its op by content
     scaled = planned - {"w", "attn.in_proj_weight", "attn.out_proj.weight", "dw.weight", "stem.weight"}
     assert len(scaled) == 1 and sources[scaled.pop()].startswith("Laplace (computed weight of op "), sources
-    # a transposed conv is quantized with a Laplace posterior, or (outside DESIGN §2's Conv/Gemm/MatMul scope)
+    # a transposed conv is quantized with a Laplace posterior, or (outside docs/design.md §2's Conv/Gemm/MatMul scope)
     # left in float with the reason said
     assert "up.weight" in planned or "ConvTranspose" in r["left_in_float"].get("up.weight", ""), r["left_in_float"]
 

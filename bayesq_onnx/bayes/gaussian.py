@@ -1,7 +1,7 @@
 """Closed-form quantization error of a Gaussian, and the standard-normal quantizer tables.
 
 For ``w ~ N(m, s²)`` and a scalar quantizer with cells ``[a_k, b_k)`` and levels ``c_k``, with
-``α = (a − m)/s`` and ``β = (b − m)/s`` (DESIGN §3.3):
+``α = (a − m)/s`` and ``β = (b − m)/s`` (docs/design.md §3.3):
 
     E[(w − c)²; a ≤ w < b] = ((m − c)² + s²)(Φ(β) − Φ(α)) + 2s(m − c)(φ(α) − φ(β)) + s²(αφ(α) − βφ(β))
 

@@ -1,7 +1,7 @@
 """Laplace posterior over every weight a traced program's linear, matmul, convolution and embedding ops
 consume (:mod:`bayesq_onnx.traced`), fitted on calibration data.
 
-Posterior ``N(μ, Λ⁻¹)`` with ``μ`` the trained weights and precision ``Λ = N·F + τ`` (DESIGN §3.1):
+Posterior ``N(μ, Λ⁻¹)`` with ``μ`` the trained weights and precision ``Λ = N·F + τ`` (docs/design.md §3.1):
 
 * ``F`` is the Fisher / GGN, the mean over calibration items of ``g gᵀ`` where ``g`` is one item's gradient
   of the log-likelihood with the target **sampled from the model's own predictive** (true Fisher; no labels):
@@ -27,7 +27,7 @@ Three curvature forms:
 * ``kfac``: ``F ≈ A ⊗ G`` per layer with ``A = mean_tokens a aᵀ`` (the input second moment, GPTQ's H) and
   ``G = mean_items Σ_tokens δ δᵀ`` (K-FAC "expand"); Conv layers use unfolded patches. By default only
   ``diag G`` is accumulated (``G`` is returned as that diagonal matrix): the posterior metric uses the output
-  factor only to weigh rows (DESIGN §3.2), and the full matrix would cost a second Gram product per layer
+  factor only to weigh rows (docs/design.md §3.2), and the full matrix would cost a second Gram product per layer
   (``kfac_output="full"`` computes it). Grouped/depthwise convs take the exact diagonal instead;
 * ``lowrank``: ``F ≈ diag + U Uᵀ`` with ``U`` the top-k directions of the per-item gradients, found by a
   randomized range finder (a sketch ``Y = Σ g ωᵀ`` in one pass, then the projection ``Qᵀ g`` in a second

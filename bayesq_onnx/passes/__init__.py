@@ -1,1 +1,1 @@
-"""Compile passes: one module each, named for what it does (DESIGN §6)."""
+"""Compile passes: one module each, named for what it does (docs/design.md §6)."""

@@ -1,6 +1,6 @@
 """CollectWeightsPass: find the weight initializers in quantization scope (analysis; changes nothing).
 
-Scope ``linear`` (default, DESIGN §2): the weight input of Conv, Gemm and MatMul. Scope ``all`` adds
+Scope ``linear`` (default, docs/design.md §2): the weight input of Conv, Gemm and MatMul. Scope ``all`` adds
 embedding tables read by Gather. Biases, norm parameters and small tensors stay in floating point.
 """
 

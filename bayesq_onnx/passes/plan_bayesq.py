@@ -1,4 +1,4 @@
-"""PlanBayesQPass: mixed precision under an exact all-in bits budget (``method="bayesq"``, DESIGN §3.4–3.5).
+"""PlanBayesQPass: mixed precision under an exact all-in bits budget (``method="bayesq"``, docs/design.md §3.4–3.5).
 
 1. Risk table: for every weight and every allowed candidate, the exact stored cost in bits and the risk
    R = expected loss increase. ``closed`` (default): R = ½ Σ λ_i E[(Q(w_i) − w_i)²], the second-order

@@ -62,7 +62,7 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
                 continue
             try:
                 self._rewrite(model, value, qt)
-            except Exception as exc:  # name the pass and the tensor (DESIGN §6 debugging)
+            except Exception as exc:  # name the pass and the tensor (docs/design.md §6 debugging)
                 raise PassFailure(f"QuantizeWeightsPass failed on tensor {name!r}: {exc}") from exc
             modified = True
         return ir.passes.PassResult(model, modified=modified)

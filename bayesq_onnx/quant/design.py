@@ -1,4 +1,4 @@
-"""Quantizer design that minimizes the posterior-expected, precision-weighted distortion (DESIGN §3.3).
+"""Quantizer design that minimizes the posterior-expected, precision-weighted distortion (docs/design.md §3.3).
 
 For a block with trained weights ``μ_i``, posterior precisions ``λ_i = Λ_ii`` and posterior standard
 deviations ``s_i = sqrt(T / λ_i)`` (``T``: posterior temperature; ``T = 0`` designs on ``μ`` alone):

@@ -1,5 +1,5 @@
 """Rounding with error feedback: choose codes on a fixed grid so that the *whitened* error
-``(ŵ − μ)ᵀ Λ (ŵ − μ)`` is small, not just each weight's own error (DESIGN §3.2).
+``(ŵ − μ)ᵀ Λ (ŵ − μ)`` is small, not just each weight's own error (docs/design.md §3.2).
 
 * :func:`gptq_round` — Kronecker / K-FAC metric ``Λ ∝ G ⊗ A``: per row the metric is the input factor
   ``A`` (GPTQ's ``H``), so columns are quantized one at a time and the error of column ``j`` is spread over

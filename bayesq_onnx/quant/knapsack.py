@@ -1,4 +1,4 @@
-"""Multiple-choice knapsack for mixed precision (DESIGN §3.5): one candidate per block, total stored bits
+"""Multiple-choice knapsack for mixed precision (docs/design.md §3.5): one candidate per block, total stored bits
 within the budget, total risk as small as possible.
 
 Greedy on lower convex hulls: every block starts at its cheapest candidate; the upgrade with the largest
