@@ -106,7 +106,8 @@ def _advanced(*names, **kwargs):
 @_advanced("--overrides", type=click.Path(path_type=Path), default=None,
            help="bayesq: JSON/YAML file mapping tensor-name patterns to allowed candidate labels.")
 @_advanced("--risk", type=click.Choice(RISKS), default="closed", show_default=True,
-           help="bayesq: closed-form posterior risk, or Monte Carlo on calibration data (slower).")
+           help="bayesq: closed-form posterior risk of nearest rounding, the posterior-metric error of the "
+                "codes that ship (rounded), or Monte Carlo on calibration data (slower).")
 @_advanced("--family", type=click.Choice(FAMILIES), default="uniform", show_default=True,
            help="bayesq-fixed: uniform grids (DequantizeLinear) or per-row codebooks (FP16 levels).")
 @_advanced("--group-size", type=int, default=0, show_default=True,
@@ -318,7 +319,8 @@ def _flags(ctx: click.Context):
     names = {}
     for param in ctx.command.params:
         if isinstance(param, click.Option):
-            names[param.name] = max(param.opts, key=len)
+            flag = max(param.opts, key=len)
+            names[param.name] = names[flag.lstrip("-").replace("-", "_")] = flag
         elif isinstance(param, click.Argument):
             names[param.name] = param.human_readable_name
     return lambda text: in_words_of(text, names)

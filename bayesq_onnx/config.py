@@ -19,7 +19,7 @@ from .runtime.session import PROVIDERS
 METHODS = ("bayesq", "bayesq-fixed", "rtn", "gptq")
 GPTQ_MIXES = ("knapsack", "proportional")
 DEFAULT_METHOD = "bayesq"
-RISKS = ("closed", "mc")
+RISKS = ("closed", "rounded", "mc")
 FAMILIES = ("uniform", "codebook")
 CURVATURES = ("diag", "kfac", "lowrank")
 FISHERS = ("true", "empirical")
@@ -87,11 +87,13 @@ class CompileConfig:
         if self.method == "gptq" and not CODE_BITS[0] <= self.bits <= CODE_BITS[-1]:
             raise UserError(f"`bits` {self.bits:g} is outside GPTQ's code widths; pick a budget between "
                             f"{CODE_BITS[0]} and {CODE_BITS[-1]}")
-        if self.method == "bayesq" and not CODE_BITS[0] <= self.bits <= 32.0:
-            # every candidate stores codes of at least CODE_BITS[0] bits per weight: refuse before the model loads
-            raise UserError(f"`bits` {self.bits:g} cannot be met: every candidate stores at least {CODE_BITS[0]}-bit "
-                            f"codes per weight (FP32 is 32); pick a budget between {CODE_BITS[0]} and 32")
-        from .candidates import TARGETS
+        from .candidates import LEAST_CODE_BITS, TARGETS
+
+        least = LEAST_CODE_BITS.get(self.target, CODE_BITS[0])
+        if self.method == "bayesq" and not least <= self.bits <= 32.0:
+            # every candidate stores codes of at least `least` bits per weight: refuse before the model loads
+            raise UserError(f"`bits` {self.bits:g} cannot be met: every candidate of `target` {self.target} stores "
+                            f"at least {least}-bit codes per weight (FP32 is 32); pick a budget between {least} and 32")
 
         for name, allowed in (("family", FAMILIES), ("curvature", CURVATURES), ("fisher", FISHERS),
                               ("target", TARGETS), ("risk", RISKS), ("gptq_mix", GPTQ_MIXES)):

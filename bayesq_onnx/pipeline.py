@@ -6,7 +6,6 @@ records what happened for the report.
 
 from __future__ import annotations
 
-import gc
 import json
 import platform
 import tempfile
@@ -42,6 +41,7 @@ from .plan import Candidate, Plan
 from .progress import Reporter
 from .report import bits_plot, collapse_warning, file_accounting, to_json_bytes, to_markdown
 from .runtime.latency import latency_versus_fp32
+from .runtime.memory import release_freed_memory
 from .runtime.session import make_session, resolve_providers, run_batches, session_config_for
 
 
@@ -70,6 +70,9 @@ def compile_model(config: CompileConfig, reporter: Reporter | None = None,
             bundle = load_model(config.model, config.source_options())
     _check_source_supports(config, bundle)
     rep.note(f"[dim]{provider_note}[/]")  # printed only once every input has been checked
+    warnings = [bundle.info["warning"]] if bundle.info.get("warning") else []
+    for warning in warnings:
+        rep.note(f"[yellow]warning: {warning}[/]")
     with rep.stage("export to ONNX" if bundle.module is not None else "read ONNX"):
         fp_model, bindings = fp32_model(bundle)
         fp_bytes = _serialize(fp_model)
@@ -92,6 +95,7 @@ def compile_model(config: CompileConfig, reporter: Reporter | None = None,
             weights = collect.weights
             if not weights:
                 raise UserError(f"model {config.model!r} has no weights in scope {config.scope!r} to quantize")
+        fp_model = None  # its weights are extracted; each rewrite starts again from fp_bytes
         allowed = None
         if config.method == "bayesq":
             order = sorted(weights, key=lambda n: (weights[n].first_use, n))
@@ -103,12 +107,14 @@ def compile_model(config: CompileConfig, reporter: Reporter | None = None,
             with rep.stage(_analysis_title(config, bundle)):
                 posteriors = _fit_posteriors(config, bundle, fp_bytes, weights, rep)
                 posterior_sources = {n: p.info.get("posterior", "") for n, p in sorted(posteriors.items())}
+            release_freed_memory()
 
         # ---- plan: one candidate per weight, with the exact values to store -------------------------
         search, reference = None, None
         with rep.stage(f"plan ({config.method})"):
             planner = _planner(config, weights, posteriors, allowed, bundle, bindings, rep)
             plan = planner(weights) if config.max_drop is None else None
+        release_freed_memory()
         if config.max_drop is not None:  # accuracy target: the least budget that validates within it
             with rep.stage(f"search the budget (drop ≤ {config.max_drop:g})"):
                 plan, search, reference = _search_budget(planner, weights, allowed, bundle, fp_path, fp_bytes,
@@ -137,21 +143,23 @@ def compile_model(config: CompileConfig, reporter: Reporter | None = None,
         q_path.write_bytes(q_bytes)
 
         # ---- validate in ONNX Runtime ------------------------------------------------------------
-        # the posteriors, the planner's tables and the FP32 IR are done with: free them before ORT holds two
-        # sessions (validation was the memory peak on BERT-base)
-        posteriors = planner = fp_model = None
-        gc.collect()
+        # the posteriors, the planner's tables, the FP32 bytes and the extracted weights are done with: free
+        # them before ORT holds two sessions (validation was the memory peak on BERT-base)
+        fp_size, left_in_float = len(fp_bytes), collect.skipped
+        linear = [t for n, t in plan.tensors.items() if any(op != "Gather" for op in weights[n].consumers)]
+        posteriors = planner = fp_bytes = weights = collect = None  # the FP32 file on disk is what ORT reads
+        release_freed_memory()
         with rep.stage("validate in ONNX Runtime") as outcome:
             validation = _validate(bundle, fp_path, q_path, providers, config, rep, undistilled=undistilled_path,
                                    reference=reference)
-            warning = collapse_warning(validation["fidelity"], plan.all_in_bits)
-            if warning:
-                outcome.warn(warning)
+            collapse = collapse_warning(validation["fidelity"], plan.all_in_bits)
+            if collapse:
+                outcome.warn(collapse)
+                warnings.append(collapse)
         if distilled is not None:
             distill_section = _distill_report(distilled, validation, bundle, q_path)
 
     headline = bundle.headline or next(iter(validation["fidelity"]))
-    linear = [t for n, t in plan.tensors.items() if any(op != "Gather" for op in weights[n].consumers)]
     report = {
         "bayesq_onnx": __version__,
         "versions": _versions(),
@@ -164,8 +172,8 @@ def compile_model(config: CompileConfig, reporter: Reporter | None = None,
                  # peers quantize Linear/Conv weights only: the same figure over those, for comparison
                  "linear_all_in": sum(t.stored_bits() for t in linear) / max(sum(t.n_weights for t in linear), 1),
                  "linear_weights": sum(t.n_weights for t in linear)},
-        "sizes": {"fp32_bytes": len(fp_bytes), "artifact_bytes": len(q_bytes),
-                  "smaller_x": len(fp_bytes) / len(q_bytes), **accounting},
+        "sizes": {"fp32_bytes": fp_size, "artifact_bytes": len(q_bytes), "smaller_x": fp_size / len(q_bytes),
+                  **accounting},
         "fidelity": validation["fidelity"],
         "headline": {"metric": headline, "value": validation["fidelity"][headline],
                      "ci95": list(validation["ci95"]), "items": validation["items"]},
@@ -174,11 +182,11 @@ def compile_model(config: CompileConfig, reporter: Reporter | None = None,
         "provider": {"requested": config.provider, "used": providers[0], "note": provider_note,
                      "artifact_session_config": session_config_for(config.target)},
         "plan": plan.to_json(),
-        "left_in_float": collect.skipped,
+        "left_in_float": left_in_float,
         "posterior_sources": posterior_sources,
         **({"search": search} if search is not None else {}),
         **({"distill": distill_section} if distill_section is not None else {}),
-        "warnings": [warning] if warning else [],
+        "warnings": warnings,
         "timings_s": dict(rep.timings),
         "seed": config.seed,
     }
@@ -239,7 +247,8 @@ def _planner(config: CompileConfig, weights: dict[str, WeightInfo], posteriors, 
         mc = MonteCarloRisk(bundle, bindings, temperature=config.temperature, seed=config.seed) \
             if config.risk == "mc" else None
         return PlanBayesQPass(config.bits, posteriors, allowed, curvature=config.curvature,
-                              temperature=config.temperature, act_order=config.act_order, mc_risk=mc,
+                              temperature=config.temperature, act_order=config.act_order,
+                              rounded_risk=config.risk == "rounded", mc_risk=mc,
                               progress=lambda n: rep.track(n, "risk tables"))
     if config.method == "rtn":
         return PlanRoundToNearestPass(int(config.bits), group_size=config.group_size)

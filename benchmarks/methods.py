@@ -4,7 +4,8 @@ CSV under benchmarks/results/, and plots the headline metric against all-in bits
 Suites:
   fixed    RTN vs bayesq-fixed (uniform, codebook) at 4/3/2 bits, and the posterior forms at 3 bits
   budgets  bayesq at all-in budgets 4.0/3.5/3.0/2.5 vs RTN and bayesq-fixed at the same or higher bits
-  risk     bayesq at 3.0 bits with the closed-form vs the Monte Carlo risk (and their rank correlation)
+  risk     bayesq at 3.0 bits with the closed-form, rounded-codes and Monte Carlo risks (rank correlation
+           of closed-form and Monte Carlo)
 
     python benchmarks/methods.py --suite budgets
     python benchmarks/methods.py --suite fixed --quick     # small data slice, for a smoke run
@@ -30,7 +31,7 @@ from bayesq_onnx.pipeline import compile_model
 from bayesq_onnx.progress import Reporter
 
 
-def configs(suite: str, bits: list[float]) -> list[tuple[str, dict]]:
+def configs(suite: str, bits: list[float], risks: tuple[str, ...] = ("closed", "rounded", "mc")) -> list[tuple[str, dict]]:
     if suite == "budgets":
         rows = []
         for b in bits:
@@ -40,7 +41,7 @@ def configs(suite: str, bits: list[float]) -> list[tuple[str, dict]]:
                      ("rtn", dict(method="rtn", bits=up))]
         return rows
     if suite == "risk":
-        return [(f"bayesq risk={r}", dict(method="bayesq", bits=b, risk=r)) for b in bits for r in ("closed", "mc")]
+        return [(f"bayesq risk={r}", dict(method="bayesq", bits=b, risk=r)) for b in bits for r in risks]
     rows = []
     for b in map(int, bits):
         rows.append(("rtn", dict(method="rtn", bits=b)))
@@ -76,6 +77,8 @@ def main() -> int:
     ap.add_argument("--calib-size", type=int, default=256)
     ap.add_argument("--eval-size", type=int, default=1024)
     ap.add_argument("--quick", action="store_true", help="64 calibration / 128 evaluation items")
+    ap.add_argument("--risks", nargs="+", choices=("closed", "rounded", "mc"), default=["closed", "rounded", "mc"],
+                    help="risk suite: which risk estimates to compare")
     ap.add_argument("--scope", choices=("linear", "all"), default="linear",
                     help="weights in scope (linear: Conv/Gemm/MatMul, what peers quantize; all: + embedding tables)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
@@ -85,7 +88,7 @@ def main() -> int:
     bundle = load_model(args.model, SourceOptions(calib_size=calib, eval_size=evals))
     results = []
     with tempfile.TemporaryDirectory() as tmp:
-        for i, (label, kw) in enumerate(configs(args.suite, bits)):
+        for i, (label, kw) in enumerate(configs(args.suite, bits, tuple(args.risks))):
             config = CompileConfig(model=args.model, out=Path(tmp) / str(i), calib_size=calib, eval_size=evals,
                                    latency_runs=5, scope=args.scope, **kw)
             start = time.perf_counter()

@@ -4,7 +4,6 @@ one end-to-end compile, and every bad input as one ``error:`` line with exit cod
 from __future__ import annotations
 
 import json
-import logging
 
 import numpy as np
 import pytest
@@ -105,11 +104,10 @@ def test_image_batches_decode_when_read(image_folder):
 
 # ---- the model source -----------------------------------------------------------------------------------
 
-def test_load_without_weights_warns(image_folder, caplog):
+def test_load_without_weights_warns(image_folder):
     options = SourceOptions(data=image_folder, calib_size=5, eval_size=100, latency_batch=9)
-    with caplog.at_level(logging.WARNING, logger="bayesq"):
-        bundle = load_model("torchvision:resnet18", options)
-    assert "meaningless" in bundle.info["warning"] and "meaningless" in caplog.text
+    bundle = load_model("torchvision:resnet18", options)
+    assert "meaningless" in bundle.info["warning"]
     assert bundle.input_names == ["images"] and bundle.output_names == ["logits"]
     assert bundle.dynamic_axes == {"images": {0: "batch"}} and bundle.likelihood == "categorical"
     assert bundle.info["calibration_items"] == 5 and bundle.info["evaluation_items"] == 7   # 12 - 5

@@ -365,3 +365,18 @@ def test_compiled_short_row_model_is_accounted_by_inspect(tmp_path):
     model = result.artifact.read_bytes()
     feed = bundle.evaluation[0]
     np.testing.assert_allclose(run(model, feed), ReferenceEvaluator(model).run(None, feed)[0], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("target", candidates.TARGETS)
+def test_least_code_bits_bounds_every_target_candidate(target):
+    """config.validate refuses budgets below LEAST_CODE_BITS before a model loads: no candidate is narrower."""
+    least = candidates.LEAST_CODE_BITS[target]
+    seen = set()
+    for shape, consumer in (((384, 1536), "MatMul"), ((96, 1, 3, 3), "Conv"), ((10, 64), "Gemm"), ((8, 16), "Gemm")):
+        layout = WeightLayout.for_consumer(consumer, shape)
+        weight = WeightInfo("w", layout, np.zeros(shape, np.float32), (consumer,))
+        for cand in candidates.for_target(weight, target):
+            if cand.family != "float":
+                seen.add(cand.bits)
+            assert cand.bits >= least, (target, cand.label)
+    assert least in seen

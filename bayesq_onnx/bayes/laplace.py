@@ -199,7 +199,7 @@ def fit_laplace(
         noise = float(output_noise) if output_noise is not None else _output_variance(outputs)
     result = {}
     for name, layer in layers.items():
-        if layer.weight is None or layer.fisher is None:
+        if layer.weight is None:
             continue  # the op never ran on the calibration data (a branch not taken): no posterior from it
         w = layer.weight.float()
         A = G = None
@@ -210,7 +210,7 @@ def fit_laplace(
             A = symmetric(layer.A) / max(layer.tokens, 1)
             G = (torch.diag(layer.G) if layer.G.dim() == 1 else symmetric(layer.G)) / (items * samples * noise)
             # K-FAC "expand": F ≈ G ⊗ A, so its diagonal is diag(G) ⊗ diag(A) (no per-item gradients needed)
-            fisher_diag = (torch.diag(G)[:, None] * torch.diag(A)[None, :]).reshape(layer.fisher.shape)
+            fisher_diag = (torch.diag(G)[:, None] * torch.diag(A)[None, :]).reshape(w.shape)
         else:
             fisher_diag = layer.fisher / (items * samples * noise)
         tau = float(prior_precision) if prior_precision is not None else evidence_prior_precision(w, n * fisher_diag)
@@ -279,13 +279,15 @@ def _allocate(layer: _Layer, w: torch.Tensor) -> None:
     """The layer's weight in its frame and its accumulators, allocated on the op's first call."""
     frame = w.T if layer.op.transposed else w
     layer.weight = frame.float().clone()
-    layer.fisher = torch.zeros_like(layer.weight)
     # K-FAC factors for linear ops and ungrouped 1-D/2-D convs; a grouped conv's input factor would be
-    # block-diagonal (per group), so grouped/depthwise convs take the exact diagonal like embeddings
+    # block-diagonal (per group), so grouped/depthwise convs take the exact diagonal like embeddings. A
+    # factored layer's diagonal comes from its factors at the end: no weight-sized accumulator for it.
     if layer.kfac and (layer.kind == "linear" or (layer.kind == "conv" and layer.op.conv.groups == 1)):
         cols = frame[0].numel()
         layer.A = torch.zeros(cols, cols)
         layer.G = torch.zeros(frame.shape[0]) if layer.kfac_output == "diag" else torch.zeros(frame.shape[0], frame.shape[0])
+    else:
+        layer.fisher = torch.zeros_like(layer.weight)
 
 
 def _backward(loss: torch.Tensor, inputs: list[torch.Tensor], layers, retain: bool, full: bool | None) -> bool:

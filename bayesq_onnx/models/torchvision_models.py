@@ -14,7 +14,6 @@ standard torchvision evaluation preset (resize 256, center crop 224, ImageNet me
 from __future__ import annotations
 
 import difflib
-import logging
 
 import torch
 
@@ -28,7 +27,6 @@ from .state_dict import load_weights
 BATCH = 32
 INPUT, OUTPUT = "images", "logits"
 INIT_SEED = 0  # random initialization without --weights (fixed: same artifact every run)
-log = logging.getLogger("bayesq")
 
 
 def classifiers() -> list[str]:
@@ -172,9 +170,8 @@ def load(argument: str | None, options: SourceOptions) -> ModelBundle:
             "calibration": calib_source,
             "preprocessing": preprocess.describe(),
             "calibration_items": len(calib_paths), "evaluation_items": len(eval_paths)}
-    if warning:  # said once every input has been checked, so a bad input still gets a one-line error
+    if warning:  # the pipeline says it (and the report lists it) once every input has been checked
         info["warning"] = warning
-        log.warning("WARNING: %s", warning)
     return ModelBundle(
         name=f"torchvision:{arch}",
         module=ImageClassifier(model).eval(),

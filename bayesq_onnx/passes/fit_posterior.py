@@ -85,16 +85,29 @@ def bind_weight(array: np.ndarray, frame: torch.Tensor, op: str, rtol: float = 1
         cand = a.T if transposed else a
         if tuple(cand.shape) != tuple(frame.shape):
             continue
+        f2, a2 = frame.reshape(frame.shape[0], -1), cand.reshape(cand.shape[0], -1)
+        # the test is per row: a few rows reject almost every wrong pairing before the whole tensor is read
+        # (a model has dozens of same-shaped weights, each tried against every same-shaped op)
+        few = slice(0, min(4, f2.shape[0]))
+        if _row_scales(a2[few], f2[few], rtol, float(a2.abs().max())) is None:
+            continue
         if torch.equal(cand, frame):
             return OpBinding(op, transposed)
-        f2, a2 = frame.reshape(frame.shape[0], -1).double(), cand.reshape(cand.shape[0], -1).double()
-        ff = (f2 * f2).sum(1)
-        s = torch.where(ff > 0, (a2 * f2).sum(1) / ff.clamp_min(1e-300), torch.ones_like(ff))
-        if bool((s == 0).any()):
-            continue
-        if float((a2 - s[:, None] * f2).abs().max()) <= rtol * max(float(a2.abs().max()), 1e-30):
+        s = _row_scales(a2, f2, rtol, float(a2.abs().max()))
+        if s is not None:
             return OpBinding(op, transposed, s.float())
     return None
+
+
+def _row_scales(a2: torch.Tensor, f2: torch.Tensor, rtol: float, amax: float) -> torch.Tensor | None:
+    """Per-row least-squares ``s_r = ⟨a_r, f_r⟩ / ⟨f_r, f_r⟩`` when ``max |a − s f| ≤ rtol · amax`` and no
+    ``s_r`` is zero; else ``None`` (float64 throughout)."""
+    a2, f2 = a2.double(), f2.double()
+    ff = (f2 * f2).sum(1)
+    s = torch.where(ff > 0, (a2 * f2).sum(1) / ff.clamp_min(1e-300), torch.ones_like(ff))
+    if bool((s == 0).any()) or float((a2 - s[:, None] * f2).abs().max()) > rtol * max(amax, 1e-30):
+        return None
+    return s
 
 
 # ONNX consumer -> the program op kinds whose weight it can hold
@@ -169,7 +182,8 @@ def _canonical(name: str, fits: list, layout: WeightLayout) -> WeightPosterior:
     wp = WeightPosterior(name, post.parameter, data + tau, float(tau.mean()), post.n_data, info=info)
     if post.A is not None:
         order = _column_order(tuple(post.weight.shape), binding, layout)
-        wp.A = post.A[order][:, order]
+        identity = bool((order == torch.arange(len(order))).all())
+        wp.A = post.A if identity else post.A[order][:, order]  # shared, not copied, when the order is the same
         g = torch.diag(post.G).float()
         wp.G_diag = g / binding.scale ** 2 if binding.scale is not None else g
     if post.U is not None:

@@ -1,9 +1,12 @@
 """PlanBayesQPass: mixed precision under an exact all-in bits budget (``method="bayesq"``, docs/design.md §3.4–3.5).
 
 1. Risk table: for every weight and every allowed candidate, the exact stored cost in bits and the risk
-   R = expected loss increase. ``closed`` (default): R = ½ Σ λ_i E[(Q(w_i) − w_i)²], the second-order
-   proxy in the posterior metric, from the designed grid (closed form). ``mc``: R measured by running the
-   model with that one block quantized (see :class:`~bayesq_onnx.passes.mc_risk.MonteCarloRisk`).
+   R = expected loss increase. ``closed``: R = ½ Σ λ_i E[(Q(w_i) − w_i)²], the second-order proxy in the
+   posterior metric for nearest rounding on the designed grid (closed form). ``rounded``: R = ½ (ŵ − μ)ᵀ
+   Λ (ŵ − μ) for the codes ŵ the artifact would ship, rounded in the posterior metric (GPTQ / low-rank
+   feedback), so the allocation sees what error feedback buys per tensor and width (at T > 0 the posterior
+   adds T·dim, the same for every candidate). ``mc``: R measured by running the model with that one block
+   quantized (see :class:`~bayesq_onnx.passes.mc_risk.MonteCarloRisk`).
 2. Greedy multiple-choice knapsack on each block's lower convex hull (:mod:`bayesq_onnx.quant.knapsack`).
 3. The chosen grids are rounded in the posterior metric (GPTQ / low-rank feedback), as in bayesq-fixed.
 """
@@ -27,8 +30,9 @@ class PlanBayesQPass:
 
     def __init__(self, budget: float, posteriors: dict[str, WeightPosterior], allowed: dict[str, list[Candidate]], *,
                  curvature: str = "kfac", temperature: float = 0.0, act_order: bool = False,
-                 mc_risk: Callable | None = None, progress: Callable | None = None):
+                 rounded_risk: bool = False, mc_risk: Callable | None = None, progress: Callable | None = None):
         self.budget, self.posteriors, self.allowed = budget, posteriors, allowed
+        self.rounded_risk = rounded_risk
         self.curvature, self.temperature, self.mc_risk, self.progress = curvature, temperature, mc_risk, progress
         self.act_order = act_order
         self.table: dict[str, list[dict]] = {}
@@ -54,10 +58,13 @@ class PlanBayesQPass:
                 cost = cost_bits(w.layout, cand)
                 closed = 0.5 * float(dist.sum())
                 entry = {"candidate": cand, "cost_bits": cost, "risk_closed": closed, "risk": closed}
+                self._grids[name, cand] = (grid, dist)
+                if self.rounded_risk:
+                    qt = self._round(name, cand, weights)
+                    entry["risk_rounded"] = entry["risk"] = 0.5 * qt.info["whitened_error"]
                 if self.mc_risk is not None:
                     entry["risk_mc"] = entry["risk"] = self.mc_risk(w, post, cand, grid, mu)
                 rows.append(entry)
-                self._grids[name, cand] = (grid, dist)
             self.table[name] = rows
 
     def plan_at(self, budget: float, weights: dict[str, WeightInfo]) -> Plan:
@@ -72,17 +79,23 @@ class PlanBayesQPass:
         for name, i in zip(names, choice):
             entry = self.table[name][i]
             cand = entry["candidate"]
-            if (name, cand) not in self._rounded:
-                grid, dist = self._grids[name, cand]
-                self._rounded[name, cand] = round_on_grid(weights[name], self.posteriors[name], cand, grid, dist,
-                                                          curvature=self.curvature, act_order=self.act_order)
-            qt = replace(self._rounded[name, cand], info=dict(self._rounded[name, cand].info))
+            qt = self._round(name, cand, weights)
+            qt = replace(qt, info=dict(qt.info))
             qt.info.update(risk=entry["risk"], candidates=len(self.table[name]))
             tensors[name] = qt
         settings = {"budget": budget, "curvature": self.curvature, "temperature": self.temperature,
                     "act_order": self.act_order,
-                    "risk": "mc" if self.mc_risk else "closed",
+                    "risk": "mc" if self.mc_risk else "rounded" if self.rounded_risk else "closed",
                     "risk_table": {n: [{"candidate": e["candidate"].label, "cost_bits": e["cost_bits"],
-                                        **{k: e[k] for k in ("risk", "risk_closed", "risk_mc") if k in e}}
+                                        **{k: e[k] for k in ("risk", "risk_closed", "risk_rounded", "risk_mc")
+                                           if k in e}}
                                        for e in self.table[n]] for n in names}}
         return Plan("bayesq", tensors, settings=settings)
+
+    def _round(self, name: str, cand: Candidate, weights: dict[str, WeightInfo]):
+        """The codes of ``cand``'s grid for ``name``, rounded in the posterior metric once and kept."""
+        if (name, cand) not in self._rounded:
+            grid, dist = self._grids[name, cand]
+            self._rounded[name, cand] = round_on_grid(weights[name], self.posteriors[name], cand, grid, dist,
+                                                      curvature=self.curvature, act_order=self.act_order)
+        return self._rounded[name, cand]
