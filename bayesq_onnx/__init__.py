@@ -1,11 +1,12 @@
 """BayesQ-ONNX: uncertainty-guided Bayesian post-training quantization that ships standard ONNX.
 
 ``bayesq_onnx.compile(model, calibration, config=CompileConfig(...))`` is the Python API (see
-:mod:`bayesq_onnx.api`); the ``bayesq`` command line runs the same pipeline.
+:mod:`bayesq_onnx.api`; ``build_config("best", "my.yaml", bits=3.5)`` layers a recipe, a config file and
+fields); the ``bayesq`` command line runs the same pipeline.
 """
 
 __version__ = "0.1.0"
-__all__ = ["compile", "CompileConfig", "CompileResult", "__version__"]
+__all__ = ["compile", "CompileConfig", "CompileResult", "build_config", "__version__"]
 
 
 def __getattr__(name):
@@ -14,10 +15,10 @@ def __getattr__(name):
         from .api import compile
 
         return compile
-    if name == "CompileConfig":
-        from .config import CompileConfig
+    if name in ("CompileConfig", "build_config"):
+        from . import config
 
-        return CompileConfig
+        return getattr(config, name)
     if name == "CompileResult":
         from .pipeline import CompileResult
 
