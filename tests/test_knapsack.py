@@ -93,3 +93,45 @@ def test_budget_is_used():
     pick = knapsack.greedy(costs, risks, budget)
     used = sum(c[i] for c, i in zip(costs, pick))
     assert budget - 4 < used <= budget
+
+
+def _realistic_block(rng: random.Random):
+    """One weight's candidate table as the planner builds it (non-convex in cost): uniform 2/3/4/8-bit per
+    row and per 16 columns, per-row codebooks of 2/3/4 bits, FP16; exact stored bits of a small rows × cols
+    weight, and risks that fall about 4× per code bit with a per-family factor and noise."""
+    rows, cols = rng.choice([(2, 32), (4, 16), (4, 32), (8, 16)])
+    n, sens = rows * cols, rng.lognormvariate(0, 1.5)
+    table = []
+    for b in (2, 3, 4, 8):
+        table.append((n * b + rows * (16 + b), 1.0))                    # per row: fp16 scale + b-bit zero
+        table.append((n * b + (n // 16) * (16 + b), 0.8))               # per 16 columns
+    for b in (2, 3, 4):
+        table.append((n * b + rows * 2**b * 16, 0.6))                   # per-row codebook of fp16 levels
+    costs = [c for c, _ in table] + [16 * n]
+    risks = [sens * n * f * 4.0 ** -(c // n) * rng.uniform(0.7, 1.3) for c, f in table] + [sens * n * 1e-9]
+    return costs, risks
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_greedy_gap_on_realistic_nonconvex_tables(seed):
+    """Tables like the real ones are not convex (a codebook beats the next uniform width at a lower cost,
+    side information makes costs uneven). The greedy on each block's lower hull is within one hull step's
+    risk of the LP relaxation, so within it of the exact optimum:
+    risk_greedy − OPT ≤ max over blocks and hull steps of the step's risk decrease."""
+    rng = random.Random(seed)
+    blocks = [_realistic_block(rng) for _ in range(6)]
+    costs, risks = [b[0] for b in blocks], [b[1] for b in blocks]
+    total = sum(b[0][-1] // 16 for b in blocks)  # weights
+    worst_step = 0.0
+    for c, r in zip(costs, risks):
+        hull = knapsack.lower_hull(c, r)
+        worst_step = max([worst_step] + [r[i] - r[j] for i, j in zip(hull, hull[1:])])
+    for bits in (2.5, 3.0, 3.5, 4.0, 5.0):
+        budget = int(bits * total)
+        if budget < sum(min(c) for c in costs):
+            continue
+        pick = knapsack.greedy(costs, risks, budget)
+        got = sum(r[i] for r, i in zip(risks, pick))
+        want, _ = knapsack.exact(costs, risks, budget)
+        assert sum(c[i] for c, i in zip(costs, pick)) <= budget
+        assert want - 1e-9 <= got <= want + worst_step + 1e-9
