@@ -34,9 +34,7 @@ from .passes.collect_weights import WeightInfo
 from .plan import TENSOR, Candidate, QuantizedTensor
 from .quant.layout import WeightLayout
 
-TARGETS = ("size", "speed", "cuda")
-# the narrowest code any candidate of a target stores (for_target): a budget below it fails before a model loads
-LEAST_CODE_BITS = {"size": 2, "speed": 2, "cuda": 4}
+from .choices import LEAST_CODE_BITS, TARGETS  # noqa: F401 (re-exported)
 GROUP = 128
 PIN = Candidate("uniform", 8)
 # Rows shorter than this get the shared (per-tensor / row-group) candidates. A per-row uniform grid stores an

@@ -8,12 +8,10 @@ from pathlib import Path
 
 import click
 
-from .candidates import TARGETS
-from .config import (CURVATURES, DEFAULT_METHOD, FAMILIES, FISHERS, GPTQ_MIXES, METHODS, RECIPES, RISKS, TEACHERS,
-                     build_config)
+from .choices import (CURVATURES, DEFAULT_METHOD, FAMILIES, FISHERS, GPTQ_MIXES, METHODS, PROVIDERS, RISKS, SCOPES,
+                      TARGETS, TEACHERS)
+from .config import RECIPES, build_config
 from .errors import BayesQError, UserError, in_words_of
-from .passes.collect_weights import SCOPES
-from .runtime.session import PROVIDERS
 
 
 class _OneLineErrors(click.Group):

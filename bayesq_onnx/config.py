@@ -10,20 +10,9 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from .choices import (CODE_BITS, CURVATURES, DEFAULT_METHOD, FAMILIES, FISHERS, GPTQ_MIXES, LEAST_CODE_BITS,
+                      METHODS, PROVIDERS, RISKS, SCOPES, TARGETS, TEACHERS)
 from .errors import UserError
-from .models.base import SourceOptions
-from .passes.collect_weights import SCOPES
-from .plan import CODE_BITS
-from .runtime.session import PROVIDERS
-
-METHODS = ("bayesq", "bayesq-fixed", "rtn", "gptq")
-GPTQ_MIXES = ("knapsack", "proportional")
-DEFAULT_METHOD = "bayesq"
-RISKS = ("closed", "rounded", "mc")
-FAMILIES = ("uniform", "codebook")
-CURVATURES = ("diag", "kfac", "lowrank")
-FISHERS = ("true", "empirical")
-TEACHERS = ("posterior", "fp")
 
 
 @dataclass(frozen=True)
@@ -87,8 +76,6 @@ class CompileConfig:
         if self.method == "gptq" and not CODE_BITS[0] <= self.bits <= CODE_BITS[-1]:
             raise UserError(f"`bits` {self.bits:g} is outside GPTQ's code widths; pick a budget between "
                             f"{CODE_BITS[0]} and {CODE_BITS[-1]}")
-        from .candidates import LEAST_CODE_BITS, TARGETS
-
         least = LEAST_CODE_BITS.get(self.target, CODE_BITS[0])
         if self.method == "bayesq" and not least <= self.bits <= 32.0:
             # every candidate stores codes of at least `least` bits per weight: refuse before the model loads
@@ -135,8 +122,10 @@ class CompileConfig:
             raise UserError("`eval_size` must be at least 2 (fidelity compares items against each other)")
         return self
 
-    def source_options(self) -> SourceOptions:
-        """What the model source takes from this config."""
+    def source_options(self):
+        """What the model source takes from this config (a :class:`~bayesq_onnx.models.base.SourceOptions`)."""
+        from .models.base import SourceOptions
+
         return SourceOptions(weights=self.weights, data=self.data, calib=self.calib, task=self.task,
                              calib_size=self.calib_size, eval_size=self.eval_size,
                              latency_batch=self.latency_batch, latency_seq=self.latency_seq, seed=self.seed)

@@ -17,7 +17,7 @@ from .quant.layout import WeightLayout
 from .quant.uniform import TENSOR
 
 FAMILIES = ("uniform", "codebook", "float")
-CODE_BITS = (2, 3, 4, 8)
+from .choices import CODE_BITS  # noqa: F401 (re-exported)
 _SCALE_DTYPES = {"float16": (np.float16, torch.float16), "float32": (np.float32, torch.float32)}
 
 

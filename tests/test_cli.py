@@ -70,3 +70,13 @@ def test_budget_below_the_cheapest_candidates(tmp_path):
     out = tmp_path / "out"
     _assert_user_error(invoke("compile", "--bits", "1.5", "-q", "--calib-size", "8", "--eval-size", "8",
                               "--out", str(out)), out, "--bits 1.5 cannot be met")
+
+
+def test_help_imports_neither_torch_nor_onnxruntime():
+    """`bayesq --help` and `bayesq compile --help` answer without loading the heavy stack."""
+    code = ("import sys\nfrom click.testing import CliRunner\nfrom bayesq_onnx.cli import main\n"
+            "for args in (['--help'], ['compile', '--help-all']):\n"
+            "    assert CliRunner().invoke(main, args).exit_code == 0\n"
+            "print(sorted(m for m in ('torch', 'onnxruntime', 'onnx', 'onnx_ir', 'numpy') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", out

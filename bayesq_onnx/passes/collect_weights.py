@@ -13,7 +13,7 @@ import onnx_ir as ir
 
 from ..quant.layout import WeightLayout
 
-SCOPES = ("linear", "all")
+from ..choices import SCOPES  # noqa: F401 (re-exported: the scopes this pass knows)
 # (op type, index of the weight input)
 _LINEAR_CONSUMERS = {"MatMul": 1, "Gemm": 1, "Conv": 1}
 _EMBEDDING_CONSUMERS = {"Gather": 0}

@@ -11,7 +11,7 @@ import onnxruntime as ort
 
 from ..errors import UserError
 
-PROVIDERS = ("auto", "cpu", "cuda")
+from ..choices import PROVIDERS  # noqa: F401 (re-exported)
 CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
 
 # ORT's default QDQ handling leaves DequantizeLinear nodes unfolded (to look for quantized kernels); with it
