@@ -8,8 +8,8 @@ from pathlib import Path
 
 import click
 
-from .choices import (CURVATURES, DEFAULT_METHOD, FAMILIES, FISHERS, GPTQ_MIXES, METHODS, PROVIDERS, RISKS, SCOPES,
-                      TARGETS, TEACHERS)
+from .choices import (CURVATURES, DEFAULT_METHOD, FISHERS, FIXED_FAMILIES, GPTQ_MIXES, METHODS, PROVIDERS, RISKS,
+                      SCOPES, TARGETS, TEACHERS)
 from .config import RECIPES, build_config
 from .errors import BayesQError, UserError, in_words_of
 
@@ -106,7 +106,7 @@ def _advanced(*names, **kwargs):
 @_advanced("--risk", type=click.Choice(RISKS), default="closed", show_default=True,
            help="bayesq: closed-form posterior risk of nearest rounding, the posterior-metric error of the "
                 "codes that ship (rounded), or Monte Carlo on calibration data (slower).")
-@_advanced("--family", type=click.Choice(FAMILIES), default="uniform", show_default=True,
+@_advanced("--family", type=click.Choice(FIXED_FAMILIES), default="uniform", show_default=True,
            help="bayesq-fixed: uniform grids (DequantizeLinear) or per-row codebooks (FP16 levels).")
 @_advanced("--group-size", type=int, default=0, show_default=True,
            help="Uniform: input channels sharing one scale (0: one scale per output row).")
@@ -170,7 +170,7 @@ def compile(ctx, model, recipe, config_file, quiet, verbose, **options):
     h = r["headline"]
     interval = f" (95% CI {h['ci95'][0]:.4f}–{h['ci95'][1]:.4f}, {h['items']} items)" if "ci95" in h else ""
     click.echo(f"{result.artifact}: {r['bits']['all_in']:.3f} bits/weight all-in, "
-               f"{r['sizes']['artifact_bytes'] / 1e6:.2f} MB ({r['sizes']['fp32_bytes'] / r['sizes']['artifact_bytes']:.1f}x smaller), "
+               f"{r['sizes']['artifact_bytes'] / 1e6:.2f} MB ({r['sizes']['smaller_x']:.1f}x smaller), "
                f"{h['metric']} {h['value']:.4f}{interval}, latency x{r['latency']['ratio']:.2f} vs FP32")
     for warning in r.get("warnings", []):
         click.echo(f"warning: {_flags(ctx)(warning)}", err=True)
@@ -193,7 +193,7 @@ def models():
 def inspect(artifact, as_json):
     """Per-tensor family, code bits, all-in bits and size of ARTIFACT (model.onnx or a compile output
     directory), recomputed from the file. On a plain ONNX model: the weights compile would quantize."""
-    from .inspect import inspect_artifact
+    from .inspection import inspect_artifact
 
     info = _guard(lambda: inspect_artifact(artifact))
     if as_json:
@@ -222,7 +222,7 @@ def inspect(artifact, as_json):
 def validate(artifact, reference, data, model, calib_size, eval_size, seed, provider, runs, as_json):
     """Re-run validation of ARTIFACT against an FP32 --reference in ONNX Runtime: fidelity on --data or
     a --model's evaluation set, latency of both, session start times."""
-    from .inspect import validate_pair
+    from .inspection import validate_pair
     from .models.base import SourceOptions
 
     options = SourceOptions(calib_size=calib_size, eval_size=eval_size, seed=seed)

@@ -10,8 +10,8 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from .choices import (CODE_BITS, CURVATURES, DEFAULT_METHOD, FAMILIES, FISHERS, GPTQ_MIXES, LEAST_CODE_BITS,
-                      METHODS, PROVIDERS, RISKS, SCOPES, TARGETS, TEACHERS)
+from .choices import (CODE_BITS, CURVATURES, DEFAULT_METHOD, FISHERS, FIXED_FAMILIES, GPTQ_MIXES,
+                      LEAST_CODE_BITS, METHODS, PROVIDERS, RISKS, SCOPES, TARGETS, TEACHERS)
 from .errors import UserError
 
 
@@ -35,7 +35,8 @@ class CompileConfig:
     rank: int = 8                # low-rank directions per layer
     # Effective data size N in Λ = N·F + τ. The data a pretrained model was fitted to is unknown here and
     # far larger than the calibration set; with N = 256 calibration items the prior outweighs the data term
-    # 10–30× and the design degrades (docs/method.md and docs/results.md: sensitivity to N). 10^6 is the order of a training corpus.
+    # 10–30× and the design degrades (docs/method.md and docs/results.md: sensitivity to N). 10^6 is the
+    # order of a training corpus.
     n_data: float | None = 1e6
     prior_precision: float | None = None  # τ (default: empirical Bayes per layer)
     temperature: float = 0.0     # posterior temperature in the design objective (0: design on μ alone)
@@ -82,7 +83,7 @@ class CompileConfig:
             raise UserError(f"`bits` {self.bits:g} cannot be met: every candidate of `target` {self.target} stores "
                             f"at least {least}-bit codes per weight (FP32 is 32); pick a budget between {least} and 32")
 
-        for name, allowed in (("family", FAMILIES), ("curvature", CURVATURES), ("fisher", FISHERS),
+        for name, allowed in (("family", FIXED_FAMILIES), ("curvature", CURVATURES), ("fisher", FISHERS),
                               ("target", TARGETS), ("risk", RISKS), ("gptq_mix", GPTQ_MIXES)):
             if getattr(self, name) not in allowed:
                 raise UserError(f"unknown {name} {getattr(self, name)!r}; choose one of {', '.join(allowed)}")
@@ -111,7 +112,8 @@ class CompileConfig:
                 raise UserError(f"`{name}` must be at least 1")
         if self.latency_warmup < 0:
             raise UserError("`latency_warmup` must be at least 0")
-        if self.dump_dir is not None and Path(self.out).resolve() in (Path(self.dump_dir).resolve(), *Path(self.dump_dir).resolve().parents):
+        dump = Path(self.dump_dir).resolve() if self.dump_dir is not None else None
+        if dump is not None and Path(self.out).resolve() in (dump, *dump.parents):
             raise UserError(f"`dump_dir` {self.dump_dir} is inside `out` {self.out}, which is replaced as a unit; "
                             f"use a directory beside it, e.g. `dump_dir` {Path(self.out).name}-passes")
         for name in ("weights", "data", "calib", "overrides"):  # before any model loads

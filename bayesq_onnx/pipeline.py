@@ -144,7 +144,7 @@ def compile_model(config: CompileConfig, reporter: Reporter | None = None,
 
         # ---- validate in ONNX Runtime ------------------------------------------------------------
         # the posteriors, the planner's tables, the FP32 bytes and the extracted weights are done with: free
-        # them before ORT holds two sessions (validation was the memory peak on BERT-base)
+        # them before ORT holds two sessions
         fp_size, left_in_float = len(fp_bytes), collect.skipped
         linear = [t for n, t in plan.tensors.items() if any(op != "Gather" for op in weights[n].consumers)]
         posteriors = planner = fp_bytes = weights = collect = None  # the FP32 file on disk is what ORT reads

@@ -86,7 +86,7 @@ def train(epochs: int = EPOCHS, seed: int = SEED) -> tuple[dict[str, torch.Tenso
         torch.use_deterministic_algorithms(was_deterministic)
         torch.set_num_threads(threads)
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    return state, evaluate(dr.fold_batchnorm(model), split.test_images, split.test_labels)
+    return state, evaluate(dr.with_batchnorm_folded(model), split.test_images, split.test_labels)
 
 
 def _write_atomic(path: Path, data: bytes) -> None:

@@ -33,6 +33,7 @@ def test_scale_image_folder_is_an_imagenet_style_folder(tmp_path):
     assert np.array_equal(np.bincount(folder.folder), [2, 2, 2])
 
 
+@pytest.mark.slow
 def test_distill_benchmark_case_on_digits(tmp_path):
     """One case, both teachers: the budget does not move, 'without' is the same plan for both teachers, the
     posterior teacher on digits falls back to FP32 (the guard), and the outputs are written."""

@@ -61,7 +61,7 @@ def test_folding_batchnorm_keeps_the_function(split):
     model = dr.DigitsResNet()
     model.load_state_dict(load_file(dr.WEIGHTS))
     model.eval()
-    folded = dr.fold_batchnorm(model)
+    folded = dr.with_batchnorm_folded(model)
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
     np.testing.assert_allclose(dr.predict(folded, split.test_images), dr.predict(model, split.test_images),
                                atol=1e-4)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from bayesq_onnx.passes.fit_posterior import FitPosteriorPass
-from bayesq_onnx.design import whitened_error
+from bayesq_onnx.tensor_design import whitened_error
 from bayesq_onnx.passes.plan_bayesq_fixed import PlanBayesFixedPass
 from bayesq_onnx.passes.plan_rtn import PlanRoundToNearestPass
 from bayesq_onnx.plan import Candidate

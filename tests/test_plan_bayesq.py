@@ -24,7 +24,7 @@ def analysed(tiny_exported):
 
 
 def test_placeholder_cost_equals_fitted_cost(analysed):
-    from bayesq_onnx.design import design_tensor
+    from bayesq_onnx.tensor_design import design_tensor
 
     _, _, weights, post = analysed
     for w in weights.values():

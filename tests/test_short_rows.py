@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 from bayesq_onnx import candidates
-from bayesq_onnx.design import design_tensor, whitened_error
+from bayesq_onnx.tensor_design import design_tensor, whitened_error
 from bayesq_onnx.distill import QuantWeight
 from bayesq_onnx.passes.collect_weights import CollectWeightsPass, WeightInfo
 from bayesq_onnx.passes.fit_posterior import WeightPosterior
@@ -346,7 +346,7 @@ def test_compiled_short_row_model_is_accounted_by_inspect(tmp_path):
     from onnx.reference import ReferenceEvaluator
 
     from bayesq_onnx.config import CompileConfig
-    from bayesq_onnx.inspect import inspect_artifact
+    from bayesq_onnx.inspection import inspect_artifact
     from bayesq_onnx.pipeline import compile_model
 
     bundle = _tiny_depthwise_bundle()

@@ -51,7 +51,7 @@ import torch.nn.functional as F
 import bayesq_onnx
 from bayesq_onnx import CompileConfig
 from bayesq_onnx.errors import UserError
-from bayesq_onnx.inspect import inspect_artifact
+from bayesq_onnx.inspection import inspect_artifact
 
 torchvision = pytest.importorskip("torchvision")
 transformers = pytest.importorskip("transformers")
@@ -424,7 +424,11 @@ def compile_and_check(name: str, model: nn.Module, calibration, evaluation, like
     return r
 
 
-@pytest.mark.parametrize("name", list(ZOO))
+# the fast tier (`pytest -m "not slow"`) keeps one CNN and one transformer; CI runs the whole zoo
+FAST_ZOO = ("resnet18", "bert")
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=() if n in FAST_ZOO else pytest.mark.slow) for n in ZOO])
 def test_zoo(name, tmp_path):
     case = ZOO[name]
     torch.manual_seed(0)

@@ -92,10 +92,9 @@ class DigitsResNet(nn.Module):
         return self.head(self.stages(x).mean(dim=(2, 3)))
 
 
-def fold_batchnorm(model: DigitsResNet) -> DigitsResNet:
-    """An eval-mode copy of ``model`` with every BatchNorm folded into its conv: same function, and every
-    weight the ONNX graph holds is a parameter of the module (the exporter would fold BN itself and leave
-    the conv weights without a PyTorch parameter, hence without a posterior)."""
+def with_batchnorm_folded(model: DigitsResNet) -> DigitsResNet:
+    """An eval-mode copy of ``model`` with every BatchNorm folded into its conv (the same function): the
+    shipped model as it was trained and evaluated by ``scripts/train_digits_resnet.py``."""
     folded = copy.deepcopy(model).eval()
     for m in folded.modules():
         if isinstance(m, ConvBN):
@@ -160,7 +159,7 @@ def load_module() -> tuple[DigitsResNet, dict]:
     except (SafetensorError, RuntimeError) as exc:
         raise UserError(f"digits-resnet weights {WEIGHTS} do not fit the architecture "
                         f"({str(exc).splitlines()[0]}); {fix}") from exc
-    return fold_batchnorm(model), record
+    return with_batchnorm_folded(model), record
 
 
 def load(argument: str | None, options: SourceOptions) -> ModelBundle:

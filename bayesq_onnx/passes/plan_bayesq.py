@@ -17,7 +17,7 @@ from dataclasses import replace
 from typing import Callable
 
 
-from ..design import canonical_mu, design_grid, round_on_grid
+from ..tensor_design import canonical_mu, design_grid, round_on_grid
 from ..candidates import check_budget, cost_bits
 from ..plan import Candidate, Plan
 from ..quant import knapsack

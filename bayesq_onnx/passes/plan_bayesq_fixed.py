@@ -1,11 +1,11 @@
 """PlanBayesFixedPass: one candidate everywhere (``method="bayesq-fixed"``), every quantizer designed on
-the posterior and rounded in the posterior metric (:mod:`bayesq_onnx.design`). It isolates what the
+the posterior and rounded in the posterior metric (:mod:`bayesq_onnx.tensor_design`). It isolates what the
 Bayesian quantizer design buys, before mixed precision (``method="bayesq"``) chooses the candidates.
 """
 
 from __future__ import annotations
 
-from ..design import design_tensor
+from ..tensor_design import design_tensor
 from ..plan import Candidate, Plan
 from .collect_weights import WeightInfo
 from .fit_posterior import WeightPosterior

@@ -343,8 +343,7 @@ class _SortedTables:
 def _hard_lloyd(tables: _SortedTables, levels: torch.Tensor, spread: torch.Tensor, iters: int):
     """Weighted Lloyd with hard cells (``T = 0``, or grids too fine for the soft objective): each level
     moves to the ``λ``-weighted mean of its cell (:func:`_lloyd`, as the soft loop); the cell sums are
-    exact up to float64 round-off (the former float32 scatter-adds agree to float32 round-off, so the
-    float16 levels agree up to an occasional one-ulp rounding flip)."""
+    exact up to float64 round-off."""
     with one_thread():  # every step is small: O(T·K) values
         levels = _lloyd(tables.lloyd_statistics, levels, spread, iters)
         # D = Σ_cells Σ λ (w − c)² = Σ_cells (Σλw² − 2c Σλw + c² Σλ), in float64
