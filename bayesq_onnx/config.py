@@ -197,36 +197,20 @@ def read_config_file(path: Path | str) -> dict:
     return out
 
 
+# what a config file's value may be for each field type (a bool is not a number here)
+_ACCEPTS = {"Path": str, "bool": bool, "int": int, "float": (int, float), "str": str}
+_CONVERT = {"Path": Path, "float": float}
+
+
 def _coerce(key: str, value, path: Path):
     """``value`` as field ``key``'s type, or a UserError naming the file and field."""
     kind = _FIELD_TYPES[key]
-    optional = value is None and "None" in kind
-    if optional:
+    base = kind.split(" |")[0]
+    if value is None and "None" in kind:
         return None
-    try:
-        if "Path" in kind:
-            if not isinstance(value, str):
-                raise TypeError
-            return Path(value)
-        if kind.startswith("bool"):
-            if not isinstance(value, bool):
-                raise TypeError
-            return value
-        if kind.startswith("int"):
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError
-            return value
-        if kind.startswith("float"):
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise TypeError
-            return float(value)
-        if kind.startswith("str"):
-            if not isinstance(value, str):
-                raise TypeError
-            return value
-    except TypeError:
-        raise UserError(f"`config` {path}: field {key!r} takes {kind}, got {value!r}") from None
-    return value
+    if not isinstance(value, _ACCEPTS[base]) or (isinstance(value, bool) and base != "bool"):
+        raise UserError(f"`config` {path}: field {key!r} takes {kind}, got {value!r}")
+    return _CONVERT.get(base, lambda v: v)(value)
 
 
 _FIELD_TYPES = {f.name: str(f.type) for f in fields(CompileConfig) if f.name != "extra"}

@@ -20,7 +20,7 @@ from . import candidates
 from .errors import UserError
 from .models.base import Batch, SourceOptions
 from .models.metrics import bootstrap_interval, output_fidelity
-from .models.onnx_file import batch_size, batches_for, read_inputs
+from .models.onnx_file import batch_size, batches_for, load_proto, read_inputs
 from .passes.collect_weights import CollectWeightsPass
 from .report import tensor_bytes
 from .runtime.latency import latency_versus_fp32
@@ -52,15 +52,7 @@ def load_onnx(path: str | Path, what: str = "artifact") -> tuple[Path, onnx.Mode
     """The resolved path and the model proto (external data pulled in); one-line errors for a missing,
     unreadable or non-ONNX file."""
     path = resolve_model_path(path, what)
-    try:
-        proto = onnx.load(str(path))
-    except Exception as exc:  # noqa: BLE001 - protobuf raises several types for garbage
-        raise UserError(f"{what} {path} is not a readable ONNX model ({type(exc).__name__}); "
-                        "check the file is complete") from exc
-    # protobuf parses many non-ONNX byte strings into an empty message without complaint
-    if not proto.graph.node:
-        raise UserError(f"{what} {path} has no graph nodes; it is not an ONNX model or it is truncated")
-    return path, proto
+    return path, load_proto(path, f"{what} {path}")
 
 
 def _metadata(proto: onnx.ModelProto) -> dict[str, str]:

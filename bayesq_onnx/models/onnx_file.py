@@ -68,17 +68,25 @@ def load(argument: str, options: SourceOptions) -> ModelBundle:
     )
 
 
+def load_proto(path: Path, label: str) -> onnx.ModelProto:
+    """The ONNX model at ``path`` (external data pulled in); one-line errors, naming it ``label``, for an
+    unreadable or non-ONNX file."""
+    try:
+        proto = onnx.load(str(path))
+    except Exception as exc:  # noqa: BLE001 - protobuf raises several types for garbage
+        raise UserError(f"{label} is not a readable ONNX model ({type(exc).__name__}); "
+                        "check the file is complete") from exc
+    # protobuf parses many non-ONNX byte strings into an empty message without complaint
+    if not proto.graph.node:
+        raise UserError(f"{label} has no graph nodes; it is not an ONNX model or it is truncated")
+    return proto
+
+
 def read_model(path: Path) -> onnx.ModelProto:
     """Load and check an FP32 input model; one-line errors for what a user can fix."""
     if not path.is_file():
         raise UserError(f"onnx:{path}: no such file; give the path of an .onnx model")
-    try:
-        model = onnx.load(str(path))
-    except Exception as exc:  # noqa: BLE001 - protobuf raises several types for garbage
-        raise UserError(f"onnx:{path} is not a readable ONNX model ({type(exc).__name__}); "
-                        "export it again or check the file is complete") from exc
-    if not model.graph.node:
-        raise UserError(f"onnx:{path} has no graph nodes; it is not an ONNX model or it is truncated")
+    model = load_proto(path, f"onnx:{path}")
     meta = {p.key: p.value for p in model.metadata_props}
     if "bayesq.method" in meta:
         raise UserError(f"onnx:{path} is already a BayesQ artifact ({meta['bayesq.method']}, "
