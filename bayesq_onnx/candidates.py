@@ -30,7 +30,7 @@ import json
 from pathlib import Path
 
 from .errors import UserError
-from .passes.collect_weights import WeightInfo
+from .weights import WeightInfo
 from .plan import TENSOR, Candidate, QuantizedTensor
 from .quant.layout import WeightLayout
 

@@ -63,7 +63,7 @@ from torch import nn
 from torch.func import functional_call
 
 from .export import ParameterBinding
-from .passes.fit_posterior import WeightPosterior
+from .weights import WeightPosterior
 from .plan import Plan, QuantizedTensor
 from .quant import codebook, uniform
 from .quant.layout import WeightLayout

@@ -27,7 +27,8 @@ from .export import fp32_model, torch_outputs
 from .models import check_model_spec, load_model
 from .models.base import ModelBundle
 from .models.metrics import bootstrap_interval
-from .passes.collect_weights import CollectWeightsPass, WeightInfo
+from .passes.collect_weights import CollectWeightsPass
+from .weights import WeightInfo
 from .passes.fit_layer_posterior import FitLayerPosteriorPass
 from .passes.fit_posterior import FitPosteriorPass
 from .passes.mc_risk import MonteCarloRisk

@@ -15,8 +15,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .passes.collect_weights import WeightInfo
-from .passes.fit_posterior import WeightPosterior
+from .weights import WeightInfo, WeightPosterior
 from .plan import Candidate, QuantizedTensor
 from .quant import design, feedback
 

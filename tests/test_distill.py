@@ -16,7 +16,7 @@ from bayesq_onnx.distill import PosteriorNoise, Student, distill
 from bayesq_onnx.errors import UserError
 from bayesq_onnx.export import export_model, map_parameters
 from bayesq_onnx.models.base import ModelBundle
-from bayesq_onnx.passes.fit_posterior import WeightPosterior
+from bayesq_onnx.weights import WeightPosterior
 from bayesq_onnx.pipeline import compile_model
 from helpers import run
 from tiny_torch import logits_fidelity, tiny_bundle

@@ -19,8 +19,8 @@ from onnx import TensorProto, helper, numpy_helper
 from bayesq_onnx import candidates
 from bayesq_onnx.tensor_design import design_tensor, whitened_error
 from bayesq_onnx.distill import QuantWeight
-from bayesq_onnx.passes.collect_weights import CollectWeightsPass, WeightInfo
-from bayesq_onnx.passes.fit_posterior import WeightPosterior
+from bayesq_onnx.passes.collect_weights import CollectWeightsPass
+from bayesq_onnx.weights import WeightInfo, WeightPosterior
 from bayesq_onnx.passes.plan_bayesq import PlanBayesQPass
 from bayesq_onnx.passes.plan_bayesq_fixed import PlanBayesFixedPass
 from bayesq_onnx.plan import TENSOR, Candidate, Plan, QuantizedTensor

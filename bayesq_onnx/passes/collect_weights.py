@@ -1,38 +1,22 @@
 """CollectWeightsPass: find the weight initializers in quantization scope (analysis; changes nothing).
 
-Scope ``linear`` (default, docs/design.md §2): the weight input of Conv, Gemm and MatMul. Scope ``all`` adds
-embedding tables read by Gather. Biases, norm parameters and small tensors stay in floating point.
+Scope ``linear`` (docs/design.md §2): the weight input of Conv, Gemm and MatMul. Scope ``all`` (the default)
+adds embedding tables read by Gather. Biases, norm parameters and small tensors stay in floating point.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import numpy as np
 import onnx_ir as ir
 
 from ..quant.layout import WeightLayout
+from ..weights import WeightInfo
 
 from ..choices import SCOPES  # noqa: F401 (re-exported: the scopes this pass knows)
 # (op type, index of the weight input)
 _LINEAR_CONSUMERS = {"MatMul": 1, "Gemm": 1, "Conv": 1}
 _EMBEDDING_CONSUMERS = {"Gather": 0}
 _WEIGHT_INPUT = {**_LINEAR_CONSUMERS, **_EMBEDDING_CONSUMERS}
-
-
-@dataclass
-class WeightInfo:
-    """A quantizable initializer: its values (original layout), layout and consumer op types."""
-
-    name: str
-    layout: WeightLayout
-    array: np.ndarray
-    consumers: tuple[str, ...]
-    first_use: int = 0  # index of its first consumer in graph order (first/last layer pins)
-
-    @property
-    def size(self) -> int:
-        return int(self.array.size)
 
 
 class CollectWeightsPass(ir.passes.PassBase):

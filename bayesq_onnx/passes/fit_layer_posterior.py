@@ -26,8 +26,7 @@ from ..bayes.layerwise import InputMoments, layerwise_posterior, token_frequency
 from ..errors import UserError
 from ..models.base import Batch
 from ..runtime.session import CPU, make_session
-from .collect_weights import WeightInfo
-from .fit_posterior import WeightPosterior
+from ..weights import WeightInfo, WeightPosterior
 
 
 FETCH_BYTES = 64 << 20

@@ -15,8 +15,7 @@ import torch
 from ..export import ParameterBinding
 from ..models.base import ModelBundle
 from ..plan import Candidate
-from .collect_weights import WeightInfo
-from .fit_posterior import WeightPosterior
+from ..weights import WeightInfo, WeightPosterior
 
 
 class MonteCarloRisk:

@@ -21,8 +21,7 @@ from ..tensor_design import canonical_mu, design_grid, round_on_grid
 from ..candidates import check_budget, cost_bits
 from ..plan import Candidate, Plan
 from ..quant import knapsack
-from .collect_weights import WeightInfo
-from .fit_posterior import WeightPosterior
+from ..weights import WeightInfo, WeightPosterior
 
 
 class PlanBayesQPass:

@@ -7,8 +7,7 @@ from __future__ import annotations
 
 from ..tensor_design import design_tensor
 from ..plan import Candidate, Plan
-from .collect_weights import WeightInfo
-from .fit_posterior import WeightPosterior
+from ..weights import WeightInfo, WeightPosterior
 
 class PlanBayesFixedPass:
     """Plan every weight with the same candidate, designed and rounded on its posterior."""

@@ -29,8 +29,7 @@ from ..plan import CODE_BITS, Candidate, Plan, QuantizedTensor
 from ..quant import knapsack, uniform
 from ..quant.design import UniformGrid
 from ..quant.feedback import gptq_round
-from .collect_weights import WeightInfo
-from .fit_posterior import WeightPosterior
+from ..weights import WeightInfo, WeightPosterior
 
 MIXES = ("knapsack", "proportional")
 

@@ -12,7 +12,7 @@ import torch
 from ..errors import UserError
 from ..plan import Candidate, Plan, QuantizedTensor
 from ..quant import uniform
-from .collect_weights import WeightInfo
+from ..weights import WeightInfo
 
 
 def fit_minmax(weight: WeightInfo, candidate: Candidate) -> QuantizedTensor:
