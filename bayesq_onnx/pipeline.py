@@ -19,14 +19,14 @@ import onnx_ir as ir
 import torch
 
 from . import __version__, artifact, candidates
+from .budget_search import search_budget
 from .bayes.layerwise import common_scale
 from .config import CompileConfig
 from .distill import DistillResult, DistillUnsupported, distill
 from .errors import BayesQError, PassFailure, UserError
-from .export import fp32_model, torch_outputs
+from .export import fp32_model
 from .models import check_model_spec, load_model
 from .models.base import ModelBundle
-from .models.metrics import bootstrap_interval
 from .passes.collect_weights import CollectWeightsPass
 from .weights import WeightInfo
 from .passes.fit_layer_posterior import FitLayerPosteriorPass
@@ -41,9 +41,9 @@ from .passes.upgrade_opset import UpgradeOpsetPass
 from .plan import Candidate, Plan
 from .progress import Reporter
 from .report import bits_plot, collapse_warning, file_accounting, to_json_bytes, to_markdown
-from .runtime.latency import latency_versus_fp32
 from .runtime.memory import release_freed_memory
 from .runtime.session import make_session, resolve_providers, run_batches, session_config_for
+from .runtime.validation import check_export, validate
 
 
 @dataclass
@@ -83,7 +83,7 @@ def compile_model(config: CompileConfig, reporter: Reporter | None = None,
         fp_path.write_bytes(fp_bytes)
         if bundle.module is not None:
             with rep.stage("check export against PyTorch"):
-                export_check = _check_export(bundle, fp_path, bindings)
+                export_check = check_export(bundle, fp_path, bindings)
         else:
             export_check = {"source": f"ONNX input {bundle.onnx_file} (no export)"}
         export_check["opset"] = fp_model.opset_imports[""]
@@ -118,8 +118,9 @@ def compile_model(config: CompileConfig, reporter: Reporter | None = None,
         release_freed_memory()
         if config.max_drop is not None:  # accuracy target: the least budget that validates within it
             with rep.stage(f"search the budget (drop ≤ {config.max_drop:g})"):
-                plan, search, reference = _search_budget(planner, weights, allowed, bundle, fp_path, fp_bytes,
-                                                         providers, config, rep)
+                plan, search, reference = search_budget(
+                    planner, weights, allowed, bundle, fp_path, lambda p: _rewrite(fp_bytes, p, config, rep),
+                    providers, session_config_for(config.target), config.max_drop, rep)
         for name, t in sorted(plan.tensors.items()):
             rep.debug(f"  {name}: {t.candidate.label}, {t.stored_bits() / t.n_weights:.3f} bits all-in")
 
@@ -151,8 +152,9 @@ def compile_model(config: CompileConfig, reporter: Reporter | None = None,
         posteriors = planner = fp_bytes = weights = collect = None  # the FP32 file on disk is what ORT reads
         release_freed_memory()
         with rep.stage("validate in ONNX Runtime") as outcome:
-            validation = _validate(bundle, fp_path, q_path, providers, config, rep, undistilled=undistilled_path,
-                                   reference=reference)
+            validation = validate(bundle, fp_path, q_path, providers, rep, target=config.target, seed=config.seed,
+                                  latency_runs=config.latency_runs, latency_warmup=config.latency_warmup,
+                                  undistilled=undistilled_path, reference=reference)
             collapse = collapse_warning(validation["fidelity"], plan.all_in_bits)
             if collapse:
                 outcome.warn(collapse)
@@ -296,58 +298,6 @@ def _rewrite(fp_bytes: bytes, plan: Plan, config: CompileConfig, rep: Reporter,
     return q_bytes
 
 
-def _search_budget(planner: PlanBayesQPass, weights: dict[str, WeightInfo], allowed, bundle: ModelBundle,
-                   fp_path: Path, fp_bytes: bytes, providers: list[str], config: CompileConfig,
-                   rep: Reporter, tolerance: float = 0.05) -> tuple[Plan, dict, np.ndarray]:
-    """Bisection over the all-in budget for the least one whose validated headline drop is ≤ ``max_drop``;
-    returns the plan, the search record and the FP32 outputs on the evaluation set (validation reuses them).
-
-    drop(b) = m(FP32, FP32) − m(FP32, Q_b) for the bundle's metric m and headline (so FP32's own score is the
-    reference: 1 for a fidelity metric, its accuracy for a labelled one). The posterior and the risk table
-    are built once; each step is a knapsack, the roundings it has not seen yet, a rewrite and one ORT run
-    over the evaluation set. Stops when the bracket is narrower than ``tolerance`` bits.
-    """
-    planner.build_table(weights)
-    lo, hi = candidates.budget_range(weights, allowed)
-    reference = run_batches(make_session(fp_path, providers)[0], bundle.evaluation)
-    first = bundle.metric(reference, reference)
-    headline = bundle.headline or next(iter(first))
-    own = first[headline]
-    tried: list[dict] = []
-
-    def validated(budget: float) -> tuple[Plan, bool]:
-        plan = planner.plan_at(budget, weights)
-        session, _ = make_session(_rewrite(fp_bytes, plan, config, rep), providers, session_config_for(config.target))
-        score = bundle.metric(reference, run_batches(session, bundle.evaluation))[headline]
-        ok = own - score <= config.max_drop
-        tried.append({"budget": budget, "all_in_bits": plan.all_in_bits, headline: score, "drop": own - score,
-                      "within": ok})
-        rep.note(f"  budget {budget:.3f}: {headline} {score:.4f} (drop {own - score:.4f}) "
-                 f"{'[green]within[/]' if ok else '[red]over[/]'}")
-        return plan, ok
-
-    # A feasible plan's own all-in bits bound the answer from above: the greedy knapsack picks the same plan
-    # at any budget between its cost and the budget it was given.
-    best, ok = validated(hi)
-    hi = best.all_in_bits
-    if not ok:
-        raise UserError(f"`max_drop` {config.max_drop:g}: even the largest budget ({hi:.3f} bits) drops {headline} "
-                        f"by {tried[-1]['drop']:.4f}; raise `max_drop` or allow larger candidates")
-    plan, ok = validated(lo)
-    if ok:
-        best, hi = plan, lo
-    while hi - lo > tolerance:
-        mid = 0.5 * (lo + hi)
-        plan, ok = validated(mid)
-        if ok:
-            best, hi = plan, plan.all_in_bits
-        else:
-            lo = mid
-    return best, {"max_drop": config.max_drop, "headline": headline, "fp32_score": own, "tolerance_bits": tolerance,
-                  "chosen_all_in_bits": best.all_in_bits, "steps": tried,
-                  "note": "each step validates on the evaluation set the report scores"}, reference
-
-
 def _run(p: ir.passes.PassBase, model: ir.Model, config: CompileConfig,
          rep: Reporter | None = None) -> ir.passes.PassResult:
     """Run one pass; with `verify_each` check the model after it, with `dump_dir` save it."""
@@ -400,46 +350,6 @@ def _check_finite(model: ir.Model) -> None:
         if value.const_value is not None and value.dtype in (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE):
             if not np.isfinite(value.const_value.numpy()).all():
                 raise UserError(f"weight {name!r} holds NaN or Inf values; fix the checkpoint before quantizing")
-
-
-def _check_export(bundle: ModelBundle, fp_path: Path, bindings: dict, batches: int = 2) -> dict:
-    """Max |ONNX − PyTorch| over the first calibration batches (CPU provider), and which parameters the
-    exported graph holds as initializers."""
-    session, _ = make_session(fp_path, ["CPUExecutionProvider"])
-    sample = bundle.calibration[:batches]
-    ref = torch_outputs(bundle.module, sample, bundle.input_names)
-    got = run_batches(session, sample)
-    all_params = [n for n, _ in bundle.module.named_parameters(remove_duplicate=False)]
-    bound = {alias for b in bindings.values() for alias in b.aliases}
-    return {"max_abs_diff": float(np.abs(ref - got).max()), "batches": len(sample), "items": int(len(ref)),
-            "parameters": len(all_params), "parameters_bound": len(bound),
-            # parameters the graph does not hold as such: unused, or folded into other constants
-            "parameters_unbound": [n for n in all_params if n not in bound]}
-
-
-def _validate(bundle: ModelBundle, fp_path: Path, q_path: Path, providers: list[str],
-              config: CompileConfig, rep: Reporter, undistilled: Path | None = None,
-              reference: np.ndarray | None = None) -> dict:
-    """Fidelity of the artifact (and of ``undistilled``) against the FP32 outputs on the evaluation set
-    (``reference``, when a budget search already computed them), latency, session start."""
-    fp_session, fp_start = make_session(fp_path, providers)
-    q_session, q_start = make_session(q_path, providers, session_config_for(config.target))
-    if reference is None:
-        reference = run_batches(fp_session, bundle.evaluation, progress=lambda b: rep.track(b, "FP32 outputs"))
-    candidate = run_batches(q_session, bundle.evaluation, progress=lambda b: rep.track(b, "quantized outputs"))
-    fidelity = bundle.metric(reference, candidate)
-    headline = bundle.headline or next(iter(fidelity))
-    # the evaluation set is a sample: how far the headline could move on another one of the same size
-    ci95 = bootstrap_interval(bundle.metric, reference, candidate, headline, seed=config.seed)
-    latency = latency_versus_fp32(fp_session, q_session, bundle.latency_feed, providers[0],
-                                  runs=config.latency_runs, warmup=config.latency_warmup)
-    out = {"fidelity": fidelity, "ci95": ci95, "items": int(len(reference)), "latency": latency,
-           "session_start_s": {"fp32": fp_start, "quantized": q_start}}
-    if undistilled is not None:  # the same plan before distillation, on the same evaluation set
-        session, _ = make_session(undistilled, providers, session_config_for(config.target))
-        out["undistilled_fidelity"] = bundle.metric(
-            reference, run_batches(session, bundle.evaluation, progress=lambda b: rep.track(b, "undistilled outputs")))
-    return out
 
 
 def _distill(config: CompileConfig, bundle: ModelBundle, plan: Plan, bindings: dict, posteriors,
