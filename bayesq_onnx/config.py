@@ -48,7 +48,7 @@ class CompileConfig:
     risk: str = "closed"         # bayesq: closed-form proxy or Monte Carlo on calibration data
     max_drop: float | None = None  # bayesq: search the least budget whose headline drop is at most this
     scope: str = "all"           # all: Conv/Gemm/MatMul weights and Gather embedding tables; linear: without tables
-    # calibration-only distillation of the plan (bayesq_onnx/distill.py); off by default: see docs/cli.md
+    # calibration-only distillation of the plan (bayesq_onnx/distill/); off by default: see docs/cli.md
     distill: bool = False
     distill_steps: int = 300     # Adam steps at most (early stopping on held-out calibration batches)
     distill_lr: float = 1e-3     # relative step: log-scale for scales, RMS units for levels / biases / norms

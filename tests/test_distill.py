@@ -1,4 +1,4 @@
-"""Calibration-only distillation (bayesq_onnx/distill.py): the student is the artifact, the budget does not
+"""Calibration-only distillation (bayesq_onnx/distill/): the student is the artifact, the budget does not
 move, the loss goes down, the teacher samples the posterior, and it is all deterministic."""
 
 from __future__ import annotations
