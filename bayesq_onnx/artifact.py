@@ -23,8 +23,6 @@ from .errors import UserError
 
 MODEL, REPORT_JSON, REPORT_MD, BITS_PNG = "model.onnx", "report.json", "report.md", "bits.png"
 ARTIFACT_FILES = (MODEL, REPORT_JSON, REPORT_MD, BITS_PNG)
-# temporary files that versions before the staging directory left inside --out when killed
-_OLD_TEMP = re.compile(r"\.(?:model\.onnx|report\.json|report\.md|bits\.png)\.\w+\.tmp")
 
 
 def check_output_dir(out: Path) -> None:
@@ -134,7 +132,7 @@ def _sibling(out: Path, kind: str) -> Path:
 
 
 def _is_ours(name: str) -> bool:
-    return name in ARTIFACT_FILES or _OLD_TEMP.fullmatch(name) is not None
+    return name in ARTIFACT_FILES
 
 
 def _foreign(directory: Path) -> list[str]:

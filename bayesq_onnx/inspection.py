@@ -7,7 +7,6 @@ the stored arrays of every quantized tensor, so the accounting of docs/design.md
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import onnx
 import onnx_ir as ir
 
 from . import artifact as artifact_files
+from . import artifact_format
 from . import candidates
 from .errors import UserError
 from .models.base import Batch, SourceOptions
@@ -90,35 +90,22 @@ def inspect_artifact(path: str | Path) -> dict:
     weights of MatMul/Gemm/Conv/Gather that ``bayesq compile onnx:FILE`` would consider.
     """
     path, proto = load_onnx(path)
-    meta = _metadata(proto)
+    meta = artifact_format.read(_metadata(proto), f"artifact {path}")
     sizes = {t.name: tensor_bytes(t) for t in proto.graph.initializer}
     is_float = {t.name: t.data_type in _FLOAT_TYPES for t in proto.graph.initializer}
     out = {"path": str(path), "file_bytes": path.stat().st_size, "opset": _opset(proto),
-           "bayesq_artifact": "bayesq.method" in meta}
-    if not out["bayesq_artifact"]:
+           "bayesq_artifact": meta is not None}
+    if meta is None:
         out["note"] = "not a BayesQ artifact: no bayesq.* metadata; listing the weights 'bayesq compile' would see"
         out.update(_plain_weights(proto, sizes))
         floats = [n for n in sizes if is_float[n]]
         out["float_initializers"] = {"count": len(floats), "bytes": sum(sizes[n] for n in floats)}
         return out
 
-    out.update(method=meta["bayesq.method"], version=meta.get("bayesq.version"),
-               ort_session_config=json.loads(meta["bayesq.ort_session_config"])
-               if "bayesq.ort_session_config" in meta else None)
-    if "bayesq.tensors" not in meta:
-        out["note"] = ("this artifact predates per-tensor metadata (bayesq.tensors); "
-                       "its report.json holds the per-tensor plan")
-        out["tensors"] = []
-        return out
-
-    try:
-        entries = {name: (e["label"], list(e["shape"]), list(e["arrays"]))
-                   for name, e in json.loads(meta["bayesq.tensors"]).items()}
-    except (ValueError, TypeError, KeyError, AttributeError) as exc:
-        raise UserError(f"artifact {path}: its bayesq.tensors metadata is damaged ({type(exc).__name__}); "
-                        "recompile it or read its report.json") from exc
+    out.update(method=meta.method, version=meta.version, ort_session_config=meta.session_config)
     tensors, stored, missing = [], set(), []
-    for name, (label, shape, arrays) in sorted(entries.items()):
+    for name, entry in sorted(meta.tensors.items()):
+        label, shape, arrays = entry.label, entry.shape, entry.arrays
         family, bits = _family_and_bits(label)
         n = max(int(np.prod(shape)), 1)
         missing += [a for a in arrays if a not in sizes]
@@ -129,7 +116,7 @@ def inspect_artifact(path: str | Path) -> dict:
     weights = sum(t["weights"] for t in tensors)
     q_bytes = sum(t["bytes"] for t in tensors)
     all_in = 8 * q_bytes / max(weights, 1)
-    stated = float(meta["bayesq.all_in_bits"]) if "bayesq.all_in_bits" in meta else None
+    stated = meta.all_in_bits
     rest = [n for n in sizes if n not in stored]
     floats = [n for n in rest if is_float[n]]
     out.update(
@@ -184,8 +171,8 @@ def _check_same_signature(q_proto: onnx.ModelProto, fp_proto: onnx.ModelProto) -
 def _session(path: Path, proto: onnx.ModelProto, providers: list[str], default_config: dict[str, str],
              what: str):
     """A session with the settings the model's metadata asks for (else ``default_config``), and its start time."""
-    meta = _metadata(proto)
-    config = json.loads(meta["bayesq.ort_session_config"]) if "bayesq.ort_session_config" in meta else default_config
+    meta = artifact_format.read(_metadata(proto), f"{what} {path}")
+    config = meta.session_config if meta is not None else default_config
     try:
         session, start = make_session(path, providers, config)
     except Exception as exc:  # noqa: BLE001 - ORT reports load failures as several exception types

@@ -6,7 +6,6 @@ records what happened for the report.
 
 from __future__ import annotations
 
-import json
 import platform
 import tempfile
 import time
@@ -18,7 +17,7 @@ import onnx
 import onnx_ir as ir
 import torch
 
-from . import __version__, artifact, candidates
+from . import __version__, artifact, artifact_format, candidates
 from .budget_search import search_budget
 from .bayes.layerwise import common_scale
 from .config import CompileConfig
@@ -284,15 +283,7 @@ def _rewrite(fp_bytes: bytes, plan: Plan, config: CompileConfig, rep: Reporter,
         init.const_value = ir.Tensor(np.ascontiguousarray(value, dtype=np.float32), name=name)
     _run(UpgradeOpsetPass(plan.min_opset), q_model, config, rep)
     _run(QuantizeWeightsPass(plan, target=config.target), q_model, config, rep)
-    q_model.metadata_props.update({
-        "bayesq.version": __version__, "bayesq.method": plan.method,
-        "bayesq.all_in_bits": f"{plan.all_in_bits:.6f}",
-        # what each quantized tensor is and which stored arrays (initializers) hold it: lets
-        # `bayesq inspect` account for any artifact without its report
-        "bayesq.tensors": json.dumps({n: {"label": t.candidate.label, "shape": list(t.layout.shape),
-                                          "arrays": [f"{n}.{role}" for role in t.stored()]}
-                                      for n, t in sorted(plan.tensors.items())}, sort_keys=True),
-        "bayesq.ort_session_config": json.dumps(session_config_for(config.target), sort_keys=True)})
+    q_model.metadata_props.update(artifact_format.write(plan, session_config_for(config.target), __version__))
     q_bytes = _serialize(q_model)
     onnx.checker.check_model(onnx.load_from_string(q_bytes), full_check=True)
     return q_bytes

@@ -281,8 +281,6 @@ def test_empty_or_artifact_out_is_accepted(tmp_path):
     artifact.check_output_dir(tmp_path / "empty")
     artifact.write_files(tmp_path / "empty", _payload("new"))
     artifact.check_output_dir(tmp_path / "empty")  # a previous artifact may be replaced
-    (tmp_path / "empty" / ".model.onnx.k3j_x9.tmp").write_bytes(b"x")  # left inside --out by older versions
-    artifact.check_output_dir(tmp_path / "empty")
     artifact.write_files(tmp_path / "empty", _payload("new"))
     assert sorted(p.name for p in (tmp_path / "empty").iterdir()) == sorted(artifact.ARTIFACT_FILES)
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from .. import artifact_format
 from ..errors import UserError
 from ..runtime.session import CPU, make_session
 from .base import Batch, ModelBundle, SourceOptions
@@ -87,10 +88,10 @@ def read_model(path: Path) -> onnx.ModelProto:
     if not path.is_file():
         raise UserError(f"onnx:{path}: no such file; give the path of an .onnx model")
     model = load_proto(path, f"onnx:{path}")
-    meta = {p.key: p.value for p in model.metadata_props}
-    if "bayesq.method" in meta:
-        raise UserError(f"onnx:{path} is already a BayesQ artifact ({meta['bayesq.method']}, "
-                        f"{meta.get('bayesq.all_in_bits', '?')} bits); compile the FP32 original instead")
+    meta = artifact_format.read({p.key: p.value for p in model.metadata_props}, f"onnx:{path}")
+    if meta is not None:
+        raise UserError(f"onnx:{path} is already a BayesQ artifact ({meta.method}, {meta.all_in_bits:g} bits); "
+                        "compile the FP32 original instead")
     try:
         onnx.checker.check_model(model)
     except onnx.checker.ValidationError as exc:
