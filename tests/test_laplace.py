@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from bayesq_onnx.bayes import laplace, op_gradients
 from bayesq_onnx.bayes.laplace import evidence_prior_precision
+from bayesq_onnx.traced import ConvSpec
 from helpers import fit_parameters
 
 
@@ -134,3 +136,181 @@ def test_evidence_prior_fixed_point():
     assert tau == pytest.approx(gamma / float((w.double() ** 2).sum()), rel=1e-5)
     # no data: nothing is determined, the prior goes flat
     assert evidence_prior_precision(w, torch.zeros(1000)) < 1e-6
+
+
+# ---- micro-batching, hooks and K-FAC factors: the same posterior as the whole-batch computation --------
+
+class _ConvNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.c1 = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.dw = torch.nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.c2 = torch.nn.Conv2d(8, 12, 1, stride=2)
+        self.fc = torch.nn.Linear(12, 5)
+
+    def forward(self, x):
+        h = torch.relu(self.c1(x))
+        h = torch.relu(self.c2(torch.relu(self.dw(h))))
+        return self.fc(h.mean((2, 3)))
+
+
+_PARAMS = ["c1.weight", "dw.weight", "c2.weight", "fc.weight"]
+
+
+@pytest.fixture(scope="module")
+def conv_data():
+    g = torch.Generator().manual_seed(1)
+    batches = [{"x": torch.randn(7, 3, 9, 9, generator=g)} for _ in range(2)]
+    labels = [torch.randint(0, 5, (7,), generator=g) for _ in range(2)]
+    return _ConvNet(), batches, labels
+
+
+def _assert_same_posterior(a, b, rtol):
+    for p in a:
+        for attr in ("fisher_diag", "A", "G"):
+            x, y = getattr(a[p], attr), getattr(b[p], attr)
+            assert (x is None) == (y is None)
+            if x is not None:
+                torch.testing.assert_close(y, x, rtol=rtol, atol=rtol * float(x.abs().max()))
+        if a[p].U is not None:  # directions up to sign: compare U Uᵀ
+            torch.testing.assert_close(b[p].U @ b[p].U.T, a[p].U @ a[p].U.T, rtol=rtol,
+                                       atol=rtol * float((a[p].U @ a[p].U.T).abs().max()))
+        assert b[p].prior_precision == pytest.approx(a[p].prior_precision, rel=rtol)
+
+
+@pytest.mark.parametrize("likelihood,fisher", [("categorical", "true"), ("categorical", "empirical"),
+                                               ("gaussian", "true")])
+@pytest.mark.parametrize("curvature,samples", [("diag", 1), ("kfac", 2), ("lowrank", 2)])
+def test_micro_batches_give_the_whole_batch_posterior(conv_data, likelihood, fisher, curvature, samples):
+    """Same random targets (drawn per whole batch, in the unsplit order), so only round-off differs."""
+    model, batches, labels = conv_data
+    kw = dict(input_names=["x"], likelihood=likelihood, fisher=fisher, curvature=curvature, samples=samples,
+              rank=3, seed=7, targets=labels if fisher == "empirical" else None)
+    whole = fit_parameters(model, batches, _PARAMS, micro_batch=None, **kw)
+    for micro in (1, 3, 7):
+        _assert_same_posterior(whole, fit_parameters(model, batches, _PARAMS, micro_batch=micro, **kw), rtol=1e-4)
+
+
+def test_categorical_targets_are_torch_multinomial_draws():
+    """The micro-batch sampler ``argmax(p / q)``, ``q ~ Exp(1)`` drawn for the whole batch, is what
+    ``torch.multinomial(p, 1)`` computes: the targets equal those of a whole-batch multinomial draw."""
+    for seed in range(5):
+        logits = torch.randn(12, 7, generator=torch.Generator().manual_seed(100 + seed)) * 3
+        want = torch.multinomial(torch.softmax(logits, -1), 1, generator=torch.Generator().manual_seed(seed))[:, 0]
+        draws = laplace._BatchDraws(torch.Generator().manual_seed(seed), 12)
+        for rows in (slice(0, 5), slice(5, 12)):
+            x = logits[rows].clone().requires_grad_()
+            laplace._pseudo_loss(x, "categorical", "true", None, draws, 0, rows).backward()
+            # the cross-entropy gradient is softmax − onehot(y): recover y from it
+            y = (torch.softmax(logits[rows], -1) - x.grad).argmax(-1)
+            assert torch.equal(y, want[rows])
+
+
+def test_grouped_conv_gets_the_exact_diagonal_under_kfac(conv_data):
+    model, batches, _ = conv_data
+    kw = dict(input_names=["x"], likelihood="categorical", seed=2)
+    kfac = fit_parameters(model, batches, _PARAMS, curvature="kfac", **kw)
+    diag = fit_parameters(model, batches, _PARAMS, curvature="diag", **kw)
+    dw = kfac["dw.weight"]
+    assert dw.A is None and dw.G is None and dw.info["curvature"] == "diag"
+    assert float(dw.fisher_diag.sum()) > 0
+    torch.testing.assert_close(dw.fisher_diag, diag["dw.weight"].fisher_diag, rtol=1e-5, atol=1e-12)
+    assert kfac["c1.weight"].A is not None and kfac["c1.weight"].info["curvature"] == "kfac"
+
+
+def test_kfac_factors_are_symmetric_second_moments(conv_data):
+    model, batches, _ = conv_data
+    post = fit_parameters(model, batches, ["c1.weight"], input_names=["x"], likelihood="categorical",
+                       curvature="kfac", kfac_output="full")["c1.weight"]
+    x = torch.cat([b["x"] for b in batches])
+    patches = torch.nn.functional.unfold(x, 3, padding=1).transpose(1, 2).reshape(-1, 27)
+    assert torch.equal(post.A, post.A.T) and torch.equal(post.G, post.G.T)
+    torch.testing.assert_close(post.A, patches.T @ patches / patches.shape[0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("micro_batch", [None, 2])
+def test_diagonal_output_factor_is_the_full_factors_diagonal(conv_data, micro_batch):
+    model, batches, _ = conv_data
+    kw = dict(input_names=["x"], likelihood="categorical", curvature="kfac", seed=4, micro_batch=micro_batch)
+    full = fit_parameters(model, batches, _PARAMS, kfac_output="full", **kw)
+    diag = fit_parameters(model, batches, _PARAMS, **kw)
+    for p in ("c1.weight", "c2.weight", "fc.weight"):
+        assert torch.equal(full[p].A, diag[p].A)
+        assert torch.count_nonzero(full[p].G - torch.diag(torch.diag(full[p].G))) > 0
+        torch.testing.assert_close(diag[p].G, torch.diag(torch.diag(full[p].G)), rtol=1e-5, atol=1e-12)
+        torch.testing.assert_close(diag[p].fisher_diag, full[p].fisher_diag, rtol=1e-5, atol=1e-12)
+        assert diag[p].prior_precision == pytest.approx(full[p].prior_precision, rel=1e-5)
+
+
+class _InPlaceNet(torch.nn.Module):
+    """conv → ReLU(inplace) first (Conv+BN folded), or token ids → Linear → ReLU(inplace) first."""
+
+    def __init__(self, tokens: bool):
+        super().__init__()
+        torch.manual_seed(3)
+        self.tokens = tokens
+        self.emb = torch.nn.Embedding(13, 6)
+        self.first = torch.nn.Linear(6, 8) if tokens else torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.act = torch.nn.ReLU(inplace=True)
+        self.last = torch.nn.Linear(8, 4)
+
+    def forward(self, x):
+        # (a Linear on [B, T, in] returns a view, and a view modified in place loses every tensor hook —
+        # with loss.backward() too — so the token model pools first)
+        h = self.act(self.first(self.emb(x).mean(1) if self.tokens else x))
+        return self.last(h if self.tokens else h.mean((2, 3)))
+
+
+@pytest.mark.parametrize("tokens", [False, True])
+@pytest.mark.parametrize("curvature", ["diag", "kfac"])
+def test_outputs_modified_in_place_keep_their_hooks(tokens, curvature, monkeypatch):
+    """The targeted backward must not lose the gradient of a layer whose output an in-place op rewrites
+    (it is the first layer here, so nothing upstream pulls the backward through it)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 13, (6, 5), generator=g) if tokens else torch.randn(6, 3, 6, 6, generator=g)
+    model = _InPlaceNet(tokens)
+    kw = dict(input_names=["x"], likelihood="categorical", curvature=curvature, micro_batch=4, seed=1)
+    used = []
+    backward = laplace._backward
+    monkeypatch.setattr(laplace, "_backward", lambda *a: used.append(backward(*a)) or used[-1])
+    inplace = fit_parameters(model, [{"x": x}], ["first.weight", "last.weight"], **kw)
+    # integer inputs: the targeted pass misses the first layer's hook and falls back to loss.backward()
+    assert used == ([True, True] if tokens else [False, False])
+    model.act.inplace = False
+    plain = fit_parameters(model, [{"x": x}], ["first.weight", "last.weight"], **kw)
+    assert float(inplace["first.weight"].fisher_diag.sum()) > 0
+    _assert_same_posterior(plain, inplace, rtol=1e-6)
+
+
+def test_a_model_may_modify_its_float_input_in_place():
+    class Scales(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.lin = torch.nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.lin(x.mul_(2.0))
+
+    x = torch.randn(5, 4)
+    post = fit_parameters(Scales(), [{"x": x.clone()}], ["lin.weight"], input_names=["x"], likelihood="categorical")
+    assert float(post["lin.weight"].fisher_diag.sum()) > 0
+
+
+def test_strided_1x1_conv_patches_are_unfold():
+    conv = torch.nn.Conv2d(4, 2, 1, stride=2)
+    x = torch.randn(3, 4, 7, 6)
+    spec = ConvSpec((2, 2), (0, 0), (1, 1), 1)
+    assert torch.equal(op_gradients.conv_patches(x, (1, 1), spec), torch.nn.functional.unfold(x, 1, stride=2))
+
+
+def test_gram_upper_blocks_match_the_full_product():
+    g = torch.Generator().manual_seed(0)
+    for n in (5, 300, 1030):
+        p = torch.randn(n, 77, generator=g)
+        acc = torch.zeros(n, n)
+        op_gradients.add_gram(acc, p)
+        op_gradients.add_gram(acc, p[:, :10])
+        want = p @ p.T + p[:, :10] @ p[:, :10].T
+        torch.testing.assert_close(op_gradients.symmetric(acc), want, rtol=1e-5, atol=1e-4)
