@@ -73,7 +73,8 @@ def _advanced(*names, **kwargs):
               help="bayesq = Bayesian design + mixed precision under the budget; bayesq-fixed = one width, "
                    "Bayesian design; rtn = round-to-nearest; gptq = GPTQ (fractional --bits mix two widths).")
 @click.option("--recipe", type=click.Choice(tuple(RECIPES)), default="default", show_default=True,
-              help="Named settings: fast (a quick look), default, best (distillation, more data; slower).")
+              help="Named settings: fast (a quick look), default, best (distillation toward FP32, more data; "
+                   "about 4x slower).")
 @click.option("--config", "config_file", type=click.Path(path_type=Path), default=None,
               help="YAML or JSON file of settings (keys: the names of --help-all's options, with _ for -); "
                    "options given here override it.")
