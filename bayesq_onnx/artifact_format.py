@@ -10,7 +10,7 @@ what lets ``bayesq inspect`` redo the accounting from the file alone) and ``baye
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from .errors import UserError
@@ -43,9 +43,11 @@ def write(plan, session_config: dict[str, str], version: str) -> dict[str, str]:
             TENSORS: json.dumps(tensors, sort_keys=True), SESSION_CONFIG: json.dumps(session_config, sort_keys=True)}
 
 
-def read(props: Mapping[str, str], where: str) -> ArtifactMetadata | None:
-    """The artifact metadata in ``props`` (a model's metadata_props as a mapping); ``None`` for a model that
-    is not a BayesQ artifact, a :class:`UserError` naming ``where`` for damaged metadata."""
+def read(entries: Iterable, where: str) -> ArtifactMetadata | None:
+    """The artifact metadata in ``entries`` (a model's ``metadata_props``: items with ``key`` and ``value``);
+    ``None`` for a model that is not a BayesQ artifact, a :class:`UserError` naming ``where`` for damaged
+    metadata."""
+    props = {e.key: e.value for e in entries}
     if METHOD not in props:
         return None
     try:

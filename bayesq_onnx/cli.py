@@ -165,7 +165,8 @@ def compile(ctx, model, recipe, config_file, quiet, verbose, **options):
     given = {name: value for name, value in options.items()
              if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT}
     config = _guard(lambda: build_config(recipe, config_file, model=model, **given))
-    with Reporter(quiet=quiet, verbose=verbose, wording=_flags(ctx)) as reporter:
+    wording = _flags(ctx.command)
+    with Reporter(quiet=quiet, verbose=verbose, wording=wording) as reporter:
         result = _guard(lambda: compile_model(config, reporter))
     r = result.report
     h = r["headline"]
@@ -174,7 +175,7 @@ def compile(ctx, model, recipe, config_file, quiet, verbose, **options):
                f"{r['sizes']['artifact_bytes'] / 1e6:.2f} MB ({r['sizes']['smaller_x']:.1f}x smaller), "
                f"{h['metric']} {h['value']:.4f}{interval}, latency x{r['latency']['ratio']:.2f} vs FP32")
     for warning in r.get("warnings", []):
-        click.echo(f"warning: {_flags(ctx)(warning)}", err=True)
+        click.echo(f"warning: {wording(warning)}", err=True)
 
 
 @main.command()
@@ -182,8 +183,7 @@ def models():
     """List the models MODEL can name and what each needs."""
     from .models import SOURCES
 
-    wording = _flags(click.get_current_context().parent.command.commands["compile"].make_context(
-        "compile", [], resilient_parsing=True))
+    wording = _flags(main.commands["compile"])
     for source in SOURCES.values():
         click.echo(f"{source.usage:34s} {wording(source.needs)}")
 
@@ -312,11 +312,11 @@ def _print_validation(result: dict) -> None:
                   f"latency ratio quantized / FP32 (median): {lat['ratio']:.3f}")
 
 
-def _flags(ctx: click.Context):
-    """Library text (fields in backticks, errors.py) in this command's words: `calib_size` → --calib-size,
+def _flags(command: click.Command):
+    """Library text (fields in backticks, errors.py) in ``command``'s words: `calib_size` → --calib-size,
     an argument's field → its metavar (MODEL)."""
     names = {}
-    for param in ctx.command.params:
+    for param in command.params:
         if isinstance(param, click.Option):
             flag = max(param.opts, key=len)
             names[param.name] = names[flag.lstrip("-").replace("-", "_")] = flag
@@ -327,7 +327,7 @@ def _flags(ctx: click.Context):
 
 def _guard(fn):
     """User errors: one line on stderr, exit code 2. Other deliberate errors: one line, exit code 1."""
-    wording = _flags(click.get_current_context())
+    wording = _flags(click.get_current_context().command)
     try:
         return fn()
     except UserError as exc:

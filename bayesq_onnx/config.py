@@ -157,8 +157,9 @@ def build_config(recipe: str = "default", file: Path | str | None = None, **fiel
     field names as keys; a ``recipe`` key names the recipe when the argument leaves it at default), then
     by ``fields_``. Unknown recipes and fields are a :class:`UserError` naming them."""
     from_file = read_config_file(file) if file is not None else {}
-    recipe = from_file.pop("recipe", recipe) if recipe == "default" else recipe
-    from_file.pop("recipe", None)
+    file_recipe = from_file.pop("recipe", None)
+    if recipe == "default" and file_recipe is not None:
+        recipe = file_recipe
     if recipe not in RECIPES:
         raise UserError(f"unknown `recipe` {recipe!r}; choose one of {', '.join(RECIPES)}")
     unknown = sorted(set(fields_) - _FIELD_TYPES.keys())

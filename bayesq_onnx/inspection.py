@@ -55,10 +55,6 @@ def load_onnx(path: str | Path, what: str = "artifact") -> tuple[Path, onnx.Mode
     return path, load_proto(path, f"{what} {path}")
 
 
-def _metadata(proto: onnx.ModelProto) -> dict[str, str]:
-    return {p.key: p.value for p in proto.metadata_props}
-
-
 def _opset(proto: onnx.ModelProto) -> int | None:
     return next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
 
@@ -90,7 +86,7 @@ def inspect_artifact(path: str | Path) -> dict:
     weights of MatMul/Gemm/Conv/Gather that ``bayesq compile onnx:FILE`` would consider.
     """
     path, proto = load_onnx(path)
-    meta = artifact_format.read(_metadata(proto), f"artifact {path}")
+    meta = artifact_format.read(proto.metadata_props, f"artifact {path}")
     sizes = {t.name: tensor_bytes(t) for t in proto.graph.initializer}
     is_float = {t.name: t.data_type in _FLOAT_TYPES for t in proto.graph.initializer}
     out = {"path": str(path), "file_bytes": path.stat().st_size, "opset": _opset(proto),
@@ -116,17 +112,15 @@ def inspect_artifact(path: str | Path) -> dict:
     weights = sum(t["weights"] for t in tensors)
     q_bytes = sum(t["bytes"] for t in tensors)
     all_in = 8 * q_bytes / max(weights, 1)
-    stated = meta.all_in_bits
     rest = [n for n in sizes if n not in stored]
     floats = [n for n in rest if is_float[n]]
     out.update(
         tensors=tensors,
         totals={"quantized_tensors": len(tensors), "quantized_weights": weights, "quantized_bytes": q_bytes,
-                "all_in_bits": all_in, "all_in_bits_metadata": stated,
+                "all_in_bits": all_in, "all_in_bits_metadata": meta.all_in_bits,
                 "nominal_bits": sum((t["bits"] or 0) * t["weights"] for t in tensors) / max(weights, 1),
                 "missing_arrays": missing,
-                "accounting_ok": not missing and stated is not None
-                and abs(all_in - stated) <= _METADATA_TOLERANCE},
+                "accounting_ok": not missing and abs(all_in - meta.all_in_bits) <= _METADATA_TOLERANCE},
         float_initializers={"count": len(floats), "bytes": sum(sizes[n] for n in floats)},
         other_initializers={"count": len(rest) - len(floats), "bytes": sum(sizes[n] for n in rest if n not in floats)},
     )
@@ -171,7 +165,7 @@ def _check_same_signature(q_proto: onnx.ModelProto, fp_proto: onnx.ModelProto) -
 def _session(path: Path, proto: onnx.ModelProto, providers: list[str], default_config: dict[str, str],
              what: str):
     """A session with the settings the model's metadata asks for (else ``default_config``), and its start time."""
-    meta = artifact_format.read(_metadata(proto), f"{what} {path}")
+    meta = artifact_format.read(proto.metadata_props, f"{what} {path}")
     config = meta.session_config if meta is not None else default_config
     try:
         session, start = make_session(path, providers, config)

@@ -88,7 +88,7 @@ def read_model(path: Path) -> onnx.ModelProto:
     if not path.is_file():
         raise UserError(f"onnx:{path}: no such file; give the path of an .onnx model")
     model = load_proto(path, f"onnx:{path}")
-    meta = artifact_format.read({p.key: p.value for p in model.metadata_props}, f"onnx:{path}")
+    meta = artifact_format.read(model.metadata_props, f"onnx:{path}")
     if meta is not None:
         raise UserError(f"onnx:{path} is already a BayesQ artifact ({meta.method}, {meta.all_in_bits:g} bits); "
                         "compile the FP32 original instead")
