@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
 
 import click
 
-from .choices import (CURVATURES, DEFAULT_METHOD, FISHERS, FIXED_FAMILIES, GPTQ_MIXES, METHODS, PROVIDERS, RISKS,
+from .choices import (CURVATURES, FISHERS, FIXED_FAMILIES, GPTQ_MIXES, METHODS, PROVIDERS, RISKS,
                       SCOPES, TARGETS, TEACHERS)
-from .config import RECIPES, build_config
+from .config import RECIPES, CompileConfig, build_config
 from .errors import BayesQError, UserError, in_words_of
 
 
@@ -64,12 +65,24 @@ def _advanced(*names, **kwargs):
     return click.option(*names, hidden=True, **kwargs)
 
 
+def _config_defaults(command: click.Command) -> click.Command:
+    """Give every parameter named after a :class:`CompileConfig` field that field's default, so ``--help-all``
+    shows the defaults a compile really uses (only typed options reach the config: recipes and config files
+    fill the rest)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(CompileConfig) if f.default is not dataclasses.MISSING}
+    for param in command.params:
+        if param.name in defaults:
+            param.default = defaults[param.name]
+    return command
+
+
+@_config_defaults
 @main.command(epilog="Every other setting: 'bayesq compile --help-all', a --config file, or docs/cli.md.")
-@click.argument("model", default="minilm")
-@click.option("--bits", type=float, default=4.0, show_default=True,
+@click.argument("model", required=False)
+@click.option("--bits", type=float, show_default=True,
               help="Budget: average all-in bits per weight (codes + scales + zero points + codebooks). "
                    "bayesq and gptq take fractional values (e.g. 3.5); rtn and bayesq-fixed one of 2, 3, 4, 8.")
-@click.option("--method", type=click.Choice(METHODS), default=DEFAULT_METHOD, show_default=True,
+@click.option("--method", type=click.Choice(METHODS), show_default=True,
               help="bayesq = Bayesian design + mixed precision under the budget; bayesq-fixed = one width, "
                    "Bayesian design; rtn = round-to-nearest; gptq = GPTQ (fractional --bits mix two widths).")
 @click.option("--recipe", type=click.Choice(tuple(RECIPES)), default="default", show_default=True,
@@ -78,82 +91,82 @@ def _advanced(*names, **kwargs):
 @click.option("--config", "config_file", type=click.Path(path_type=Path), default=None,
               help="YAML or JSON file of settings (keys: the names of --help-all's options, with _ for -); "
                    "options given here override it.")
-@click.option("--data", type=click.Path(path_type=Path), default=None,
+@click.option("--data", type=click.Path(path_type=Path),
               help="Evaluation data: an ImageFolder dir (torchvision:), a GLUE task dir (hf: --task), "
                    "a .txt/.jsonl of texts (minilm, hf: encoders), an .npz of named inputs (onnx:, module:).")
-@click.option("--calib", type=click.Path(path_type=Path), default=None,
+@click.option("--calib", type=click.Path(path_type=Path),
               help="Calibration data, in the same forms as --data.")
-@click.option("--task", default=None, help="hf: the task, e.g. glue:sst2 (reads --data DIR/train.tsv, dev.tsv).")
-@click.option("--weights", type=click.Path(path_type=Path), default=None,
+@click.option("--task", help="hf: the task, e.g. glue:sst2 (reads --data DIR/train.tsv, dev.tsv).")
+@click.option("--weights", type=click.Path(path_type=Path),
               help="torchvision:/module: a state dict file (.pt/.pth/.safetensors).")
-@click.option("--target", type=click.Choice(TARGETS), default="size", show_default=True,
+@click.option("--target", type=click.Choice(TARGETS), show_default=True,
               help="size (smallest file, decodes fold at load), speed (MatMulNBits-fusable MatMul weights), "
                    "cuda (4/8-bit and FP16 only).")
-@click.option("--max-drop", type=float, default=None,
+@click.option("--max-drop", type=float,
               help="bayesq: instead of --bits, the least budget whose validated headline metric drops by at "
                    "most this (its units: 0.003 = 0.3 points of top-1, 0.01 of cosine).")
-@click.option("--out", type=click.Path(path_type=Path), default=Path("bayesq-out"), show_default=True,
+@click.option("--out", type=click.Path(path_type=Path), show_default=True,
               help="Output directory for model.onnx, report.json, report.md, bits.png.")
 @click.option("-q", "--quiet", is_flag=True, help="Print only the final summary line.")
 @click.option("--help-all", is_flag=True, expose_value=False, is_eager=True, callback=_show_all_options,
               help="Show every option and exit.")
 @_advanced("-v", "--verbose", is_flag=True, help="Also print each pass's outcome and each tensor's choice.")
-@_advanced("--scope", type=click.Choice(SCOPES), default="all", show_default=True,
+@_advanced("--scope", type=click.Choice(SCOPES), show_default=True,
            help="all: Conv/Gemm/MatMul weights and Gather embedding tables; linear: without the tables.")
 @_advanced("--keep-first-last", is_flag=True, help="bayesq: pin the first and last quantized layers to 8-bit "
            "(speed: FP16 where not a MatMul).")
-@_advanced("--overrides", type=click.Path(path_type=Path), default=None,
+@_advanced("--overrides", type=click.Path(path_type=Path),
            help="bayesq: JSON/YAML file mapping tensor-name patterns to allowed candidate labels.")
-@_advanced("--risk", type=click.Choice(RISKS), default="closed", show_default=True,
+@_advanced("--risk", type=click.Choice(RISKS), show_default=True,
            help="bayesq: closed-form posterior risk of nearest rounding, the posterior-metric error of the "
                 "codes that ship (rounded), or Monte Carlo on calibration data (slower).")
-@_advanced("--family", type=click.Choice(FIXED_FAMILIES), default="uniform", show_default=True,
+@_advanced("--family", type=click.Choice(FIXED_FAMILIES), show_default=True,
            help="bayesq-fixed: uniform grids (DequantizeLinear) or per-row codebooks (FP16 levels).")
-@_advanced("--group-size", type=int, default=0, show_default=True,
+@_advanced("--group-size", type=int, show_default=True,
            help="Uniform: input channels sharing one scale (0: one scale per output row).")
-@_advanced("--codebook-rows", type=int, default=1, show_default=True, help="Codebook: rows sharing one table.")
-@_advanced("--curvature", type=click.Choice(CURVATURES), default="kfac", show_default=True,
+@_advanced("--codebook-rows", type=int, show_default=True, help="Codebook: rows sharing one table.")
+@_advanced("--curvature", type=click.Choice(CURVATURES), show_default=True,
            help="Posterior precision: diag (Laplace diagonal), kfac (A ⊗ G; GPTQ-style error feedback), "
                 "lowrank (diagonal + top-k GGN directions).")
-@_advanced("--fisher", type=click.Choice(FISHERS), default="true", show_default=True,
+@_advanced("--fisher", type=click.Choice(FISHERS), show_default=True,
            help="true: targets sampled from the model (no labels); empirical: the data's labels.")
-@_advanced("--fisher-samples", type=int, default=1, show_default=True, help="Target samples per item.")
-@_advanced("--rank", type=int, default=8, show_default=True, help="lowrank: directions per layer.")
-@_advanced("--n-data", type=float, default=1e6, show_default=True,
+@_advanced("--fisher-samples", type=int, show_default=True, help="Target samples per item.")
+@_advanced("--rank", type=int, show_default=True, help="lowrank: directions per layer.")
+@_advanced("--n-data", type=float, show_default=True,
            help="Effective data size N in Λ = N·F + τ (the pretrained model's data, not the calibration set).")
-@_advanced("--prior-precision", type=float, default=None, help="Prior precision τ [empirical Bayes per layer].")
-@_advanced("--act-order/--no-act-order", default=False, show_default=True,
+@_advanced("--prior-precision", type=float, help="Prior precision τ [empirical Bayes per layer].")
+@_advanced("--act-order/--no-act-order", show_default=True,
            help="kfac and gptq: round columns in decreasing curvature order (GPTQ's act-order).")
-@_advanced("--gptq-mix", type=click.Choice(GPTQ_MIXES), default="knapsack", show_default=True,
+@_advanced("--gptq-mix", type=click.Choice(GPTQ_MIXES), show_default=True,
            help="gptq at a fractional --bits: wider codes by knapsack on GPTQ's layer errors, or to layers "
                 "in graph order (proportional).")
-@_advanced("--temperature", type=float, default=0.0, show_default=True,
+@_advanced("--temperature", type=float, show_default=True,
            help="Posterior temperature in the design objective (0: design on the trained weights alone).")
-@_advanced("--distill/--no-distill", default=False, show_default=True,
+@_advanced("--distill/--no-distill", show_default=True,
            help="After planning, train scales, codebook levels, biases and norm parameters (codes fixed, "
                 "budget unchanged) toward the teacher on calibration inputs only.")
-@_advanced("--distill-steps", type=int, default=300, show_default=True,
+@_advanced("--distill-steps", type=int, show_default=True,
            help="Distillation: Adam steps at most (early stop on held-out calibration batches).")
-@_advanced("--distill-lr", type=float, default=1e-3, show_default=True,
+@_advanced("--distill-lr", type=float, show_default=True,
            help="Distillation: relative step size (log-scale for scales, RMS units otherwise).")
-@_advanced("--teacher", type=click.Choice(TEACHERS), default="posterior", show_default=True,
+@_advanced("--teacher", type=click.Choice(TEACHERS), show_default=True,
            help="Distillation teacher: posterior predictive (average of posterior-sampled models; the FP32 "
                 "model for methods without a posterior, e.g. rtn, or when the samples stray farther from it "
                 "than the quantized plan) or fp (the FP32 model).")
-@_advanced("--teacher-samples", type=int, default=4, show_default=True,
+@_advanced("--teacher-samples", type=int, show_default=True,
            help="Distillation: posterior samples the teacher averages.")
-@_advanced("--calib-size", type=int, default=256, show_default=True, help="Calibration items.")
-@_advanced("--eval-size", type=int, default=256, show_default=True,
+@_advanced("--calib-size", type=int, show_default=True, help="Calibration items.")
+@_advanced("--eval-size", type=int, show_default=True,
            help="Held-out evaluation items (the headline's 95 % interval narrows with more).")
-@_advanced("--provider", type=click.Choice(PROVIDERS), default="auto", show_default=True,
+@_advanced("--provider", type=click.Choice(PROVIDERS), show_default=True,
            help="ONNX Runtime provider for validation; 'cuda' fails if CUDA is not usable.")
-@_advanced("--seed", type=int, default=0, show_default=True, help="Seed for every random choice.")
-@_advanced("--latency-runs", type=int, default=20, show_default=True, help="Timed runs per model.")
-@_advanced("--latency-warmup", type=int, default=3, show_default=True, help="Untimed runs before timing.")
-@_advanced("--latency-batch", type=int, default=8, show_default=True, help="Batch size for latency.")
-@_advanced("--latency-seq", type=int, default=128, show_default=True, help="Sequence length for latency.")
+@_advanced("--seed", type=int, show_default=True, help="Seed for every random choice.")
+@_advanced("--latency-runs", type=int, show_default=True, help="Timed runs per model.")
+@_advanced("--latency-warmup", type=int, show_default=True, help="Untimed runs before timing.")
+@_advanced("--latency-batch", type=int, show_default=True, help="Batch size for latency.")
+@_advanced("--latency-seq", type=int, show_default=True, help="Sequence length for latency.")
 @_advanced("--verify-each", is_flag=True, help="Run onnx.checker after every pass.")
-@_advanced("--dump-dir", type=click.Path(path_type=Path), default=None, help="Save the model after every pass.")
+@_advanced("--dump-dir", type=click.Path(path_type=Path), help="Save the model after every pass.")
 @click.pass_context
 def compile(ctx, model, recipe, config_file, quiet, verbose, **options):
     """Quantize MODEL (default: minilm, bundled) and validate it in ONNX Runtime."""

@@ -16,12 +16,12 @@ import onnx_ir as ir
 
 from . import artifact as artifact_files
 from . import artifact_format
-from . import candidates
 from .errors import UserError
 from .models.base import Batch, SourceOptions
 from .models.metrics import bootstrap_interval, output_fidelity
 from .models.onnx_file import batch_size, batches_for, load_proto, read_inputs
 from .passes.collect_weights import CollectWeightsPass
+from .planning import candidates
 from .report import tensor_bytes
 from .runtime.latency import latency_versus_fp32
 from .runtime.session import make_session, resolve_providers, run_batches, session_config_for

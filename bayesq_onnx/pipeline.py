@@ -1,7 +1,8 @@
 """The whole compile, top to bottom: load → export → analyse → plan → rewrite → validate → write.
 
-Each step is a pass (``bayesq_onnx/passes/``) or a pure function; this file only wires them together and
-records what happened for the report.
+Each step is an onnx_ir pass on the graph (``bayesq_onnx/passes/``), an analysis of the weights
+(``bayesq_onnx/analysis/``), a planner (``bayesq_onnx/planning/``, chosen by the method registry) or a pure
+function; this file only wires them together and records what happened for the report.
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ import onnx
 import onnx_ir as ir
 import torch
 
-from . import __version__, artifact, artifact_format, candidates
-from .budget_search import search_budget
+from . import __version__, artifact, artifact_format
+from .analysis.fit_layer_posterior import FitLayerPosterior
+from .analysis.fit_posterior import FitLaplacePosterior
 from .bayes.layerwise import common_scale
 from .config import CompileConfig
 from .distill import DistillResult, DistillUnsupported, distill
@@ -27,22 +29,18 @@ from .export import fp32_model
 from .models import check_model_spec, load_model
 from .models.base import ModelBundle
 from .passes.collect_weights import CollectWeightsPass
-from .weights import WeightInfo
-from .passes.fit_layer_posterior import FitLayerPosteriorPass
-from .passes.fit_posterior import FitPosteriorPass
-from .passes.mc_risk import MonteCarloRisk
-from .passes.plan_bayesq import PlanBayesQPass
-from .passes.plan_bayesq_fixed import PlanBayesFixedPass
-from .passes.plan_gptq import PlanGPTQPass
-from .passes.plan_rtn import PlanRoundToNearestPass
 from .passes.quantize_weights import QuantizeWeightsPass
 from .passes.upgrade_opset import UpgradeOpsetPass
-from .plan import Candidate, Plan
+from .plan import Plan
+from .planning import candidates
+from .planning.budget_search import search_budget
+from .planning.methods import PlannerInputs, planner_for
 from .progress import Reporter
 from .report import bits_plot, collapse_warning, file_accounting, to_json_bytes, to_markdown
 from .runtime.memory import release_freed_memory
 from .runtime.session import make_session, resolve_providers, run_batches, session_config_for
 from .runtime.validation import check_export, validate
+from .weights import WeightInfo
 
 
 @dataclass
@@ -112,13 +110,13 @@ def compile_model(config: CompileConfig, reporter: Reporter | None = None,
         # ---- plan: one candidate per weight, with the exact values to store -------------------------
         search, reference = None, None
         with rep.stage(f"plan ({config.method})"):
-            planner = _planner(config, weights, posteriors, allowed, bundle, bindings, rep)
+            planner = planner_for(config, PlannerInputs(weights, posteriors, allowed, bundle, bindings, rep.track))
             plan = planner(weights) if config.max_drop is None else None
         release_freed_memory()
         if config.max_drop is not None:  # accuracy target: the least budget that validates within it
             with rep.stage(f"search the budget (drop ≤ {config.max_drop:g})"):
                 plan, search, reference = search_budget(
-                    planner, weights, allowed, bundle, fp_path, lambda p: _rewrite(fp_bytes, p, config, rep),
+                    planner, weights, bundle, fp_path, lambda p: _rewrite(fp_bytes, p, config, rep),
                     providers, session_config_for(config.target), config.max_drop, rep)
         for name, t in sorted(plan.tensors.items()):
             rep.debug(f"  {name}: {t.candidate.label}, {t.stored_bits() / t.n_weights:.3f} bits all-in")
@@ -147,7 +145,7 @@ def compile_model(config: CompileConfig, reporter: Reporter | None = None,
         # the posteriors, the planner's tables, the FP32 bytes and the extracted weights are done with: free
         # them before ORT holds two sessions
         fp_size, left_in_float = len(fp_bytes), collect.skipped
-        linear = [t for n, t in plan.tensors.items() if any(op != "Gather" for op in weights[n].consumers)]
+        linear = [n for n in plan.tensors if any(op != "Gather" for op in weights[n].consumers)]
         posteriors = planner = fp_bytes = weights = collect = None  # the FP32 file on disk is what ORT reads
         release_freed_memory()
         with rep.stage("validate in ONNX Runtime") as outcome:
@@ -172,8 +170,8 @@ def compile_model(config: CompileConfig, reporter: Reporter | None = None,
                  "nominal": plan.nominal_bits, "quantized_weights": plan.n_weights,
                  "quantized_tensors": len(plan.tensors),
                  # peers quantize Linear/Conv weights only: the same figure over those, for comparison
-                 "linear_all_in": sum(t.stored_bits() for t in linear) / max(sum(t.n_weights for t in linear), 1),
-                 "linear_weights": sum(t.n_weights for t in linear)},
+                 "linear_all_in": plan.all_in_bits_over(linear),
+                 "linear_weights": sum(plan.tensors[n].n_weights for n in linear)},
         "sizes": {"fp32_bytes": fp_size, "artifact_bytes": len(q_bytes), "smaller_x": fp_size / len(q_bytes),
                   **accounting},
         "fidelity": validation["fidelity"],
@@ -216,7 +214,7 @@ def _fit_posteriors(config: CompileConfig, bundle: ModelBundle, fp_bytes: bytes,
     the Laplace scale (:func:`~bayesq_onnx.bayes.layerwise.common_scale`) before any planner compares them.
     """
     def layerwise() -> dict:
-        return FitLayerPosteriorPass(
+        return FitLayerPosterior(
             onnx.load_from_string(fp_bytes), bundle.calibration,
             curvature="kfac" if config.method == "gptq" else config.curvature, n_data=config.n_data,
             prior_precision=config.prior_precision,
@@ -224,7 +222,7 @@ def _fit_posteriors(config: CompileConfig, bundle: ModelBundle, fp_bytes: bytes,
 
     if bundle.module is None or config.method == "gptq":
         return layerwise()
-    laplace = FitPosteriorPass(
+    laplace = FitLaplacePosterior(
         bundle, curvature=config.curvature, fisher=config.fisher, samples=config.fisher_samples, rank=config.rank,
         n_data=config.n_data, prior_precision=config.prior_precision, seed=config.seed,
         progress=lambda b, i: rep.track(b, f"calibration pass {i + 1}"))
@@ -240,35 +238,6 @@ def _fit_posteriors(config: CompileConfig, bundle: ModelBundle, fp_bytes: bytes,
         for n in laplace.unbound:
             posts[n] = both[n].rescaled(scale)
     return posts
-
-
-def _planner(config: CompileConfig, weights: dict[str, WeightInfo], posteriors, allowed, bundle, bindings,
-             rep: Reporter):
-    """The planning pass for ``config.method`` (called with the weights, it returns the plan)."""
-    if config.method == "bayesq":
-        mc = MonteCarloRisk(bundle, bindings, temperature=config.temperature, seed=config.seed) \
-            if config.risk == "mc" else None
-        return PlanBayesQPass(config.bits, posteriors, allowed, curvature=config.curvature,
-                              temperature=config.temperature, act_order=config.act_order,
-                              rounded_risk=config.risk == "rounded", mc_risk=mc,
-                              progress=lambda n: rep.track(n, "risk tables"))
-    if config.method == "rtn":
-        return PlanRoundToNearestPass(int(config.bits), group_size=config.group_size)
-    if config.method == "gptq":
-        order = sorted(weights, key=lambda n: (weights[n].first_use, n))
-        return PlanGPTQPass(config.bits, posteriors, group_size=config.group_size, act_order=config.act_order,
-                            mix=config.gptq_mix, order=order, progress=lambda n: rep.track(n, "GPTQ layers"))
-    if config.method == "bayesq-fixed":
-        group = config.codebook_rows if config.family == "codebook" else config.group_size
-        cand = Candidate(config.family, int(config.bits), group)
-        for w in weights.values():
-            if not cand.fits(w.layout):
-                flag = "`codebook_rows`" if config.family == "codebook" else "`group_size`"
-                raise UserError(f"{flag} {group} does not divide the {w.layout.rows} rows × "
-                                f"{w.layout.in_channels} input channels of {w.name}; pick a divisor")
-        return PlanBayesFixedPass(cand, posteriors, curvature=config.curvature, temperature=config.temperature,
-                                  act_order=config.act_order, progress=lambda n: rep.track(n, "design quantizers"))
-    raise UserError(f"unknown method {config.method!r}")
 
 
 def _rewrite(fp_bytes: bytes, plan: Plan, config: CompileConfig, rep: Reporter,

@@ -8,6 +8,7 @@ is counted at the size it occupies in the ONNX file.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Iterable
 
 import numpy as np
 import torch
@@ -240,6 +241,11 @@ class Plan:
     def all_in_bits(self) -> float:
         """Stored bits of every array of every planned tensor / planned weights (docs/design.md §2)."""
         return self.stored_bits / max(self.n_weights, 1)
+
+    def all_in_bits_over(self, names: Iterable[str]) -> float:
+        """:attr:`all_in_bits` over the tensors ``names`` only (e.g. the Linear/Conv weights peers quantize)."""
+        tensors = [self.tensors[n] for n in names]
+        return sum(t.stored_bits() for t in tensors) / max(sum(t.n_weights for t in tensors), 1)
 
     @property
     def nominal_bits(self) -> float:

@@ -9,10 +9,10 @@ import onnxruntime as ort
 import torch
 
 from bayesq_onnx.passes.collect_weights import CollectWeightsPass
-from bayesq_onnx.passes.plan_rtn import fit_minmax
 from bayesq_onnx.passes.quantize_weights import QuantizeWeightsPass
 from bayesq_onnx.passes.upgrade_opset import UpgradeOpsetPass
 from bayesq_onnx.plan import Candidate, Plan, QuantizedTensor
+from bayesq_onnx.planning.rtn import fit_minmax
 from bayesq_onnx.quant import codebook
 
 

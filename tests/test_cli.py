@@ -7,7 +7,7 @@ import re
 import subprocess
 import sys
 
-import pytest
+import click
 from click.testing import CliRunner
 
 from bayesq_onnx.cli import main
@@ -38,6 +38,36 @@ def test_every_config_field_is_reachable_from_the_cli():
     params = {p.name for p in main.commands["compile"].params}
     missing = [f.name for f in dataclasses.fields(CompileConfig) if f.name != "extra" and f.name not in params]
     assert not missing
+
+
+def test_option_defaults_are_the_config_defaults():
+    """Every option (and MODEL) named after a CompileConfig field defaults to that field's default, and
+    --help-all shows exactly it: only typed options reach the config, so a drifted default would show a
+    value no compile uses."""
+    command = main.commands["compile"]
+    defaults = {f.name: f.default for f in dataclasses.fields(CompileConfig) if f.name != "extra"}
+    shown, opt = {}, None  # each option's help text, by its long name
+    for line in invoke("compile", "--help-all").output.splitlines():
+        start = re.match(r"^  (?:-\w, )?(--[a-z-]+)", line)
+        if start:
+            opt = start.group(1)
+            shown[opt] = ""
+        if opt:
+            shown[opt] += " " + line.strip()
+    checked = 0
+    for param in command.params:
+        if param.name not in defaults:
+            continue
+        default = defaults[param.name]
+        assert param.get_default(click.Context(command), call=False) == default, param.name
+        if not isinstance(param, click.Option) or not param.show_default or default is None:
+            continue
+        text = "".join(shown[max(param.opts, key=len)].split())  # help wraps lines, even inside "no-distill"
+        expected = (param.opts if default else param.secondary_opts)[0].lstrip("-") if param.secondary_opts \
+            else str(default)
+        assert f"[default:{expected}]" in text, (param.name, text)
+        checked += 1
+    assert checked >= 25
 
 
 def test_models_lists_minilm():

@@ -132,16 +132,16 @@ def test_budget_unchanged_and_values_changed(compiled, model):
 def _classifier_plan():
     bundle = classifier_bundle()
     from bayesq_onnx.passes.collect_weights import CollectWeightsPass
-    from bayesq_onnx.passes.fit_posterior import FitPosteriorPass
-    from bayesq_onnx.passes.plan_bayesq_fixed import PlanBayesFixedPass
+    from bayesq_onnx.analysis.fit_posterior import FitLaplacePosterior
+    from bayesq_onnx.planning.bayesq_fixed import PlanBayesQFixed
     from bayesq_onnx.plan import Candidate
 
     model = export_model(bundle)
     bindings = map_parameters(bundle.module, model)
     collect = CollectWeightsPass()
     collect(model)
-    posteriors = FitPosteriorPass(bundle, curvature="kfac", n_data=1e3)(collect.weights)
-    plan = PlanBayesFixedPass(Candidate("uniform", 2), posteriors, curvature="kfac")(collect.weights)
+    posteriors = FitLaplacePosterior(bundle, curvature="kfac", n_data=1e3)(collect.weights)
+    plan = PlanBayesQFixed(Candidate("uniform", 2), posteriors, curvature="kfac")(collect.weights)
     return bundle, bindings, posteriors, plan
 
 

@@ -1,4 +1,4 @@
-"""FitPosteriorPass and PlanBayesFixedPass on the tiny PyTorch model: layouts, curvatures, plans."""
+"""FitLaplacePosterior and PlanBayesQFixed on the tiny PyTorch model: layouts, curvatures, plans."""
 
 from __future__ import annotations
 
@@ -6,18 +6,18 @@ import numpy as np
 import pytest
 import torch
 
-from bayesq_onnx.passes.fit_posterior import FitPosteriorPass
-from bayesq_onnx.tensor_design import whitened_error
-from bayesq_onnx.passes.plan_bayesq_fixed import PlanBayesFixedPass
-from bayesq_onnx.passes.plan_rtn import PlanRoundToNearestPass
+from bayesq_onnx.analysis.fit_posterior import FitLaplacePosterior
 from bayesq_onnx.plan import Candidate
+from bayesq_onnx.planning.bayesq_fixed import PlanBayesQFixed
+from bayesq_onnx.planning.rtn import PlanRoundToNearest
+from bayesq_onnx.planning.tensor_design import whitened_error
 
 
 @pytest.fixture(scope="module")
 def analysed(tiny_exported):
     bundle, bindings, weights = tiny_exported
     # N large: the data term dominates the prior, as for a pretrained model's posterior
-    posts = {c: FitPosteriorPass(bundle, curvature=c, n_data=1e6)(weights)
+    posts = {c: FitLaplacePosterior(bundle, curvature=c, n_data=1e6)(weights)
              for c in ("diag", "kfac", "lowrank")}
     return bundle, bindings, weights, posts
 
@@ -60,14 +60,14 @@ def test_kfac_column_order_for_conv(analysed):
 def test_bayes_plan_beats_rtn_in_its_own_metric(analysed, curvature, cand):
     _, _, weights, posts = analysed
     post = posts[curvature]
-    plan = PlanBayesFixedPass(cand, post, curvature=curvature)(weights)
+    plan = PlanBayesQFixed(cand, post, curvature=curvature)(weights)
     for name, qt in plan.tensors.items():
         assert qt.info["whitened_error"] > 0
         mu = weights[name].layout.to_canonical(torch.from_numpy(np.array(weights[name].array)))
         got = torch.from_numpy(weights[name].layout.to_canonical(qt.dequantize()))
         assert whitened_error(got - mu, post[name]) == pytest.approx(qt.info["whitened_error"], rel=1e-4)
     if cand.family == "uniform":
-        rtn = PlanRoundToNearestPass(cand.bits, cand.group_size)(weights)
+        rtn = PlanRoundToNearest(cand.bits, cand.group_size)(weights)
         ours = sum(t.info["whitened_error"] for t in plan.tensors.values())
         theirs = 0.0
         for name, qt in rtn.tensors.items():

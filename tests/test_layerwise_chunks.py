@@ -12,11 +12,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 from onnx import TensorProto, helper
 
+from bayesq_onnx.analysis import fit_layer_posterior
+from bayesq_onnx.analysis.fit_layer_posterior import FitLayerPosterior
 from bayesq_onnx.bayes import layerwise
 from bayesq_onnx.bayes.layerwise import InputMoments, conv_patches, conv_positions
-from bayesq_onnx.passes import fit_layer_posterior
 from bayesq_onnx.passes.collect_weights import CollectWeightsPass
-from bayesq_onnx.passes.fit_layer_posterior import FitLayerPosteriorPass
 
 
 def _one_shot(rows: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,7 +111,7 @@ def _fit(proto, batches, monkeypatch, **kwargs):
     monkeypatch.setattr(fit_layer_posterior, "make_session", counting)
     collect = CollectWeightsPass(min_size=1)
     collect(ir.serde.deserialize_model(proto))
-    posts = FitLayerPosteriorPass(proto, batches, n_data=50.0, **kwargs)(collect.weights)
+    posts = FitLayerPosterior(proto, batches, n_data=50.0, **kwargs)(collect.weights)
     return posts, sessions[0].runs
 
 

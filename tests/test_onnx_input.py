@@ -17,10 +17,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 from onnx import TensorProto, helper
 
+from bayesq_onnx.analysis.fit_layer_posterior import FitLayerPosterior
 from bayesq_onnx.bayes.layerwise import InputMoments, conv_patches, layerwise_posterior
 from bayesq_onnx.cli import main
 from bayesq_onnx.passes.collect_weights import CollectWeightsPass
-from bayesq_onnx.passes.fit_layer_posterior import FitLayerPosteriorPass
 from bayesq_onnx.quant.layout import WeightLayout
 
 
@@ -84,7 +84,7 @@ def test_posterior_from_ort_activations_matches_the_layer_outputs(groups):
     collect(model)
     rng = np.random.default_rng(1)
     batches = [{"x": rng.normal(size=(3, 8, 6, 5)).astype(np.float32)} for _ in range(2)]
-    posts = FitLayerPosteriorPass(proto, batches, n_data=100.0, prior_precision=1.0)(collect.weights)
+    posts = FitLayerPosterior(proto, batches, n_data=100.0, prior_precision=1.0)(collect.weights)
     # conv: the output energy per channel, from ORT, against the posterior's σ² and A
     conv_only = onnx.ModelProto()
     conv_only.CopyFrom(proto)

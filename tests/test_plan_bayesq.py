@@ -6,25 +6,25 @@ import json
 
 import pytest
 
-from bayesq_onnx import candidates
+from bayesq_onnx.analysis.fit_posterior import FitLaplacePosterior
+from bayesq_onnx.analysis.mc_risk import MonteCarloRisk
 from bayesq_onnx.config import CompileConfig
 from bayesq_onnx.errors import UserError
-from bayesq_onnx.passes.fit_posterior import FitPosteriorPass
-from bayesq_onnx.passes.mc_risk import MonteCarloRisk
-from bayesq_onnx.passes.plan_bayesq import PlanBayesQPass
 from bayesq_onnx.pipeline import compile_model
 from bayesq_onnx.plan import QuantizedTensor
+from bayesq_onnx.planning import candidates
+from bayesq_onnx.planning.bayesq import PlanBayesQ
 from tiny_torch import tiny_bundle
 
 
 @pytest.fixture(scope="module")
 def analysed(tiny_exported):
     bundle, bindings, weights = tiny_exported
-    return bundle, bindings, weights, FitPosteriorPass(bundle, curvature="kfac")(weights)
+    return bundle, bindings, weights, FitLaplacePosterior(bundle, curvature="kfac")(weights)
 
 
 def test_placeholder_cost_equals_fitted_cost(analysed):
-    from bayesq_onnx.tensor_design import design_tensor
+    from bayesq_onnx.planning.tensor_design import design_tensor
 
     _, _, weights, post = analysed
     for w in weights.values():
@@ -37,7 +37,7 @@ def test_placeholder_cost_equals_fitted_cost(analysed):
 def test_budget_is_met_and_used(analysed, budget):
     _, _, weights, post = analysed
     allowed = candidates.allowed(weights)
-    plan = PlanBayesQPass(budget, post, allowed)(weights)
+    plan = PlanBayesQ(budget, post, allowed)(weights)
     assert plan.all_in_bits <= budget + 1e-9
     assert plan.all_in_bits > budget - 0.5  # three small tensors: the steps between candidates are coarse
     assert {t.info["candidates"] for t in plan.tensors.values()} == {len(allowed[n]) for n in allowed}
@@ -46,7 +46,7 @@ def test_budget_is_met_and_used(analysed, budget):
 def test_more_budget_never_raises_risk(analysed):
     _, _, weights, post = analysed
     allowed = candidates.allowed(weights)
-    risks = [sum(t.info["risk"] for t in PlanBayesQPass(b, post, allowed)(weights).tensors.values())
+    risks = [sum(t.info["risk"] for t in PlanBayesQ(b, post, allowed)(weights).tensors.values())
              for b in (2.5, 3.0, 4.0, 5.0)]
     assert risks == sorted(risks, reverse=True)
 
@@ -55,9 +55,9 @@ def test_infeasible_budgets(analysed):
     _, _, weights, post = analysed
     allowed = candidates.allowed(weights)
     with pytest.raises(UserError, match="cannot be met"):
-        PlanBayesQPass(1.5, post, allowed)(weights)
+        PlanBayesQ(1.5, post, allowed)(weights)
     with pytest.raises(UserError, match="cannot be met"):
-        PlanBayesQPass(17.0, post, allowed)(weights)
+        PlanBayesQ(17.0, post, allowed)(weights)
 
 
 def test_targets_restrict_candidates(analysed):
@@ -78,7 +78,7 @@ def test_keep_first_last_pins_to_8_bit(analysed):
     order = sorted(weights, key=lambda n: weights[n].first_use)
     allowed = candidates.allowed(weights, keep_first_last=True, order=order)
     assert allowed[order[0]] == [candidates.PIN] and allowed[order[-1]] == [candidates.PIN]
-    plan = PlanBayesQPass(8.5, post, allowed)(weights)
+    plan = PlanBayesQ(8.5, post, allowed)(weights)
     assert plan.tensors[order[0]].candidate.label == plan.tensors[order[-1]].candidate.label == "uint8-row"
 
 
@@ -133,7 +133,7 @@ def test_monte_carlo_risk_tracks_the_closed_form(analysed):
     bundle, bindings, weights, post = analysed
     allowed = candidates.allowed(weights)
     mc = MonteCarloRisk(bundle, bindings, items=16)
-    plan = PlanBayesQPass(3.5, post, allowed, mc_risk=mc)(weights)
+    plan = PlanBayesQ(3.5, post, allowed, mc_risk=mc)(weights)
     table = plan.settings["risk_table"]
     assert plan.settings["risk"] == "mc" and mc.forward_passes > 0
     for name, rows in table.items():

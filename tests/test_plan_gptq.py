@@ -10,12 +10,12 @@ import onnx_ir as ir
 import pytest
 import torch
 
+from bayesq_onnx.analysis.fit_layer_posterior import FitLayerPosterior
 from bayesq_onnx.config import CompileConfig
 from bayesq_onnx.errors import UserError
 from bayesq_onnx.passes.collect_weights import CollectWeightsPass
-from bayesq_onnx.passes.fit_layer_posterior import FitLayerPosteriorPass
-from bayesq_onnx.passes.plan_gptq import PlanGPTQPass, mix_widths
 from bayesq_onnx.pipeline import compile_model
+from bayesq_onnx.planning.gptq import PlanGPTQ, mix_widths
 from bayesq_onnx.quant import uniform
 from bayesq_onnx.quant.design import UniformGrid
 from bayesq_onnx.quant.feedback import gptq_round
@@ -61,7 +61,7 @@ def _weights_and_posteriors(proto, batches):
     model = ir.serde.deserialize_model(proto)
     collect = CollectWeightsPass(min_size=1)
     collect(model)
-    posts = FitLayerPosteriorPass(proto, batches, n_data=1.0, prior_precision=1.0)(collect.weights)
+    posts = FitLayerPosterior(proto, batches, n_data=1.0, prior_precision=1.0)(collect.weights)
     return collect.weights, posts
 
 
@@ -75,7 +75,7 @@ def linear_case():
 
 def test_gptq_beats_nearest_in_its_own_metric(linear_case):
     weights, posts = linear_case
-    plan = PlanGPTQPass(3, posts)(weights)
+    plan = PlanGPTQ(3, posts)(weights)
     for name, qt in plan.tensors.items():
         w2 = torch.from_numpy(weights[name].layout.to_canonical(weights[name].array).copy())
         h = posts[name].A.double()
@@ -88,7 +88,7 @@ def test_gptq_beats_nearest_in_its_own_metric(linear_case):
 def test_fractional_budget_mixes_two_widths(linear_case, mix):
     weights, posts = linear_case
     # all 3-bit is 3.42 bits all-in here; w2 (a third of the weights) at 4 bits makes 3.75
-    plan = PlanGPTQPass(3.8, posts, mix=mix, order=["w1", "w2"])(weights)
+    plan = PlanGPTQ(3.8, posts, mix=mix, order=["w1", "w2"])(weights)
     assert plan.all_in_bits <= 3.8 and sorted({t.candidate.bits for t in plan.tensors.values()}) == [3, 4]
     assert plan.settings["mix"] == mix and plan.settings["widths"] == [3, 4]
 
@@ -97,7 +97,7 @@ def test_knapsack_mix_has_no_more_error_than_graph_order(linear_case):
     weights, posts = linear_case
     errors = {}
     for mix in ("knapsack", "proportional"):
-        plan = PlanGPTQPass(3.8, posts, mix=mix, order=["w2", "w1"])(weights)
+        plan = PlanGPTQ(3.8, posts, mix=mix, order=["w2", "w1"])(weights)
         errors[mix] = sum(t.info["gptq_error"] for t in plan.tensors.values())
     assert errors["knapsack"] <= errors["proportional"] + 1e-12
 
@@ -112,7 +112,7 @@ def test_conv_weights_use_their_patch_hessian():
     rng = np.random.default_rng(1)
     batches = [{"x": rng.normal(size=(4, 64, 8, 8)).astype(np.float32)} for _ in range(2)]
     weights, posts = _weights_and_posteriors(conv_model(), batches)
-    plan = PlanGPTQPass(4, posts, group_size=32, act_order=True)(weights)
+    plan = PlanGPTQ(4, posts, group_size=32, act_order=True)(weights)
     assert plan.tensors["w"].info["rounding"] == "gptq" and plan.tensors["w"].candidate.group_size == 32
 
 

@@ -16,17 +16,18 @@ from hypothesis import given
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
-from bayesq_onnx import candidates
-from bayesq_onnx.tensor_design import design_tensor, whitened_error
+from bayesq_onnx.choices import LEAST_CODE_BITS
 from bayesq_onnx.distill import QuantWeight
 from bayesq_onnx.passes.collect_weights import CollectWeightsPass
-from bayesq_onnx.weights import WeightInfo, WeightPosterior
-from bayesq_onnx.passes.plan_bayesq import PlanBayesQPass
-from bayesq_onnx.passes.plan_bayesq_fixed import PlanBayesFixedPass
 from bayesq_onnx.plan import TENSOR, Candidate, Plan, QuantizedTensor
+from bayesq_onnx.planning import candidates
+from bayesq_onnx.planning.bayesq import PlanBayesQ
+from bayesq_onnx.planning.bayesq_fixed import PlanBayesQFixed
+from bayesq_onnx.planning.tensor_design import design_tensor, whitened_error
 from bayesq_onnx.quant import design, uniform
 from bayesq_onnx.quant.layout import WeightLayout
 from bayesq_onnx.report import file_accounting
+from bayesq_onnx.weights import WeightInfo, WeightPosterior
 from helpers import plan_all, reference_model, rewrite, run
 from tiny_models import linear_model
 
@@ -235,12 +236,12 @@ def test_planners_use_shared_grids_on_every_rounding_path(curvature):
     post = {n: _posterior(w, curvature) for n, w in weights.items()}
     allowed = candidates.allowed(weights)
     # per-row forms cost >= 4 bits all-in on 9-weight rows: 3.5 bits is reachable only with shared grids
-    plan = PlanBayesQPass(3.5, post, allowed, curvature=curvature)(weights)
+    plan = PlanBayesQ(3.5, post, allowed, curvature=curvature)(weights)
     assert plan.all_in_bits <= 3.5 and plan.tensors["w"].candidate.group_size in (8, 32, TENSOR)
     feed = {"x": np.random.default_rng(3).normal(size=(2, 96, 8, 8)).astype(np.float32)}
     _check_artifact(proto, plan, feed, "w")
     for cand in (Candidate("uniform", 3, TENSOR), Candidate("codebook", 2, TENSOR)):
-        fixed = PlanBayesFixedPass(cand, post, curvature=curvature)(weights)
+        fixed = PlanBayesQFixed(cand, post, curvature=curvature)(weights)
         qt = fixed.tensors["w"]
         assert qt.codes.min() >= 0 and qt.codes.max() <= 2**cand.bits - 1
         if cand.family == "uniform":
@@ -370,7 +371,7 @@ def test_compiled_short_row_model_is_accounted_by_inspect(tmp_path):
 @pytest.mark.parametrize("target", candidates.TARGETS)
 def test_least_code_bits_bounds_every_target_candidate(target):
     """config.validate refuses budgets below LEAST_CODE_BITS before a model loads: no candidate is narrower."""
-    least = candidates.LEAST_CODE_BITS[target]
+    least = LEAST_CODE_BITS[target]
     seen = set()
     for shape, consumer in (((384, 1536), "MatMul"), ((96, 1, 3, 3), "Conv"), ((10, 64), "Gemm"), ((8, 16), "Gemm")):
         layout = WeightLayout.for_consumer(consumer, shape)

@@ -4,7 +4,6 @@ through the binding, layer-wise fallback on the Laplace scale, and the collapse 
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,9 +11,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from bayesq_onnx import traced
+from bayesq_onnx.analysis.fit_posterior import OpBinding, _canonical, bind_weight
 from bayesq_onnx.bayes.laplace import LayerPosterior, fit_laplace
 from bayesq_onnx.bayes.layerwise import common_scale
-from bayesq_onnx.passes.fit_posterior import OpBinding, _canonical, bind_weight
 from bayesq_onnx.quant.layout import WeightLayout
 from bayesq_onnx.report import collapse_warning
 

@@ -1,7 +1,7 @@
 """``onnx:<file>``: a plain FP32 ONNX model with calibration inputs in an ``.npz`` (``calib``).
 
 There is no PyTorch model behind it, so the posterior comes from the layer-wise Gaussian likelihood on
-activations collected in ONNX Runtime (:mod:`bayesq_onnx.passes.fit_layer_posterior`). Evaluation is fidelity
+activations collected in ONNX Runtime (:mod:`bayesq_onnx.analysis.fit_layer_posterior`). Evaluation is fidelity
 to the input model's first output, on ``data`` (FILE.npz) or else on items of ``calib`` held out from
 calibration.
 """

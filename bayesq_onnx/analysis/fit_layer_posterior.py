@@ -1,4 +1,4 @@
-"""FitLayerPosteriorPass: the posterior of every weight in scope from its input activations, collected by
+"""FitLayerPosterior: the posterior of every weight in scope from its input activations, collected by
 running the ONNX model itself in ONNX Runtime — for inputs with no PyTorch model (``onnx:<file>``).
 
 Each consumer's activation (MatMul/Gemm input A, Conv input X, Gather indices) is exposed as an extra graph
@@ -8,7 +8,7 @@ activation of a run is alive at once (in ORT and as the returned arrays), so a b
 along a dynamic axis 0 runs in item chunks of about :data:`FETCH_BYTES` of activations, and the moments take
 each run's activations a bounded float64 chunk at a time: the peak memory does not grow with the batch size
 or the number of layers tapped, and the moments are the same sums (up to float64 summation order). The result has
-the same form as :class:`~bayesq_onnx.passes.fit_posterior.FitPosteriorPass`'s, so the planners do not
+the same form as :class:`~bayesq_onnx.analysis.fit_posterior.FitLaplacePosterior`'s, so the planners do not
 care where it came from.
 """
 
@@ -43,7 +43,7 @@ class _Tap:
     attributes: dict
 
 
-class FitLayerPosteriorPass:
+class FitLayerPosterior:
     """Fit ``Λ = N·(G ⊗ A) + τ`` per weight from ORT activations on the calibration batches."""
 
     def __init__(self, model: onnx.ModelProto, calibration: list[Batch], *, curvature: str = "kfac",

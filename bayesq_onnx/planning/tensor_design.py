@@ -15,9 +15,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .weights import WeightInfo, WeightPosterior
-from .plan import Candidate, QuantizedTensor
-from .quant import design, feedback
+from ..plan import Candidate, QuantizedTensor
+from ..quant import design, feedback
+from ..weights import WeightInfo, WeightPosterior
+
 
 def canonical_mu(weight: WeightInfo) -> torch.Tensor:
     return weight.layout.to_canonical(torch.from_numpy(np.array(weight.array, dtype=np.float32)))

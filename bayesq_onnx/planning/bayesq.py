@@ -1,4 +1,4 @@
-"""PlanBayesQPass: mixed precision under an exact all-in bits budget (``method="bayesq"``, docs/design.md §3.4–3.5).
+"""PlanBayesQ: mixed precision under an exact all-in bits budget (``method="bayesq"``, docs/design.md §3.4–3.5).
 
 1. Risk table: for every weight and every allowed candidate, the exact stored cost in bits and the risk
    R = expected loss increase. ``closed``: R = ½ Σ λ_i E[(Q(w_i) − w_i)²], the second-order proxy in the
@@ -6,7 +6,7 @@
    Λ (ŵ − μ) for the codes ŵ the artifact would ship, rounded in the posterior metric (GPTQ / low-rank
    feedback), so the allocation sees what error feedback buys per tensor and width (at T > 0 the posterior
    adds T·dim, the same for every candidate). ``mc``: R measured by running the model with that one block
-   quantized (see :class:`~bayesq_onnx.passes.mc_risk.MonteCarloRisk`).
+   quantized (see :class:`~bayesq_onnx.analysis.mc_risk.MonteCarloRisk`).
 2. Greedy multiple-choice knapsack on each block's lower convex hull (:mod:`bayesq_onnx.quant.knapsack`).
 3. The chosen grids are rounded in the posterior metric (GPTQ / low-rank feedback), as in bayesq-fixed.
 """
@@ -16,15 +16,14 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Callable
 
-
-from ..tensor_design import canonical_mu, design_grid, round_on_grid
-from ..candidates import check_budget, cost_bits
 from ..plan import Candidate, Plan
 from ..quant import knapsack
 from ..weights import WeightInfo, WeightPosterior
+from .candidates import budget_range, check_budget, cost_bits
+from .tensor_design import canonical_mu, design_grid, round_on_grid
 
 
-class PlanBayesQPass:
+class PlanBayesQ:
     """Choose one candidate per weight so that all-in bits ≤ ``budget`` and total risk is least."""
 
     def __init__(self, budget: float, posteriors: dict[str, WeightPosterior], allowed: dict[str, list[Candidate]], *,
@@ -42,6 +41,11 @@ class PlanBayesQPass:
         check_budget(self.budget, weights, self.allowed)
         self.build_table(weights)
         return self.plan_at(self.budget, weights)
+
+    def budget_range(self, weights: dict[str, WeightInfo]) -> tuple[float, float]:
+        """The least and the most all-in bits per weight the allowed candidates give (the budgets
+        :meth:`plan_at` can meet)."""
+        return budget_range(weights, self.allowed)
 
     def build_table(self, weights: dict[str, WeightInfo]) -> None:
         """Design every allowed candidate of every weight once: its grid, stored cost and risk."""

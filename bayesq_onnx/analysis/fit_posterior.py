@@ -1,4 +1,4 @@
-"""FitPosteriorPass: the Laplace posterior of every weight in scope, in the canonical ``[rows, cols]``
+"""FitLaplacePosterior: the Laplace posterior of every weight in scope, in the canonical ``[rows, cols]``
 layout of its ONNX initializer (analysis in PyTorch on the traced program; see :mod:`bayesq_onnx.bayes.laplace`).
 
 Each ONNX initializer is bound to the program ops whose weight it holds, by content: as is, transposed, or
@@ -76,10 +76,10 @@ _KINDS = {"MatMul": {"linear"}, "Gemm": {"linear"}, "Conv": {"conv", "generic"},
           "Gather": {"embedding"}}
 
 
-class FitPosteriorPass:
+class FitLaplacePosterior:
     """Fit the Laplace posterior of every weight op of the traced program and re-express it per ONNX
     initializer. Afterwards ``unbound`` lists the initializers no op's weight was found in (they need the
-    layer-wise posterior, :class:`~bayesq_onnx.passes.fit_layer_posterior.FitLayerPosteriorPass`)."""
+    layer-wise posterior, :class:`~bayesq_onnx.analysis.fit_layer_posterior.FitLayerPosterior`)."""
 
     def __init__(self, bundle: ModelBundle, *, curvature: str = "diag", fisher: str = "true", samples: int = 1,
                  rank: int = 8, n_data: float | None = None, prior_precision: float | None = None, seed: int = 0,

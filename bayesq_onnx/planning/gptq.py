@@ -1,4 +1,4 @@
-"""PlanGPTQPass: the GPTQ baseline (Frantar et al., 2023), as its reference implementation does it.
+"""PlanGPTQ: the GPTQ baseline (Frantar et al., 2023), as its reference implementation does it.
 
 * Grid: per output row (or per group of ``group_size`` input channels) asymmetric min-max over
   ``[min(w, 0), max(w, 0)]`` — GPTQ's ``Quantizer.find_params`` — with FP16 scales like every uniform artifact.
@@ -23,13 +23,13 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..candidates import cost_bits
 from ..errors import UserError
 from ..plan import CODE_BITS, Candidate, Plan, QuantizedTensor
 from ..quant import knapsack, uniform
 from ..quant.design import UniformGrid
 from ..quant.feedback import gptq_round
 from ..weights import WeightInfo, WeightPosterior
+from .candidates import cost_bits
 
 MIXES = ("knapsack", "proportional")
 
@@ -45,7 +45,7 @@ def mix_widths(bits: float) -> tuple[int, ...]:
     return (below[-1], above[0])
 
 
-class PlanGPTQPass:
+class PlanGPTQ:
     """Plan every weight with GPTQ at ``bits`` (a code width, or a budget mixing two); returns a :class:`Plan`."""
 
     def __init__(self, bits: float, posteriors: dict[str, WeightPosterior], *, group_size: int = 0,

@@ -7,17 +7,16 @@ from typing import Callable
 
 import numpy as np
 
-from . import candidates
-from .errors import UserError
-from .models.base import ModelBundle
-from .passes.plan_bayesq import PlanBayesQPass
-from .plan import Plan
-from .progress import Reporter
-from .runtime.session import make_session, run_batches
-from .weights import WeightInfo
+from ..errors import UserError
+from ..models.base import ModelBundle
+from ..plan import Plan
+from ..progress import Reporter
+from ..runtime.session import make_session, run_batches
+from ..weights import WeightInfo
+from .bayesq import PlanBayesQ
 
 
-def search_budget(planner: PlanBayesQPass, weights: dict[str, WeightInfo], allowed, bundle: ModelBundle,
+def search_budget(planner: PlanBayesQ, weights: dict[str, WeightInfo], bundle: ModelBundle,
                   fp_path: Path, rewrite: Callable[[Plan], bytes], providers: list[str], session_config: dict,
                   max_drop: float, rep: Reporter, tolerance: float = 0.05) -> tuple[Plan, dict, np.ndarray]:
     """Bisection over the all-in budget for the least one whose validated headline drop is ≤ ``max_drop``;
@@ -30,7 +29,7 @@ def search_budget(planner: PlanBayesQPass, weights: dict[str, WeightInfo], allow
     over the evaluation set. Stops when the bracket is narrower than ``tolerance`` bits.
     """
     planner.build_table(weights)
-    lo, hi = candidates.budget_range(weights, allowed)
+    lo, hi = planner.budget_range(weights)
     reference = run_batches(make_session(fp_path, providers)[0], bundle.evaluation)
     first = bundle.metric(reference, reference)
     headline = bundle.headline or next(iter(first))

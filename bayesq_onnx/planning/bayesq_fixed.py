@@ -1,15 +1,16 @@
-"""PlanBayesFixedPass: one candidate everywhere (``method="bayesq-fixed"``), every quantizer designed on
-the posterior and rounded in the posterior metric (:mod:`bayesq_onnx.tensor_design`). It isolates what the
+"""PlanBayesQFixed: one candidate everywhere (``method="bayesq-fixed"``), every quantizer designed on
+the posterior and rounded in the posterior metric (:mod:`bayesq_onnx.planning.tensor_design`). It isolates what the
 Bayesian quantizer design buys, before mixed precision (``method="bayesq"``) chooses the candidates.
 """
 
 from __future__ import annotations
 
-from ..tensor_design import design_tensor
 from ..plan import Candidate, Plan
 from ..weights import WeightInfo, WeightPosterior
+from .tensor_design import design_tensor
 
-class PlanBayesFixedPass:
+
+class PlanBayesQFixed:
     """Plan every weight with the same candidate, designed and rounded on its posterior."""
 
     def __init__(self, candidate: Candidate, posteriors: dict[str, WeightPosterior], *, curvature: str = "diag",

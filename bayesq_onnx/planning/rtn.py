@@ -1,4 +1,4 @@
-"""PlanRoundToNearestPass: the round-to-nearest baseline planner (``method="rtn"``).
+"""PlanRoundToNearest: the round-to-nearest baseline planner (``method="rtn"``).
 
 Every weight in scope gets the same candidate: a per-row (or per-group) asymmetric min-max grid at one
 bit-width, codes by rounding to nearest. It stays as the baseline the Bayesian planners must beat.
@@ -30,7 +30,7 @@ def fit_minmax(weight: WeightInfo, candidate: Candidate) -> QuantizedTensor:
                            zero=zero.numpy())
 
 
-class PlanRoundToNearestPass:
+class PlanRoundToNearest:
     """Plan every weight with ``Candidate('uniform', bits, group_size)``; returns a :class:`Plan`."""
 
     def __init__(self, bits: int, group_size: int = 0, scale_dtype: str = "float16"):

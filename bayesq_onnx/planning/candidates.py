@@ -29,12 +29,12 @@ import functools
 import json
 from pathlib import Path
 
-from .errors import UserError
-from .weights import WeightInfo
-from .plan import TENSOR, Candidate, QuantizedTensor
-from .quant.layout import WeightLayout
+from ..choices import TARGETS
+from ..errors import UserError
+from ..plan import TENSOR, Candidate, QuantizedTensor
+from ..quant.layout import WeightLayout
+from ..weights import WeightInfo
 
-from .choices import LEAST_CODE_BITS, TARGETS  # noqa: F401 (re-exported)
 GROUP = 128
 PIN = Candidate("uniform", 8)
 # Rows shorter than this get the shared (per-tensor / row-group) candidates. A per-row uniform grid stores an
