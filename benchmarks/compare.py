@@ -2,8 +2,10 @@
 
 Rows: FP32; ``bayesq`` at each all-in budget; RTN per row at 2/3/4/8 bits and per group of 64/128 input
 channels at 3/4 bits; GPTQ at each budget (both ways of mixing 3/4-bit layers at a fractional budget);
-onnxruntime's MatMulNBits quantizers (RTN, HQQ, k-quant at 2/4/8 bits, block 32/128) and ``quantize_static``
-(QDQ, per-channel int8/int4 weights) at their native points (benchmarks/peers.py).
+onnxruntime's MatMulNBits quantizers (RTN, HQQ, k-quant at 2/4/8 bits, block 32/128), ``quantize_static``
+(QDQ, per-channel int8/int4 weights) and NNCF's ``compress_weights`` (INT4 per group / per channel with AWQ and
+scale estimation, 4/8 mixed, INT8; in its own venv: ``bash benchmarks/setup_nncf.sh``) at their native points
+(benchmarks/peers.py).
 
 Every row: the bundle's metric on the bundle's evaluation set against the same FP32 reference outputs,
 ONNX Runtime latency interleaved with the one FP32 session on the bundle's latency feed, session start,
@@ -14,6 +16,7 @@ records the error and the run goes on.
     python benchmarks/compare.py                              # MiniLM, budgets 2.5 3.0 3.5 4.0
     python benchmarks/compare.py --model digits-resnet
     python benchmarks/compare.py --quick --methods bayesq ort-rtn   # small data, few latency runs
+    python benchmarks/compare.py --methods bayesq gptq nncf --budgets 3.0 4.0 --out benchmarks/results/compare_minilm_nncf
 """
 
 from __future__ import annotations
@@ -115,8 +118,7 @@ def jobs(settings: Settings) -> tuple[list[Job], list[str]]:
                     out.append(Job(f"{name} {b:g}", "gptq", name, "ours", kw))
     for p in peer_mod.all_peers(tuple(f for f in peer_mod.FAMILIES if f in methods), settings.peer_bits,
                                 settings.peer_blocks, settings.rtn_accuracy_levels):
-        series = p.family if p.block_size is None else f"{p.family} bs{p.block_size}"
-        out.append(Job(p.label, p.family, series, "peer", peer=p))
+        out.append(Job(p.label, p.family, p.series, "peer", peer=p))
     return out, notes
 
 
@@ -230,7 +232,11 @@ def run_peer(job: Job, ctx: Context, row: dict) -> dict:
     # accounting first: a peer whose file ORT cannot run still shows what it stored
     row.update(all_in_bits=acc.all_in_bits, coverage=acc.coverage, scope_bits=acc.scope_bits,
                file_mb=len(q) / 1e6, quantized_weights=acc.quantized_weights)
-    ev = evaluate(ctx, q, None)  # ORT defaults: MatMulNBits and QDQ need no session settings
+    if acc.notes:
+        row["note"] = "; ".join(acc.notes)
+    # ORT defaults (MatMulNBits and QDQ need no session settings), but NNCF's DequantizeLinear → MatMul with float
+    # compute in the fused kernel (peers.Peer.session_config)
+    ev = evaluate(ctx, q, job.peer.session_config)
     _fill(row, ctx, ev)
     return row
 
@@ -268,6 +274,7 @@ def run_compare(bundle: ModelBundle, model_spec: str, settings: Settings,
                 row["error"] = short_error(exc)
             rows.append(row)
             log(_progress(row, ctx))
+    notes += [f"`{r['method']}`: {r['note']}" for r in rows if r.get("note")]
     return rows, ctx, notes
 
 
@@ -326,7 +333,7 @@ def notes_text(ctx: Context, notes: list[str], command: str) -> str:
         "analysis, plan, rewrite, write; its own validation stage subtracted). Peers: the quantizer call on the "
         f"exported FP32 model (the export itself, {ctx.export_s:.1f} s, is not included; FP32 row: the export)"),
         ("- sessions: ours with the session settings the artifact records (size mode: none, a default "
-        "session; its decodes fold at session start); peers with ORT defaults "
+        "session; its decodes fold at session start); peers with ORT defaults (nncf: see below) "
         "(MatMulNBits needs no setting; accuracy_level unset, i.e. float compute, unless the label says accN; "
         "QDQ models run ORT's quantized kernels). Our `--target speed` artifacts store DequantizeLinear → MatMul, "
         "which ORT fuses into MatMulNBits with its session default `session.qdq_matmulnbits_accuracy_level` = 4 "
@@ -335,6 +342,23 @@ def notes_text(ctx: Context, notes: list[str], command: str) -> str:
         ("- ort-static (`quantize_static`) also quantizes activations (uint8, MinMax calibration on the "
         "calibration batches, at the inputs/outputs of quantized MatMul/Gemm/Conv): it is not weight-only. "
         "MatMulNBits peers quantize MatMul weights only (Conv/Gemm stay FP32: coverage < 1)"),
+    ]
+    if "nncf" in s.methods:
+        lines.append(
+            "- nncf: `nncf.compress_weights` (ONNX backend) in its own venv (`bash benchmarks/setup_nncf.sh`), run by "
+            "benchmarks/nncf_peer.py on the same FP32 model, embeddings (Gather) in its ignored scope as in ours; "
+            "data-aware rows get the same calibration batches, one dataset item per example. NNCF's defaults "
+            "otherwise: the last MatMul stays INT8_ASYM per channel (all_layers=False; the all-layers row "
+            "overrides it), backup INT8_ASYM, sensitivity max activation variance. The FP32 model is converted to "
+            "opset 21 first, so NNCF writes "
+            "standard blocked DequantizeLinear (UINT4 codes and zero points) that onnxruntime runs as written; "
+            "ORT fuses it into MatMulNBits at session start, run with `session.qdq_matmulnbits_accuracy_level` = 0 "
+            "(float compute, as NNCF's own MatMulNBits form asks; ORT's default 4 would quantize activations to "
+            "int8). Below opset 21 (the pipeline exports 20) NNCF writes MatMulNBits that onnxruntime 1.31.1 "
+            "refuses (4-bit zero points one per byte) and "
+            "that would add the bias twice: the 'as exported' row is that file with its zero points packed and "
+            "the duplicate bias input dropped, stored values unchanged (benchmarks/peers.py)")
+    lines += [
         "- peers' calls: " + "; ".join(f"`{p.label}` = `{p.invocation}`" for p in
                                        _representative_peers(ctx.settings.methods)),
     ]
@@ -344,7 +368,9 @@ def notes_text(ctx: Context, notes: list[str], command: str) -> str:
 
 def _representative_peers(methods) -> list[peer_mod.Peer]:
     seen, out = set(), []
-    for p in peer_mod.all_peers(tuple(f for f in peer_mod.FAMILIES if f in methods)):
+    # nncf: its data-aware point (the first one is data-free) says more about how it is called
+    for p in sorted(peer_mod.all_peers(tuple(f for f in peer_mod.FAMILIES if f in methods)),
+                    key=lambda p: p.family == "nncf" and not p.data_aware):
         if p.family not in seen:
             seen.add(p.family)
             out.append(p)
@@ -352,7 +378,7 @@ def _representative_peers(methods) -> list[peer_mod.Peer]:
 
 
 MARKERS = {"fp32": "*", "bayesq": "o", "gptq": "s", "rtn": "^", "ort-rtn": "v", "ort-hqq": "D",
-           "ort-kquant": "P", "ort-static": "X"}
+           "ort-kquant": "P", "ort-static": "X", "nncf": "h"}
 
 
 def plot(rows: list[dict], headline: str, title: str) -> bytes:
