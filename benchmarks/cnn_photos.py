@@ -68,7 +68,11 @@ EVALUATION_PHOTOS = (
     ("skimage", "data/camera.png"),                # grayscale: a cameraman with a tripod
     ("skimage", "data/coins.png"),                 # grayscale: coins
 )
-SPLITS = {"calibration": (CALIBRATION_PHOTOS, 1), "evaluation": (EVALUATION_PHOTOS, 2)}  # photos, crop seed
+# photos, crop seed, whether the first crop of each photo is its standard view. "same-photos" is a diagnostic
+# only: other random crops of the evaluation photos (never their standard views, which are evaluation items), to
+# measure how much of a gap comes from calibrating on photos unlike the evaluated ones
+SPLITS = {"calibration": (CALIBRATION_PHOTOS, 1, True), "evaluation": (EVALUATION_PHOTOS, 2, True),
+          "same-photos": (EVALUATION_PHOTOS, 7, False)}
 
 
 def photo_path(package: str, name: str) -> Path:
@@ -94,7 +98,7 @@ def _photo(package: str, name: str) -> np.ndarray:
 def crop_boxes(split: str, n: int, sizes: list[tuple[int, int]], size: int) -> list[tuple[int, int, int, int, bool]]:
     """The ``n`` crops of ``split``: (photo index, top, left, side, flip), crop ``i`` of photo ``i mod P``;
     ``sizes`` are the photos' (height, width)."""
-    _, seed = SPLITS[split]
+    _, seed, standard_views = SPLITS[split]
     rng = np.random.default_rng(seed)
     boxes = []
     for i in range(n):
@@ -102,7 +106,7 @@ def crop_boxes(split: str, n: int, sizes: list[tuple[int, int]], size: int) -> l
         h, w = sizes[p]
         short = min(h, w)
         scale, fy, fx, flip = rng.uniform(0.35, 1.0), rng.uniform(), rng.uniform(), rng.uniform() < 0.5
-        if i < len(sizes):  # the standard evaluation view
+        if standard_views and i < len(sizes):  # the standard evaluation view
             scale, fy, fx, flip = size / (size + CROP_PADDING), 0.5, 0.5, False
         side = max(int(round(scale * short)), 8)
         boxes.append((p, int(round(fy * (h - side))), int(round(fx * (w - side))), side, bool(flip)))
@@ -110,7 +114,7 @@ def crop_boxes(split: str, n: int, sizes: list[tuple[int, int]], size: int) -> l
 
 
 def photo_crops(split: str, size: int, n: int) -> np.ndarray:
-    """``n`` deterministic crops of ``split`` ("calibration" or "evaluation") as float32 NCHW
+    """``n`` deterministic crops of ``split`` (a key of :data:`SPLITS`) as float32 NCHW
     ``[n, 3, size, size]``, normalized ``(pixel − 127) / 128`` (module docstring)."""
     from PIL import Image
 
@@ -152,10 +156,11 @@ def _batches(x: np.ndarray, size: int = BATCH) -> list[np.ndarray]:
     return [x[i:i + size] for i in range(0, len(x), size)]
 
 
-def efficientnet_bundle(name: str, options=None):
+def efficientnet_bundle(name: str, options=None, calibration: str = "calibration"):
     """A :class:`~bayesq_onnx.models.base.ModelBundle` of ``name`` on the photo crops; ``options`` (a
     ``SourceOptions``, passed by ``module:`` loading) sets the numbers of crops (default 256 each) and the
-    latency batch (``--latency-batch``, default 8)."""
+    latency batch (``--latency-batch``, default 8); ``calibration`` names the split the calibration crops
+    come from."""
     from bayesq_onnx.models.metrics import classifier_fidelity
     from bayesq_onnx.models.python_module import module_bundle
 
@@ -165,13 +170,15 @@ def efficientnet_bundle(name: str, options=None):
     size = RESOLUTION[name]
     model = load_efficientnet_lite(name)
     evaluation = photo_crops("evaluation", size, n_eval)
+    photos = SPLITS[calibration][0]
     bundle = module_bundle(
-        model, _batches(photo_crops("calibration", size, n_calib)), evaluation=_batches(evaluation),
+        model, _batches(photo_crops(calibration, size, n_calib)), evaluation=_batches(evaluation),
         input_names=["image"], output_names=["logits"], metric=classifier_fidelity, headline="top1_agreement",
         likelihood="categorical", name=name,
         info={"source": f"module:benchmarks.cnn_photos ({name}, ImageNet weights)",
-              "data": f"{n_calib} calibration crops of {len(CALIBRATION_PHOTOS)} photos, {n_eval} evaluation crops "
-                      f"of {len(EVALUATION_PHOTOS)} other photos, {size}×{size}, (x − 127)/128",
+              "data": f"{n_calib} calibration crops of {len(photos)} photos, {n_eval} evaluation crops of "
+                      f"{len(EVALUATION_PHOTOS)} {'other' if photos is not EVALUATION_PHOTOS else 'of the same'} "
+                      f"photos, {size}×{size}, (x − 127)/128",
               "metric": "fidelity to the FP32 model's predictions (no labels)"})
     bundle.latency_feed = {"image": evaluation[np.arange(n_latency) % len(evaluation)]}  # --latency-batch items
     return bundle
@@ -185,6 +192,12 @@ def efficientnet_lite1(options=None):
 def efficientnet_lite2(options=None):
     """EfficientNet-Lite2 (260 × 260) on photo crops."""
     return efficientnet_bundle("efficientnet-lite2", options)
+
+
+def efficientnet_lite1_same_photos(options=None):
+    """Diagnostic, not a benchmark: EfficientNet-Lite1 calibrated on *other crops of the evaluation photos*
+    (split "same-photos"), to measure what calibrating on photos unlike the evaluated ones costs."""
+    return efficientnet_bundle("efficientnet-lite1", options, calibration="same-photos")
 
 
 def main() -> None:

@@ -49,7 +49,8 @@ def test_photo_crops_are_deterministic_disjoint_and_normalized(cnn_photos):
     stereo = {p for p in cnn_photos.CALIBRATION_PHOTOS + cnn_photos.EVALUATION_PHOTOS if "motorcycle" in p[1]}
     assert stereo <= set(cnn_photos.CALIBRATION_PHOTOS)  # the two views of one scene stay in one split
     evaluation = cnn_photos.photo_crops("evaluation", 64, 30)
-    assert len({a.tobytes() for a in np.concatenate([calib, evaluation])}) == 60  # no crop repeats
+    same = cnn_photos.photo_crops("same-photos", 64, 30)  # the diagnostic split: other crops of the same photos
+    assert len({a.tobytes() for a in np.concatenate([calib, evaluation, same])}) == 90  # no crop repeats
     for package, name in cnn_photos.CALIBRATION_PHOTOS + cnn_photos.EVALUATION_PHOTOS:
         assert min(np.asarray(cnn_photos._photo(package, name)).shape[:2]) >= 256
 
