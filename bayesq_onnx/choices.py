@@ -6,6 +6,7 @@ METHODS = ("bayesq", "bayesq-fixed", "rtn", "gptq")
 DEFAULT_METHOD = "bayesq"
 GPTQ_MIXES = ("knapsack", "proportional")
 RISKS = ("closed", "rounded", "mc")
+ROUNDINGS = ("feedback", "nearest")
 FIXED_FAMILIES = ("uniform", "codebook")
 CURVATURES = ("diag", "kfac", "lowrank")
 FISHERS = ("true", "empirical")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from .choices import (CURVATURES, FISHERS, FIXED_FAMILIES, GPTQ_MIXES, METHODS, PROVIDERS, RISKS,
+from .choices import (CURVATURES, FISHERS, FIXED_FAMILIES, GPTQ_MIXES, METHODS, PROVIDERS, RISKS, ROUNDINGS,
                       SCOPES, TARGETS, TEACHERS)
 from .config import RECIPES, CompileConfig, build_config
 from .errors import BayesQError, UserError, in_words_of
@@ -137,6 +137,9 @@ def _config_defaults(command: click.Command) -> click.Command:
 @_advanced("--prior-precision", type=float, help="Prior precision τ [empirical Bayes per layer].")
 @_advanced("--act-order/--no-act-order", show_default=True,
            help="kfac and gptq: round columns in decreasing curvature order (GPTQ's act-order).")
+@_advanced("--rounding", type=click.Choice(ROUNDINGS), show_default=True,
+           help="bayesq: codes by error feedback in the posterior metric (kfac, lowrank), or nearest on the "
+                "designed grid (more robust when the calibration data is unlike the deployment data).")
 @_advanced("--gptq-mix", type=click.Choice(GPTQ_MIXES), show_default=True,
            help="gptq at a fractional --bits: wider codes by knapsack on GPTQ's layer errors, or to layers "
                 "in graph order (proportional).")

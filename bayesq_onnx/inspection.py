@@ -132,7 +132,7 @@ def _plain_weights(proto: onnx.ModelProto, sizes: dict[str, int]) -> dict:
     collect = CollectWeightsPass(scope="all")
     collect(ir.serde.deserialize_model(proto))
     weights = [{"name": w.name, "shape": list(w.layout.shape), "weights": w.size, "consumers": sorted(set(w.consumers)),
-                "scope": "all" if set(w.consumers) == {"Gather"} else "linear", "bytes": sizes[w.name]}
+                "scope": "linear" if w.in_linear_scope else "all", "bytes": sizes[w.name]}
                for w in sorted(collect.weights.values(), key=lambda w: (w.first_use, w.name))]
     return {"weights": weights,
             "totals": {"weights": sum(w["weights"] for w in weights), "bytes": sum(w["bytes"] for w in weights),

@@ -21,6 +21,7 @@ import torch
 from . import __version__, artifact, artifact_format
 from .analysis.fit_layer_posterior import FitLayerPosterior
 from .analysis.fit_posterior import FitLaplacePosterior
+from .bayes.laplace import LaplaceOptions
 from .bayes.layerwise import common_scale
 from .config import CompileConfig
 from .distill import DistillResult, DistillUnsupported, distill
@@ -53,6 +54,7 @@ class CompileResult:
 def compile_model(config: CompileConfig, reporter: Reporter | None = None,
                   bundle: ModelBundle | None = None) -> CompileResult:
     """Compile ``config.model`` (or a ready ``bundle``) into ``config.out``; see docs/design.md §1."""
+    # one long function on purpose: the stages read top to bottom, each one's inputs and outputs in view
     config.validate()
     if bundle is None:
         check_model_spec(config.model)
@@ -145,7 +147,7 @@ def compile_model(config: CompileConfig, reporter: Reporter | None = None,
         # the posteriors, the planner's tables, the FP32 bytes and the extracted weights are done with: free
         # them before ORT holds two sessions
         fp_size, left_in_float = len(fp_bytes), collect.skipped
-        linear = [n for n in plan.tensors if any(op != "Gather" for op in weights[n].consumers)]
+        linear = [n for n in plan.tensors if weights[n].in_linear_scope]
         posteriors = planner = fp_bytes = weights = collect = None  # the FP32 file on disk is what ORT reads
         release_freed_memory()
         with rep.stage("validate in ONNX Runtime") as outcome:
@@ -223,8 +225,9 @@ def _fit_posteriors(config: CompileConfig, bundle: ModelBundle, fp_bytes: bytes,
     if bundle.module is None or config.method == "gptq":
         return layerwise()
     laplace = FitLaplacePosterior(
-        bundle, curvature=config.curvature, fisher=config.fisher, samples=config.fisher_samples, rank=config.rank,
-        n_data=config.n_data, prior_precision=config.prior_precision, seed=config.seed,
+        bundle, LaplaceOptions(curvature=config.curvature, fisher=config.fisher, samples=config.fisher_samples,
+                               rank=config.rank, n_data=config.n_data, prior_precision=config.prior_precision,
+                               seed=config.seed),
         progress=lambda b, i: rep.track(b, f"calibration pass {i + 1}"))
     posts = laplace(weights)
     if laplace.unbound:

@@ -55,9 +55,23 @@ def tensor_bytes(t: onnx.TensorProto) -> int:
 
 
 def to_markdown(report: dict) -> str:
-    b, f, lat, sz = report["bits"], report["fidelity"], report["latency"], report["sizes"]
-    h = report["headline"]
-    lines = [
+    """report.md: one section after the other, each a list of lines from the report's own figures."""
+    lines = [*_summary(report), *_metrics(report), *_latency(report)]
+    if "search" in report:
+        lines += _search(report["search"])
+    if "distill" in report:
+        lines += _distillation(report["distill"], report["fidelity"])
+    if report.get("left_in_float"):
+        lines += ["## Float tensors left as they are", "", "| tensor | why |", "|---|---|"]
+        lines += [f"| `{n}` | {why} |" for n, why in sorted(report["left_in_float"].items())]
+        lines.append("")
+    lines += _per_tensor(report["plan"]["tensors"])
+    return "\n".join(lines) + "\n"
+
+
+def _summary(report: dict) -> list[str]:
+    b, sz = report["bits"], report["sizes"]
+    return [
         f"# BayesQ-ONNX report: {report['model']['name']}",
         "",
         *[f"> **WARNING: {w}**\n" for w in report.get("warnings", [])],
@@ -71,6 +85,12 @@ def to_markdown(report: dict) -> str:
         f"- export check: max |ONNX − PyTorch| = {report['export']['max_abs_diff']:.2e}"
         if "max_abs_diff" in report["export"] else f"- input: {report['export']['source']}",
         "",
+    ]
+
+
+def _metrics(report: dict) -> list[str]:
+    h = report["headline"]
+    return [
         "## Metrics on held-out data (FP32 reference and quantized artifact)",
         "",
         f"Headline {h['metric']} **{h['value']:.4f}**, bootstrap 95 % interval {h['ci95'][0]:.4f}–{h['ci95'][1]:.4f} "
@@ -78,54 +98,54 @@ def to_markdown(report: dict) -> str:
         "",
         "| metric | value |",
         "|---|---|",
-        *[f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in f.items()],
+        *[f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in report["fidelity"].items()],
         "",
-        f"## Latency ({lat['feed']}, {lat['provider']})",
-        "",
-        "| model | median ms | p90 ms | session start s |",
-        "|---|---|---|---|",
     ]
-    for key in ("fp32", "quantized"):
-        lines.append(f"| {key} | {lat[key]['median_ms']:.2f} | {lat[key]['p90_ms']:.2f} | "
-                     f"{report['session_start_s'][key]:.3f} |")
-    lines += ["", f"Latency ratio quantized / FP32 (median): **{lat['ratio']:.3f}**", ""]
-    if "search" in report:
-        sr = report["search"]
-        lines += [f"## Budget search: least all-in bits with {sr['headline']} drop ≤ {sr['max_drop']:g}", "",
-                  f"FP32 {sr['headline']} {sr['fp32_score']:.4f}; chosen {sr['chosen_all_in_bits']:.3f} bits "
-                  f"after {len(sr['steps'])} validations ({sr['note']}).", "",
-                  f"| budget | all-in bits | {sr['headline']} | drop | within |", "|---|---|---|---|---|"]
-        lines += [f"| {st['budget']:.3f} | {st['all_in_bits']:.3f} | {st[sr['headline']]:.4f} | {st['drop']:.4f} | "
-                  f"{'yes' if st['within'] else 'no'} |" for st in sr["steps"]]
-        lines.append("")
-    if "distill" in report:
-        d = report["distill"]
-        lines += ["## Distillation (calibration inputs only)", ""]
-        if "skipped" in d:
-            lines += [f"Skipped: {d['skipped']}.", ""]
-        else:
-            lines += [f"Teacher **{d['teacher']}** ({d['teacher_samples']} model(s)); loss {d['loss']}; "
-                      f"{d['steps']} of {d['max_steps']} steps (best at {d['best_step']}), {d['seconds']:.1f} s; "
-                      f"held-out calibration loss {d['heldout_loss_before']:.4g} → {d['heldout_loss_after']:.4g}; "
-                      f"student vs artifact max |Δ| {d['student_vs_artifact_max_abs_diff']:.2e}.", "",
-                      *[f"Note: {d[k]}.\n" for k in ("teacher_note", "teacher_fallback") if k in d],
-                      "| metric | without distillation | with |", "|---|---|---|"]
-            lines += [f"| {k} | {v:.4f} | {f[k]:.4f} |" for k, v in d["fidelity_before"].items()
-                      if isinstance(v, float) and isinstance(f.get(k), float)]
-            lines.append("")
-    if report.get("left_in_float"):
-        lines += ["## Float tensors left as they are", "", "| tensor | why |", "|---|---|"]
-        lines += [f"| `{n}` | {why} |" for n, why in sorted(report["left_in_float"].items())]
-        lines.append("")
-    lines += ["## Per tensor", "",
-              "| tensor | shape | candidate | all-in bits | risk | Fisher mass | whitened error |",
-              "|---|---|---|---|---|---|---|"]
+
+
+def _latency(report: dict) -> list[str]:
+    lat = report["latency"]
+    return [f"## Latency ({lat['feed']}, {lat['provider']})", "",
+            "| model | median ms | p90 ms | session start s |", "|---|---|---|---|",
+            *[f"| {key} | {lat[key]['median_ms']:.2f} | {lat[key]['p90_ms']:.2f} | "
+              f"{report['session_start_s'][key]:.3f} |" for key in ("fp32", "quantized")],
+            "", f"Latency ratio quantized / FP32 (median): **{lat['ratio']:.3f}**", ""]
+
+
+def _search(sr: dict) -> list[str]:
+    return [f"## Budget search: least all-in bits with {sr['headline']} drop ≤ {sr['max_drop']:g}", "",
+            f"FP32 {sr['headline']} {sr['fp32_score']:.4f}; chosen {sr['chosen_all_in_bits']:.3f} bits "
+            f"after {len(sr['steps'])} validations ({sr['note']}).", "",
+            f"| budget | all-in bits | {sr['headline']} | drop | within |", "|---|---|---|---|---|",
+            *[f"| {st['budget']:.3f} | {st['all_in_bits']:.3f} | {st[sr['headline']]:.4f} | {st['drop']:.4f} | "
+              f"{'yes' if st['within'] else 'no'} |" for st in sr["steps"]],
+            ""]
+
+
+def _distillation(d: dict, fidelity: dict) -> list[str]:
+    lines = ["## Distillation (calibration inputs only)", ""]
+    if "skipped" in d:
+        return lines + [f"Skipped: {d['skipped']}.", ""]
+    return lines + [
+        f"Teacher **{d['teacher']}** ({d['teacher_samples']} model(s)); loss {d['loss']}; "
+        f"{d['steps']} of {d['max_steps']} steps (best at {d['best_step']}), {d['seconds']:.1f} s; "
+        f"held-out calibration loss {d['heldout_loss_before']:.4g} → {d['heldout_loss_after']:.4g}; "
+        f"student vs artifact max |Δ| {d['student_vs_artifact_max_abs_diff']:.2e}.", "",
+        *[f"Note: {d[k]}.\n" for k in ("teacher_note", "teacher_fallback") if k in d],
+        "| metric | without distillation | with |", "|---|---|---|",
+        *[f"| {k} | {v:.4f} | {fidelity[k]:.4f} |" for k, v in d["fidelity_before"].items()
+          if isinstance(v, float) and isinstance(fidelity.get(k), float)],
+        ""]
+
+
+def _per_tensor(tensors: list[dict]) -> list[str]:
     fmt = lambda v: "" if v is None else f"{v:.3g}"  # noqa: E731 - rtn plans carry no posterior figures
-    for t in report["plan"]["tensors"]:
-        lines.append(f"| `{t['name']}` | {'×'.join(map(str, t['shape']))} | {t['candidate']['label']} | "
-                     f"{t['all_in_bits']:.3f} | {fmt(t.get('risk'))} | {fmt(t.get('fisher_mass'))} | "
-                     f"{fmt(t.get('whitened_error'))} |")
-    return "\n".join(lines) + "\n"
+    return ["## Per tensor", "",
+            "| tensor | shape | candidate | all-in bits | risk | Fisher mass | whitened error |",
+            "|---|---|---|---|---|---|---|",
+            *[f"| `{t['name']}` | {'×'.join(map(str, t['shape']))} | {t['candidate']['label']} | "
+              f"{t['all_in_bits']:.3f} | {fmt(t.get('risk'))} | {fmt(t.get('fisher_mass'))} | "
+              f"{fmt(t.get('whitened_error'))} |" for t in tensors]]
 
 
 def bits_plot(plan: Plan) -> bytes:

@@ -86,62 +86,88 @@ def fold_batchnorm(gm: fx.GraphModule) -> tuple[int, int]:
     norms = [n for n in graph.nodes if n.op == "call_function" and n.target in _BATCHNORM]
     folded = 0
     for bn in norms:
-        conv = bn.args[0]
-        if not (isinstance(conv, fx.Node) and conv.op == "call_function" and conv.target in _CONV | {aten.conv3d.default}
-                and len(conv.users) == 1 and not _conv_transposed(conv)):
+        found = _foldable_conv(bn)
+        if found is None:
             continue
-        if bn.target == aten.batch_norm.default and bn.args[5]:
-            continue  # training-mode statistics: nothing constant to fold
-        uses = list(bn.users)
-        if bn.target != aten.batch_norm.default and not all(
-                u.target is operator.getitem and u.args[1] == 0 for u in uses):
-            continue  # a tuple result whose statistics are read too: the BatchNorm must stay
-        w_node = conv.args[1]
-        b_node = conv.args[2] if len(conv.args) > 2 else conv.kwargs.get("bias")
-        params = [bn.args[i] for i in range(1, 5)]
-        if not (_is_attr(w_node) and len(w_node.users) == 1 and (b_node is None or (_is_attr(b_node) and len(b_node.users) == 1))
-                and all(p is None or _is_attr(p) for p in params)):
-            continue
+        conv, w_node, b_node, params = found
         eps = bn.args[7] if bn.target == aten.batch_norm.default else bn.args[-1]
         weight = _get(gm, w_node.target)
-        gamma, beta, mean, var = (None if p is None else _get(gm, p.target).detach() for p in params)
-        with torch.no_grad():
-            s = torch.rsqrt(var.double() + eps)
-            if gamma is not None:
-                s = s * gamma.double()
-            shape = (-1,) + (1,) * (weight.dim() - 1)
-            new_w = (weight.double() * s.reshape(shape)).to(weight.dtype)
-            bias = _get(gm, b_node.target).double() if b_node is not None else torch.zeros_like(s)
-            new_b = (bias - mean.double()) * s + (beta.double() if beta is not None else 0.0)
+        bias = _get(gm, b_node.target) if b_node is not None else None
+        new_w, new_b = _folded(weight, bias, *(None if p is None else _get(gm, p.target).detach() for p in params),
+                               eps)
         _set(gm, w_node.target, torch.nn.Parameter(new_w, requires_grad=weight.requires_grad))
-        if b_node is not None:
-            _set(gm, b_node.target, torch.nn.Parameter(new_b.to(weight.dtype)))
-        else:
-            owner = w_node.target.rpartition(".")[0]
-            target = _free_name(gm, f"{owner}.bias" if owner else "bias")
-            _set(gm, target, torch.nn.Parameter(new_b.to(weight.dtype)))
-            with graph.inserting_before(conv):
-                b_node = graph.get_attr(target)
-            args = list(conv.args) + [None] * max(0, 3 - len(conv.args))
-            args[2] = b_node
-            conv.args = tuple(args)
-        if bn.target == aten.batch_norm.default:
-            bn.replace_all_uses_with(conv)
-        else:  # a tuple whose first element (the output) is all that is read
-            for u in uses:
-                u.replace_all_uses_with(conv)
-                graph.erase_node(u)
-        graph.erase_node(bn)
-        for p in params:
-            if p is not None and not p.users:
-                graph.erase_node(p)
-                _delete(gm, p.target)
+        _bypass_batchnorm(gm, bn, conv, w_node, b_node, params, torch.nn.Parameter(new_b.to(weight.dtype)))
         folded += 1
     if folded:
         graph.eliminate_dead_code()
         graph.lint()
         gm.recompile()
     return folded, len(norms)
+
+
+def _foldable_conv(bn: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node | None, list] | None:
+    """``(conv, its weight node, its bias node or None, the BatchNorm's γ, β, mean, var nodes)`` when ``bn``
+    folds into the convolution before it (:func:`fold_batchnorm`), else ``None``."""
+    conv = bn.args[0]
+    if not (isinstance(conv, fx.Node) and conv.op == "call_function" and conv.target in _CONV | {aten.conv3d.default}
+            and len(conv.users) == 1 and not _conv_transposed(conv)):
+        return None
+    if bn.target == aten.batch_norm.default and bn.args[5]:
+        return None  # training-mode statistics: nothing constant to fold
+    if bn.target != aten.batch_norm.default and not all(
+            u.target is operator.getitem and u.args[1] == 0 for u in bn.users):
+        return None  # a tuple result whose statistics are read too: the BatchNorm must stay
+    w_node = conv.args[1]
+    b_node = conv.args[2] if len(conv.args) > 2 else conv.kwargs.get("bias")
+    params = [bn.args[i] for i in range(1, 5)]
+    if not (_is_attr(w_node) and len(w_node.users) == 1 and (b_node is None or (_is_attr(b_node) and len(b_node.users) == 1))
+            and all(p is None or _is_attr(p) for p in params)):
+        return None
+    return conv, w_node, b_node, params
+
+
+def _folded(weight: torch.Tensor, bias: torch.Tensor | None, gamma: torch.Tensor | None, beta: torch.Tensor | None,
+            mean: torch.Tensor, var: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(s·W, (b − m)·s + β)`` with ``s = γ / √(v + ε)`` per output channel, computed in float64: ``W'`` in
+    the weight's dtype, ``b'`` in float64 (``b``, ``γ``, ``β`` absent: 0, 1, 0)."""
+    with torch.no_grad():
+        s = torch.rsqrt(var.double() + eps)
+        if gamma is not None:
+            s = s * gamma.double()
+        shape = (-1,) + (1,) * (weight.dim() - 1)
+        new_w = (weight.double() * s.reshape(shape)).to(weight.dtype)
+        b = bias.double() if bias is not None else torch.zeros_like(s)
+        new_b = (b - mean.double()) * s + (beta.double() if beta is not None else 0.0)
+    return new_w, new_b
+
+
+def _bypass_batchnorm(gm: fx.GraphModule, bn: fx.Node, conv: fx.Node, w_node: fx.Node, b_node: fx.Node | None,
+                      params: list, new_bias: torch.nn.Parameter) -> None:
+    """Give ``conv`` the folded bias (a new attribute when it had none), read ``conv`` where ``bn`` was read,
+    and remove ``bn`` and its parameters that nothing else reads."""
+    graph = gm.graph
+    if b_node is not None:
+        _set(gm, b_node.target, new_bias)
+    else:
+        owner = w_node.target.rpartition(".")[0]
+        target = _free_name(gm, f"{owner}.bias" if owner else "bias")
+        _set(gm, target, new_bias)
+        with graph.inserting_before(conv):
+            b_node = graph.get_attr(target)
+        args = list(conv.args) + [None] * max(0, 3 - len(conv.args))
+        args[2] = b_node
+        conv.args = tuple(args)
+    if bn.target == aten.batch_norm.default:
+        bn.replace_all_uses_with(conv)
+    else:  # a tuple whose first element (the output) is all that is read
+        for u in list(bn.users):
+            u.replace_all_uses_with(conv)
+            graph.erase_node(u)
+    graph.erase_node(bn)
+    for p in params:
+        if p is not None and not p.users:
+            graph.erase_node(p)
+            _delete(gm, p.target)
 
 
 def weight_ops(gm: fx.GraphModule) -> list[WeightOp]:

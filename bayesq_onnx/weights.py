@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from .quant.layout import WeightLayout
+from .weight_inputs import LINEAR_WEIGHT_INPUT
 
 
 @dataclass
@@ -25,6 +26,17 @@ class WeightInfo:
     @property
     def size(self) -> int:
         return int(self.array.size)
+
+    @property
+    def in_linear_scope(self) -> bool:
+        """Whether scope ``linear`` quantizes it: a linear op reads it (not only Gather, as a table)."""
+        return any(op in LINEAR_WEIGHT_INPUT for op in self.consumers)
+
+
+def canonical_mu(weight: WeightInfo) -> torch.Tensor:
+    """The weight's values as float32 ``[rows, cols]`` in the canonical layout (the posterior mean μ; a view
+    of a fresh copy where the layout allows)."""
+    return weight.layout.to_canonical(torch.from_numpy(np.array(weight.array, dtype=np.float32)))
 
 
 @dataclass
@@ -58,6 +70,11 @@ class WeightPosterior:
         return WeightPosterior(self.name, self.parameter, self.precision * c, self.prior_precision * c, self.n_data,
                                A=self.A, G_diag=None if self.G_diag is None else self.G_diag * c,
                                U=None if self.U is None else self.U * c ** 0.5, info=info)
+
+    def lowrank_diagonal(self) -> torch.Tensor:
+        """``D`` of the low-rank form Λ = D + UUᵀ: diag Λ − rowsum(U²), clamped at τ (round-off in the
+        subtraction must not leave a precision below the prior's)."""
+        return (self.precision - (self.U * self.U).sum(1).reshape(self.precision.shape)).clamp_min(self.prior_precision)
 
     def design_weights(self) -> torch.Tensor:
         """Per-weight λ_i for the quantizer design: diag Λ (Kronecker diagonal with K-FAC)."""

@@ -14,6 +14,7 @@ from bayesq_onnx.passes.upgrade_opset import UpgradeOpsetPass
 from bayesq_onnx.plan import Candidate, Plan, QuantizedTensor
 from bayesq_onnx.planning.rtn import fit_minmax
 from bayesq_onnx.quant import codebook
+from bayesq_onnx.weights import canonical_mu
 
 
 def plan_all(proto: onnx.ModelProto, cand: Candidate, scope: str = "all", seed: int = 0) -> Plan:
@@ -31,7 +32,7 @@ def plan_all(proto: onnx.ModelProto, cand: Candidate, scope: str = "all", seed: 
             per = cand.rows_per_table(lay)
             levels = np.sort(rng.normal(0, w.array.std(), (lay.rows // per, 2**cand.bits)), axis=1)
             levels = levels.astype(np.float16)
-            w2 = lay.to_canonical(torch.from_numpy(np.array(w.array)))
+            w2 = canonical_mu(w)
             codes = codebook.nearest_codes(w2, torch.from_numpy(levels), per).numpy()
             tensors[name] = QuantizedTensor(name, lay, cand, codes=codes, levels=levels)
         else:
@@ -75,11 +76,12 @@ def run(model: onnx.ModelProto | ir.Model | bytes, feed: dict, config: dict | No
 
 
 def fit_parameters(module: torch.nn.Module, batches: list[dict[str, torch.Tensor]], parameters, *,
-                   input_names: list[str], **options) -> dict:
+                   input_names: list[str], likelihood: str = "gaussian", targets=None, **options) -> dict:
     """:func:`~bayesq_onnx.bayes.laplace.fit_laplace` for named parameters of a plain module, keyed by
-    parameter: traced as a compile traces it (axis 0 and every axis whose length differs across ``batches``
-    dynamic). A parameter several ops read (tied) is fitted on each; the first op in graph order is returned."""
-    from bayesq_onnx.bayes.laplace import fit_laplace
+    parameter (``options``: :class:`~bayesq_onnx.bayes.laplace.LaplaceOptions` fields): traced as a compile
+    traces it (axis 0 and every axis whose length differs across ``batches`` dynamic). A parameter several
+    ops read (tied) is fitted on each; the first op in graph order is returned."""
+    from bayesq_onnx.bayes.laplace import CalibrationData, LaplaceOptions, fit_laplace
     from bayesq_onnx.export import traced_program
     from bayesq_onnx.models.python_module import module_bundle
     from bayesq_onnx.traced import weight_ops
@@ -87,7 +89,8 @@ def fit_parameters(module: torch.nn.Module, batches: list[dict[str, torch.Tensor
     program = traced_program(module_bundle(module, batches, input_names=input_names))
     wanted = set(parameters)
     ops = [op for op in weight_ops(program) if op.parameter in wanted]
-    fitted = fit_laplace(program, batches, ops, input_names=input_names, **options)
+    fitted = fit_laplace(program, CalibrationData(batches, input_names, likelihood, targets), LaplaceOptions(**options),
+                         ops=ops)
     out: dict = {}
     for op in ops:
         if op.name in fitted and op.parameter not in out:

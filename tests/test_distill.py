@@ -133,6 +133,7 @@ def _classifier_plan():
     bundle = classifier_bundle()
     from bayesq_onnx.passes.collect_weights import CollectWeightsPass
     from bayesq_onnx.analysis.fit_posterior import FitLaplacePosterior
+    from bayesq_onnx.bayes.laplace import LaplaceOptions
     from bayesq_onnx.planning.bayesq_fixed import PlanBayesQFixed
     from bayesq_onnx.plan import Candidate
 
@@ -140,7 +141,7 @@ def _classifier_plan():
     bindings = map_parameters(bundle.module, model)
     collect = CollectWeightsPass()
     collect(model)
-    posteriors = FitLaplacePosterior(bundle, curvature="kfac", n_data=1e3)(collect.weights)
+    posteriors = FitLaplacePosterior(bundle, LaplaceOptions(curvature="kfac", n_data=1e3))(collect.weights)
     plan = PlanBayesQFixed(Candidate("uniform", 2), posteriors, curvature="kfac")(collect.weights)
     return bundle, bindings, posteriors, plan
 

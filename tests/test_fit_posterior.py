@@ -2,22 +2,23 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
 from bayesq_onnx.analysis.fit_posterior import FitLaplacePosterior
+from bayesq_onnx.bayes.laplace import LaplaceOptions
 from bayesq_onnx.plan import Candidate
 from bayesq_onnx.planning.bayesq_fixed import PlanBayesQFixed
 from bayesq_onnx.planning.rtn import PlanRoundToNearest
 from bayesq_onnx.planning.tensor_design import whitened_error
+from bayesq_onnx.weights import canonical_mu
 
 
 @pytest.fixture(scope="module")
 def analysed(tiny_exported):
     bundle, bindings, weights = tiny_exported
     # N large: the data term dominates the prior, as for a pretrained model's posterior
-    posts = {c: FitLaplacePosterior(bundle, curvature=c, n_data=1e6)(weights)
+    posts = {c: FitLaplacePosterior(bundle, LaplaceOptions(curvature=c, n_data=1e6))(weights)
              for c in ("diag", "kfac", "lowrank")}
     return bundle, bindings, weights, posts
 
@@ -63,7 +64,7 @@ def test_bayes_plan_beats_rtn_in_its_own_metric(analysed, curvature, cand):
     plan = PlanBayesQFixed(cand, post, curvature=curvature)(weights)
     for name, qt in plan.tensors.items():
         assert qt.info["whitened_error"] > 0
-        mu = weights[name].layout.to_canonical(torch.from_numpy(np.array(weights[name].array)))
+        mu = canonical_mu(weights[name])
         got = torch.from_numpy(weights[name].layout.to_canonical(qt.dequantize()))
         assert whitened_error(got - mu, post[name]) == pytest.approx(qt.info["whitened_error"], rel=1e-4)
     if cand.family == "uniform":
@@ -71,7 +72,7 @@ def test_bayes_plan_beats_rtn_in_its_own_metric(analysed, curvature, cand):
         ours = sum(t.info["whitened_error"] for t in plan.tensors.values())
         theirs = 0.0
         for name, qt in rtn.tensors.items():
-            mu = weights[name].layout.to_canonical(torch.from_numpy(np.array(weights[name].array)))
+            mu = canonical_mu(weights[name])
             got = torch.from_numpy(weights[name].layout.to_canonical(qt.dequantize()))
             theirs += whitened_error(got - mu, post[name])
         assert ours <= theirs * (1 + 1e-9)  # the clipping search includes RTN's own range

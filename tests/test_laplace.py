@@ -299,7 +299,6 @@ def test_a_model_may_modify_its_float_input_in_place():
 
 
 def test_strided_1x1_conv_patches_are_unfold():
-    conv = torch.nn.Conv2d(4, 2, 1, stride=2)
     x = torch.randn(3, 4, 7, 6)
     spec = ConvSpec((2, 2), (0, 0), (1, 1), 1)
     assert torch.equal(op_gradients.conv_patches(x, (1, 1), spec), torch.nn.functional.unfold(x, 1, stride=2))

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from bayesq_onnx.analysis.fit_posterior import FitLaplacePosterior
 from bayesq_onnx.analysis.mc_risk import MonteCarloRisk
+from bayesq_onnx.bayes.laplace import LaplaceOptions
 from bayesq_onnx.config import CompileConfig
 from bayesq_onnx.errors import UserError
 from bayesq_onnx.pipeline import compile_model
@@ -20,7 +22,7 @@ from tiny_torch import tiny_bundle
 @pytest.fixture(scope="module")
 def analysed(tiny_exported):
     bundle, bindings, weights = tiny_exported
-    return bundle, bindings, weights, FitLaplacePosterior(bundle, curvature="kfac")(weights)
+    return bundle, bindings, weights, FitLaplacePosterior(bundle, LaplaceOptions(curvature="kfac"))(weights)
 
 
 def test_placeholder_cost_equals_fitted_cost(analysed):
@@ -49,6 +51,35 @@ def test_more_budget_never_raises_risk(analysed):
     risks = [sum(t.info["risk"] for t in PlanBayesQ(b, post, allowed)(weights).tensors.values())
              for b in (2.5, 3.0, 4.0, 5.0)]
     assert risks == sorted(risks, reverse=True)
+
+
+def test_nearest_rounding_is_nearest_on_the_same_grid(analysed):
+    """``rounding="nearest"`` keeps the designed grid and takes the nearest codes; ``"feedback"`` (K-FAC)
+    takes other codes on that grid, with less error in the posterior metric it compensates in."""
+    from bayesq_onnx.planning.tensor_design import canonical_mu, design_grid, round_on_grid
+
+    _, _, weights, post = analysed
+    compared = 0
+    for w in weights.values():
+        cand = next(c for c in candidates.for_target(w, "size") if c.family == "uniform" and c.bits == 3)
+        mu = canonical_mu(w)
+        grid, dist = design_grid(w, post[w.name], cand, mu=mu)
+        near = round_on_grid(w, post[w.name], cand, grid, dist, curvature="kfac", rounding="nearest")
+        fed = round_on_grid(w, post[w.name], cand, grid, dist, curvature="kfac")
+        codes, _ = grid.quantize(mu, slice(0, w.layout.rows), slice(0, w.layout.cols))
+        np.testing.assert_array_equal(near.codes, codes.numpy())
+        np.testing.assert_array_equal(near.scale, fed.scale)
+        assert near.info["curvature"] == "nearest"
+        assert fed.info["curvature"] == ("kfac" if post[w.name].A is not None else "diag")
+        if post[w.name].A is not None:
+            assert fed.info["whitened_error"] < near.info["whitened_error"]
+            compared += 1
+    assert compared >= 2
+
+
+def test_unknown_rounding_is_refused():
+    with pytest.raises(UserError, match="rounding"):
+        CompileConfig(rounding="stochastic").validate()
 
 
 def test_infeasible_budgets(analysed):

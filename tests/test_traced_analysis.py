@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from bayesq_onnx import traced
 from bayesq_onnx.analysis.fit_posterior import OpBinding, _canonical, bind_weight
-from bayesq_onnx.bayes.laplace import LayerPosterior, fit_laplace
+from bayesq_onnx.bayes.laplace import CalibrationData, LaplaceOptions, LayerPosterior, fit_laplace
 from bayesq_onnx.bayes.layerwise import common_scale
 from bayesq_onnx.quant.layout import WeightLayout
 from bayesq_onnx.report import collapse_warning
@@ -84,7 +84,7 @@ def test_every_weight_op_gets_a_finite_positive_posterior():
     traced.fold_batchnorm(gm)
     batches = [{"x": torch.randn(6, 3, 6, 6)} for _ in range(2)]
     for curvature in ("diag", "kfac"):
-        posts = fit_laplace(gm, batches, input_names=["x"], curvature=curvature, micro_batch=4)
+        posts = fit_laplace(gm, CalibrationData(batches, ["x"]), LaplaceOptions(curvature=curvature, micro_batch=4))
         assert len(posts) == len(traced.weight_ops(gm))
         for p in posts.values():
             assert torch.isfinite(p.precision_diag()).all() and (p.precision_diag() > 0).all()
@@ -106,8 +106,8 @@ def test_generic_vjp_equals_autograd_per_item():
     m = Up().eval()
     x = torch.randn(5, 3, 3, 3)
     gm = traced.export_program(m, (x,), ({0: torch.export.Dim("batch", min=1)},))
-    post = fit_laplace(gm, [{"x": x}], input_names=["x"], fisher="empirical", likelihood="gaussian",
-                       targets=[torch.zeros(5, 72)], output_noise=1.0, prior_precision=1.0, micro_batch=None)
+    post = fit_laplace(gm, CalibrationData([{"x": x}], ["x"], "gaussian", targets=[torch.zeros(5, 72)]),
+                       LaplaceOptions(fisher="empirical", output_noise=1.0, prior_precision=1.0, micro_batch=None))
     (p,) = post.values()
     expected = torch.zeros_like(m.up.weight)
     for i in range(5):

@@ -26,7 +26,8 @@ from ..bayes.layerwise import InputMoments, layerwise_posterior, token_frequency
 from ..errors import UserError
 from ..models.base import Batch
 from ..runtime.session import CPU, make_session
-from ..weights import WeightInfo, WeightPosterior
+from ..weight_inputs import EMBEDDING_WEIGHT_INPUT, WEIGHT_INPUT
+from ..weights import WeightInfo, WeightPosterior, canonical_mu
 
 
 FETCH_BYTES = 64 << 20
@@ -87,7 +88,7 @@ class FitLayerPosterior:
 
         out = {}
         for name, w in weights.items():
-            mu = torch.from_numpy(w.layout.to_canonical(w.array).copy()).float()
+            mu = canonical_mu(w).contiguous()  # row-major: its reductions sum in one order whatever the layout
             fitted = [layerwise_posterior(mu, moments[name, i], self.n_data, self.prior_precision)
                       for i, t in enumerate(taps.get(name, ())) if (name, i) in moments]
             if not fitted:
@@ -148,11 +149,13 @@ def _taps(graph: onnx.GraphProto, weights: dict[str, WeightInfo]) -> dict[str, l
     """Each weight's consumers in the main graph, with the activation each one multiplies it by."""
     taps: dict[str, list[_Tap]] = {}
     for node in graph.node:
+        index = WEIGHT_INPUT.get(node.op_type)
+        if index is None or len(node.input) < 2 or node.input[index] not in weights:
+            continue
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-        if node.op_type in ("MatMul", "Gemm", "Conv") and len(node.input) > 1 and node.input[1] in weights:
-            taps.setdefault(node.input[1], []).append(_Tap(node.input[0], node.op_type, attrs))
-        elif node.op_type == "Gather" and node.input[0] in weights and int(attrs.get("axis", 0)) == 0:
-            taps.setdefault(node.input[0], []).append(_Tap(node.input[1], "Gather", attrs))
+        if node.op_type in EMBEDDING_WEIGHT_INPUT and int(attrs.get("axis", 0)) != 0:
+            continue  # the table's posterior counts row lookups; a Gather on another axis makes none
+        taps.setdefault(node.input[index], []).append(_Tap(node.input[1 - index], node.op_type, attrs))
     return taps
 
 

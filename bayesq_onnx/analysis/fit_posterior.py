@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..bayes.laplace import fit_laplace
+from ..bayes.laplace import CalibrationData, LaplaceOptions, fit_laplace
 from ..errors import UserError
 from ..export import traced_program
 from ..traced import weight_ops
@@ -81,26 +81,21 @@ class FitLaplacePosterior:
     initializer. Afterwards ``unbound`` lists the initializers no op's weight was found in (they need the
     layer-wise posterior, :class:`~bayesq_onnx.analysis.fit_layer_posterior.FitLayerPosterior`)."""
 
-    def __init__(self, bundle: ModelBundle, *, curvature: str = "diag", fisher: str = "true", samples: int = 1,
-                 rank: int = 8, n_data: float | None = None, prior_precision: float | None = None, seed: int = 0,
-                 progress=None):
-        self.bundle = bundle
-        self.options = dict(curvature=curvature, fisher=fisher, samples=samples, rank=rank, n_data=n_data,
-                            prior_precision=prior_precision, seed=seed)
-        self.progress = progress
+    def __init__(self, bundle: ModelBundle, options: LaplaceOptions = LaplaceOptions(), *, progress=None):
+        self.bundle, self.options, self.progress = bundle, options, progress
         self.unbound: list[str] = []
 
     def __call__(self, weights: dict[str, WeightInfo]) -> dict[str, WeightPosterior]:
         b = self.bundle
-        if self.options["fisher"] == "empirical" and b.calibration_targets is None:
+        if self.options.fisher == "empirical" and b.calibration_targets is None:
             raise UserError(f"`fisher` empirical needs labels; model {b.name!r} has none: use `fisher` true")
         program = traced_program(b)
-        batches = [{k: torch.from_numpy(v) for k, v in batch.items()} for batch in b.calibration]
-        targets = [torch.from_numpy(t) for t in b.calibration_targets] if b.calibration_targets else None
+        data = CalibrationData([{k: torch.from_numpy(v) for k, v in batch.items()} for batch in b.calibration],
+                               b.input_names, b.likelihood,
+                               [torch.from_numpy(t) for t in b.calibration_targets] if b.calibration_targets else None)
         sizes = {w.size for w in weights.values()}
         ops = [op for op in weight_ops(program) if op.numel is None or op.numel in sizes]  # only what can bind
-        layers = fit_laplace(program, batches, ops, input_names=b.input_names, likelihood=b.likelihood,
-                             targets=targets, progress=self.progress, **self.options)
+        layers = fit_laplace(program, data, self.options, ops=ops, progress=self.progress)
         by_size: dict[int, list[str]] = {}
         for key, post in layers.items():
             by_size.setdefault(post.weight.numel(), []).append(key)

@@ -47,12 +47,11 @@ import torch.fx as fx
 import torch
 import torch.nn.functional as F
 
+from ..choices import CURVATURES, FISHERS
 from ..quant.feedback import one_thread
 from ..traced import WeightOp, insert_taps, operands, remove_taps, weight_ops
 from .op_gradients import add_gram, per_item, symmetric
 
-CURVATURES = ("diag", "kfac", "lowrank")
-FISHERS = ("true", "empirical")
 LIKELIHOODS = ("gaussian", "categorical")
 
 
@@ -77,7 +76,10 @@ class LayerPosterior:
 
 
 @dataclass
-class _Layer:
+class LayerStatistics:
+    """One op's running sums over the calibration data (:func:`accumulate_statistics` adds to them,
+    :func:`finalize_posteriors` reads them), and the hooked pairs of the current backward."""
+
     name: str
     op: WeightOp
     kind: str                            # linear | conv | embedding | generic
@@ -96,137 +98,203 @@ class _Layer:
     outputs: list = field(default_factory=list)  # the layer's outputs in the current forward (autograd targets)
 
 
-def fit_laplace(
-    program: fx.GraphModule,
-    batches: list[dict[str, torch.Tensor]],
-    ops: Iterable[WeightOp] | None = None,
-    *,
-    input_names: list[str],
-    likelihood: str = "gaussian",
-    fisher: str = "true",
-    targets: list[torch.Tensor] | None = None,
-    curvature: str = "diag",
-    rank: int = 8,
-    samples: int = 1,
-    n_data: float | None = None,
-    prior_precision: float | None = None,
-    output_noise: float | None = None,
-    seed: int = 0,
-    progress: Callable | None = None,
-    micro_batch: int | None = 8,
-    kfac_output: str = "diag",
-) -> dict[str, LayerPosterior]:
+@dataclass(frozen=True)
+class CalibrationData:
+    """What a fit runs on: the calibration batches (named input tensors), the program's inputs in call
+    order, how its output is read as a likelihood, and each batch's labels (the empirical Fisher's)."""
+
+    batches: list[dict[str, torch.Tensor]]
+    input_names: list[str]
+    likelihood: str = "gaussian"                # gaussian | categorical
+    targets: list[torch.Tensor] | None = None
+
+    def __post_init__(self):
+        if self.likelihood not in LIKELIHOODS:
+            raise ValueError(f"likelihood must be one of {LIKELIHOODS}, not {self.likelihood!r}")
+
+    @property
+    def items(self) -> int:
+        return sum(int(b[self.input_names[0]].shape[0]) for b in self.batches)
+
+
+@dataclass(frozen=True)
+class LaplaceOptions:
+    """How :func:`fit_laplace` fits (the forms: module docstring)."""
+
+    curvature: str = "diag"                     # diag | kfac | lowrank
+    fisher: str = "true"                        # true: targets sampled from the model; empirical: the labels
+    samples: int = 1                            # target samples per item
+    rank: int = 8                               # lowrank: directions of U
+    n_data: float | None = None                 # N (default: the number of calibration items)
+    prior_precision: float | None = None        # τ (default: empirical Bayes per layer)
+    output_noise: float | None = None           # σ² of a Gaussian output (default: its variance over the items)
+    seed: int = 0                               # seeds the targets and sketches, per batch
+    # Items per forward/backward (``None``: whole batches), so that the autograd graph and the hooked
+    # (input, output-gradient) pairs stay small. The random targets are drawn for the whole batch, from the
+    # batch's own generator and in the same order as an unsplit run, and sliced per micro-batch: the result
+    # equals the whole-batch fit up to float round-off (kernels may sum in another order for another size).
+    micro_batch: int | None = 8
+    # ``"diag"`` accumulates only the diagonal of the K-FAC output factor ``G`` (returned as a diagonal
+    # matrix; all that the rounding and the diagonal ``F`` use), ``"full"`` the whole matrix.
+    kfac_output: str = "diag"
+
+    def __post_init__(self):
+        if self.curvature not in CURVATURES:
+            raise ValueError(f"unknown curvature {self.curvature!r}; expected one of {CURVATURES}")
+        if self.fisher not in FISHERS:
+            raise ValueError(f"fisher must be one of {FISHERS}, not {self.fisher!r}")
+        if self.micro_batch is not None and self.micro_batch < 1:
+            raise ValueError(f"micro_batch must be >= 1 (or None), not {self.micro_batch}")
+        if self.kfac_output not in ("diag", "full"):
+            raise ValueError(f"kfac_output must be 'diag' or 'full', not {self.kfac_output!r}")
+
+
+def fit_laplace(program: fx.GraphModule, data: CalibrationData, options: LaplaceOptions = LaplaceOptions(), *,
+                ops: Iterable[WeightOp] | None = None, progress: Callable | None = None) -> dict[str, LayerPosterior]:
     """Fit the posterior of the weight of each op in ``ops`` (default: every :func:`~bayesq_onnx.traced.weight_ops`
     of ``program``, a traced program); keyed by op name, each in its op's frame (``LayerPosterior.weight``).
+    ``progress(batches, pass_index)`` wraps each pass's batches.
 
-    Each calibration batch runs forward and backward in micro-batches of ``micro_batch`` items (``None``:
-    whole batches), so the autograd graph and the hooked (input, output-gradient) pairs stay small. The
-    random targets are drawn for the whole batch, from the batch's own generator and in the same order as
-    an unsplit run, and sliced per micro-batch: the result equals the whole-batch fit up to float
-    round-off (kernels may sum in another order for another batch size).
-
-    ``kfac_output``: ``"diag"`` accumulates only the diagonal of the K-FAC output factor ``G`` (returned as
-    a diagonal matrix; all that the rounding and the diagonal ``F`` use), ``"full"`` the whole matrix.
+    Two steps, as GPTQ's ``add_batch`` / ``fasterquant``: :func:`accumulate_statistics` runs the batches and
+    sums each op's statistics into its :class:`LayerStatistics`; :func:`finalize_posteriors` turns the sums into
+    posteriors, with the empirical-Bayes prior precision per layer (:func:`evidence_prior_precision`).
     """
-    if curvature not in CURVATURES:
-        raise ValueError(f"unknown curvature {curvature!r}; expected one of {CURVATURES}")
-    if fisher not in FISHERS or likelihood not in LIKELIHOODS:
-        raise ValueError(f"fisher must be one of {FISHERS} and likelihood one of {LIKELIHOODS}")
-    if fisher == "empirical" and targets is None:
+    if options.fisher == "empirical" and data.targets is None:
         raise ValueError("the empirical Fisher needs labels (targets) for the calibration batches")
-    if micro_batch is not None and micro_batch < 1:
-        raise ValueError(f"micro_batch must be >= 1 (or None), not {micro_batch}")
-    if kfac_output not in ("diag", "full"):
-        raise ValueError(f"kfac_output must be 'diag' or 'full', not {kfac_output!r}")
     ops = list(weight_ops(program) if ops is None else ops)
-    layers = {op.name: _Layer(op.name, op, op.kind, kfac=curvature == "kfac", kfac_output=kfac_output) for op in ops}
+    layers = {op.name: LayerStatistics(op.name, op, op.kind, kfac=options.curvature == "kfac",
+                                       kfac_output=options.kfac_output) for op in ops}
+    outputs = accumulate_statistics(program, layers, data, options, progress)
+    return finalize_posteriors(layers, outputs, data, options)
+
+
+def accumulate_statistics(program: fx.GraphModule, layers: dict[str, LayerStatistics], data: CalibrationData,
+                          options: LaplaceOptions, progress: Callable | None = None) -> list[torch.Tensor]:
+    """Run the calibration batches forward and backward through ``program`` with a tap on each layer's op,
+    adding the op's statistics into its layer (``lowrank``: a second pass projects the per-item gradients on
+    the first pass's sketch). Returns the program's outputs of the first pass (a Gaussian output's σ²)."""
     taps = insert_taps(program, list(layers), _recorder(layers))
-    items = sum(int(b[input_names[0]].shape[0]) for b in batches)
     outputs: list[torch.Tensor] = []
     full_backward = None  # unknown until the first backward: see _backward
     try:
-        passes = 2 if curvature == "lowrank" else 1
-        for pass_index in range(passes):
+        for pass_index in range(2 if options.curvature == "lowrank" else 1):
             if pass_index == 1:
                 for layer in layers.values():
                     if layer.sketch is not None:
                         layer.Q = torch.linalg.qr(layer.sketch).Q
                         layer.sketch = None
-            wrapped = progress(batches, pass_index) if progress else batches
-            for bi, batch in enumerate(wrapped):
-                gen = torch.Generator().manual_seed(seed * 1_000_003 + bi)  # same targets in both passes
-                inputs = [batch[n] for n in input_names]
-                size = int(inputs[0].shape[0])
-                draws = _BatchDraws(gen, size)
-                step = size if micro_batch is None else min(micro_batch, size)
-                for start in range(0, size, step):
-                    rows = slice(start, min(start + step, size))
-                    part = [_rows(x, rows, size) for x in inputs]
-                    leaves = []
-                    if not full_backward:  # the targeted backward must reach the first layers (see _backward)
-                        leaves = [x.detach().requires_grad_() for x in part if x.is_floating_point()]
-                        # the model gets a non-leaf copy, so an in-place op on its input stays legal
-                        fed = iter(leaves)
-                        part = [next(fed) * 1 if x.is_floating_point() else x for x in part]
-                    target = _rows(targets[bi], rows, size) if targets else None
-                    with torch.enable_grad():
-                        out = program(*part)
-                        out = out[0] if isinstance(out, (tuple, list)) else out
-                        if pass_index == 0:
-                            outputs.append(out.detach().float())
-                        for s in range(samples):
-                            for layer in layers.values():
-                                layer.calls.clear()
-                            loss = _pseudo_loss(out, likelihood, fisher, target, draws, s, rows)
-                            program.zero_grad(set_to_none=True)
-                            full_backward = _backward(loss, leaves, layers.values(), s < samples - 1, full_backward)
-                            for layer in layers.values():
-                                _accumulate(layer, curvature, pass_index, rank, draws, s, rows)
-                    for layer in layers.values():  # free this micro-batch's activations before the next
-                        layer.calls.clear()
-                        layer.outputs.clear()
-                    out = loss = part = leaves = None
+            for bi, batch in enumerate(progress(data.batches, pass_index) if progress else data.batches):
+                inputs = [batch[n] for n in data.input_names]
+                gen = torch.Generator().manual_seed(options.seed * 1_000_003 + bi)  # same targets in both passes
+                draws = _BatchDraws(gen, int(inputs[0].shape[0]))
+                target = data.targets[bi] if data.targets else None
+                full_backward = _add_batch(program, layers, inputs, target, draws, data.likelihood, options,
+                                           pass_index, outputs, full_backward)
     finally:
         remove_taps(program, taps)
         for layer in layers.values():
             layer.calls.clear()
             layer.outputs.clear()
         program.zero_grad(set_to_none=True)
+    return outputs
 
-    n = float(n_data) if n_data is not None else float(items)
+
+def _add_batch(program: fx.GraphModule, layers: dict[str, LayerStatistics], inputs: list[torch.Tensor], target,
+               draws: _BatchDraws, likelihood: str, options: LaplaceOptions, pass_index: int,
+               outputs: list[torch.Tensor], full_backward: bool | None) -> bool | None:
+    """One calibration batch into ``layers``, a micro-batch at a time (first pass: its outputs appended to
+    ``outputs``); returns ``full_backward`` as :func:`_backward` left it."""
+    size = draws.size
+    step = size if options.micro_batch is None else min(options.micro_batch, size)
+    for start in range(0, size, step):
+        rows = slice(start, min(start + step, size))
+        part = [_rows(x, rows, size) for x in inputs]
+        part_target = _rows(target, rows, size) if target is not None else None
+        full_backward = _add_rows(program, layers, part, part_target, draws, rows, likelihood, options, pass_index,
+                                  outputs, full_backward)
+        for layer in layers.values():  # free this micro-batch's activations before the next
+            layer.calls.clear()
+            layer.outputs.clear()
+    return full_backward
+
+
+def _add_rows(program: fx.GraphModule, layers: dict[str, LayerStatistics], part: list[torch.Tensor], target,
+              draws: _BatchDraws, rows: slice, likelihood: str, options: LaplaceOptions, pass_index: int,
+              outputs: list[torch.Tensor], full_backward: bool | None) -> bool | None:
+    """One micro-batch ``rows`` (inputs ``part``): a forward, then per target sample a backward whose hooked
+    pairs each layer accumulates. Its activations and graph are released on return."""
+    leaves = []
+    if not full_backward:  # the targeted backward must reach the first layers (see _backward)
+        leaves = [x.detach().requires_grad_() for x in part if x.is_floating_point()]
+        # the model gets a non-leaf copy, so an in-place op on its input stays legal
+        fed = iter(leaves)
+        part = [next(fed) * 1 if x.is_floating_point() else x for x in part]
+    samples = options.samples
+    with torch.enable_grad():
+        out = program(*part)
+        out = out[0] if isinstance(out, (tuple, list)) else out
+        if pass_index == 0:
+            outputs.append(out.detach().float())
+        for s in range(samples):
+            for layer in layers.values():
+                layer.calls.clear()
+            loss = _pseudo_loss(out, likelihood, options.fisher, target, draws, s, rows)
+            program.zero_grad(set_to_none=True)
+            full_backward = _backward(loss, leaves, layers.values(), s < samples - 1, full_backward)
+            for layer in layers.values():
+                _accumulate(layer, options.curvature, pass_index, options.rank, draws, s, rows)
+    return full_backward
+
+
+def finalize_posteriors(layers: dict[str, LayerStatistics], outputs: list[torch.Tensor], data: CalibrationData,
+                        options: LaplaceOptions) -> dict[str, LayerPosterior]:
+    """Each layer's accumulated sums as its posterior: the Fisher is the sum over items and target samples
+    over (items · samples · σ²), with σ² the Gaussian output's noise variance (1 for a categorical output)."""
+    items, samples = data.items, options.samples
+    n = float(options.n_data) if options.n_data is not None else float(items)
     noise = 1.0
-    if likelihood == "gaussian":
-        noise = float(output_noise) if output_noise is not None else _output_variance(outputs)
+    if data.likelihood == "gaussian":
+        noise = float(options.output_noise) if options.output_noise is not None else _output_variance(outputs)
+    count = items * samples * noise
     result = {}
     for name, layer in layers.items():
         if layer.weight is None:
             continue  # the op never ran on the calibration data (a branch not taken): no posterior from it
         w = layer.weight.float()
-        A = G = None
-        kind_curvature = curvature
-        if curvature == "kfac" and layer.A is None:
-            kind_curvature = "diag"  # embeddings and grouped convs: exact diagonal instead of K-FAC
-        if curvature == "kfac" and layer.A is not None:
-            A = symmetric(layer.A) / max(layer.tokens, 1)
-            G = (torch.diag(layer.G) if layer.G.dim() == 1 else symmetric(layer.G)) / (items * samples * noise)
-            # K-FAC "expand": F ≈ G ⊗ A, so its diagonal is diag(G) ⊗ diag(A) (no per-item gradients needed)
-            fisher_diag = (torch.diag(G)[:, None] * torch.diag(A)[None, :]).reshape(w.shape)
-        else:
-            fisher_diag = layer.fisher / (items * samples * noise)
-        tau = float(prior_precision) if prior_precision is not None else evidence_prior_precision(w, n * fisher_diag)
+        fisher_diag, A, G = _fisher(layer, options.curvature, count)
+        tau = float(options.prior_precision) if options.prior_precision is not None \
+            else evidence_prior_precision(w, n * fisher_diag)
+        curvature = "diag" if options.curvature == "kfac" and A is None else options.curvature
         post = LayerPosterior(layer.op.parameter or name, fisher_diag, tau, n, A=A, G=G,
-                              info={"items": items, "samples": samples, "likelihood": likelihood,
-                                    "fisher": fisher, "curvature": kind_curvature, "kind": layer.kind,
+                              info={"items": items, "samples": samples, "likelihood": data.likelihood,
+                                    "fisher": options.fisher, "curvature": curvature, "kind": layer.kind,
                                     "output_noise_var": noise, "op": name,
                                     **({} if layer.op.item_axis is not None else {"items_from": "rows"})},
                               weight=w, op=name)
-        if curvature == "lowrank" and layer.proj:
-            b = torch.cat(layer.proj, dim=1)                        # [k', items·samples]
-            u_small, sing, _ = torch.linalg.svd(b, full_matrices=False)
-            k = min(rank, sing.numel())
-            post.U = layer.Q @ (u_small[:, :k] * (sing[:k] / (items * samples * noise) ** 0.5))
+        if options.curvature == "lowrank" and layer.proj:
+            post.U = _top_directions(layer, options.rank, count)
         result[name] = post
     return result
+
+
+def _fisher(layer: LayerStatistics, curvature: str, count: float):
+    """``(diag F, A, G)`` of one layer from its sums (``count``: what they are divided by); ``A``, ``G``
+    ``None`` but for K-FAC (embeddings and grouped convs take the exact diagonal instead)."""
+    if curvature == "kfac" and layer.A is not None:
+        A = symmetric(layer.A) / max(layer.tokens, 1)
+        G = (torch.diag(layer.G) if layer.G.dim() == 1 else symmetric(layer.G)) / count
+        # K-FAC "expand": F ≈ G ⊗ A, so its diagonal is diag(G) ⊗ diag(A) (no per-item gradients needed)
+        return (torch.diag(G)[:, None] * torch.diag(A)[None, :]).reshape(layer.weight.shape), A, G
+    return layer.fisher / count, None, None
+
+
+def _top_directions(layer: LayerStatistics, rank: int, count: float) -> torch.Tensor:
+    """``U`` of ``F ≈ diag + U Uᵀ``: the top ``rank`` directions of the per-item gradients projected on the
+    sketch's range, scaled by their singular values over √count."""
+    b = torch.cat(layer.proj, dim=1)                        # [k', items·samples]
+    u_small, sing, _ = torch.linalg.svd(b, full_matrices=False)
+    k = min(rank, sing.numel())
+    return layer.Q @ (u_small[:, :k] * (sing[:k] / count ** 0.5))
 
 
 def _output_variance(outputs: list[torch.Tensor]) -> float:
@@ -258,7 +326,7 @@ def evidence_prior_precision(w: torch.Tensor, data_precision: torch.Tensor, iter
     return tau
 
 
-def _recorder(layers: dict[str, _Layer]) -> Callable:
+def _recorder(layers: dict[str, LayerStatistics]) -> Callable:
     """What a tap does for a fitted op: record its weight (once, allocating the layer), its activation, and a
     hook that pairs the activation with the output gradient in the backward pass."""
     def record(key: str, out: torch.Tensor, args: tuple) -> None:
@@ -275,7 +343,7 @@ def _recorder(layers: dict[str, _Layer]) -> Callable:
     return record
 
 
-def _allocate(layer: _Layer, w: torch.Tensor) -> None:
+def _allocate(layer: LayerStatistics, w: torch.Tensor) -> None:
     """The layer's weight in its frame and its accumulators, allocated on the op's first call."""
     frame = w.T if layer.op.transposed else w
     layer.weight = frame.float().clone()
@@ -358,7 +426,7 @@ def _pseudo_loss(out: torch.Tensor, likelihood: str, fisher: str, target, draws:
     return (out * eps).sum()
 
 
-def _accumulate(layer: _Layer, curvature: str, pass_index: int, rank: int, draws: _BatchDraws, sample: int,
+def _accumulate(layer: LayerStatistics, curvature: str, pass_index: int, rank: int, draws: _BatchDraws, sample: int,
                 rows: slice) -> None:
     if not layer.calls:
         return

@@ -147,14 +147,49 @@ def distill(module: nn.Module, plan: Plan, bindings: dict[str, ParameterBinding]
     batches = [tuple(torch.from_numpy(np.ascontiguousarray(b[n])) for n in input_names) for b in calibration]
     train, held = split_batches(batches, holdout)
     weights = sampled_weights(student.module, plan, posteriors, bindings) if teacher == "posterior" else []
-    targets = teacher_targets(student.module, train + held, categorical=categorical, weights=weights,
-                              samples=samples, seed=seed, progress=progress)
-    # Label-free figures on all calibration batches: the teacher and the undistilled student, each against
-    # the FP32 model (``guard``).
+    targets, fallback, teacher_vs_fp, student_vs_fp = _guarded_targets(
+        student, train + held, weights, categorical=categorical, samples=samples, seed=seed, guard=guard,
+        progress=progress)
+    teacher_s = time.perf_counter() - start
+
+    groups = student.trainable_groups()
+    run = _train(student, [p for ps in groups.values() for p in ps], train, held, targets[:len(train)],
+                 targets[len(train):], categorical=categorical, steps=steps, lr=lr, patience=patience, seed=seed,
+                 progress=progress)
+    new_plan, inits = student.export()
     with torch.no_grad():
-        fp_out = [_first(student.module(*x)) for x in train + held]
+        first = student(*batches[0]).numpy()
+    stats = {
+        "teacher": "fp" if fallback else teacher, "teacher_samples": samples if weights and not fallback else 1,
+        **({"teacher_fallback": fallback} if fallback else {}),
+        "sampled_weights": len(weights),
+        "loss": "KL(teacher || student)" if categorical else "(1 - cos) + |o - t|^2 / |t|^2",
+        "lr": lr, "max_steps": steps, "steps": run.steps, "best_step": run.best_step,
+        "stopped_early": run.trained and run.steps < steps, "heldout_measurements": run.measured,
+        "train_batches": len(train), "heldout_batches": len(held),
+        "heldout_loss_before": run.before, "heldout_loss_after": run.best,
+        "train_loss_first": run.train_losses[0] if run.train_losses else None,
+        "train_loss_last": run.train_losses[-1] if run.train_losses else None,
+        "trainable": {k: int(sum(p.numel() for p in ps)) for k, ps in groups.items()},
+        "trainable_tensors": {k: len(ps) for k, ps in groups.items()},
+        "teacher_vs_fp": teacher_vs_fp, "undistilled_vs_fp": student_vs_fp,
+        "teacher_seconds": round(teacher_s, 3), "seconds": round(time.perf_counter() - start, 3)}
+    return DistillResult(new_plan, inits, stats, first)
+
+
+def _guarded_targets(student: Student, batches: list, weights: list, *, categorical: bool, samples: int, seed: int,
+                     guard: bool, progress: Callable | None) -> tuple[list, str | None, dict | None, dict]:
+    """The teacher's targets on ``batches`` (posterior predictive over ``weights``' samples, or the FP32 model
+    when there are none), with ``guard`` the FP32 model's instead where the posterior teacher is farther from
+    it than the undistilled student is. Returns the targets, why the guard replaced them (``None``: it did
+    not), and the label-free figures it compared: the teacher and the undistilled student against the FP32
+    model (the teacher's ``None`` without sampled weights)."""
+    targets = teacher_targets(student.module, batches, categorical=categorical, weights=weights,
+                              samples=samples, seed=seed, progress=progress)
+    with torch.no_grad():
+        fp_out = [_first(student.module(*x)) for x in batches]
         fp_targets = [torch.log_softmax(o, -1) for o in fp_out] if categorical else fp_out
-        student_vs_fp = agreement(fp_targets, [student(*x) for x in train + held], categorical)
+        student_vs_fp = agreement(fp_targets, [student(*x) for x in batches], categorical)
         teacher_vs_fp = agreement(fp_targets, targets, categorical) if weights else None  # log p̄ as logits
     fallback, key = None, "agreement" if categorical else "cosine_mean"
     if guard and teacher_vs_fp is not None and teacher_vs_fp[key] < student_vs_fp[key]:
@@ -162,16 +197,32 @@ def distill(module: nn.Module, plan: Plan, bindings: dict[str, ParameterBinding]
                     f"({key} {teacher_vs_fp[key]:.4f} vs {student_vs_fp[key]:.4f} on calibration): its samples "
                     f"are too wide to distill toward; the FP32 model is the teacher")
         targets = fp_targets
-    t_train, t_held = targets[:len(train)], targets[len(train):]
-    teacher_s = time.perf_counter() - start
+    return targets, fallback, teacher_vs_fp, student_vs_fp
 
+
+@dataclass(frozen=True)
+class _Run:
+    """What :func:`_train` did."""
+
+    trained: bool              # there was something to train
+    steps: int                 # Adam steps taken
+    before: float              # held-out loss of the undistilled plan
+    best: float                # the best held-out loss measured (the state kept)
+    best_step: int             # after how many steps it was measured (0: the undistilled plan)
+    measured: int              # held-out measurements
+    train_losses: list[float]
+
+
+def _train(student: Student, trainable: list[torch.Tensor], train: list, held: list, t_train: list, t_held: list,
+           *, categorical: bool, steps: int, lr: float, patience: int, seed: int, progress: Callable | None) -> _Run:
+    """Adam on ``trainable`` toward the targets, one training batch per step in a seeded random order per
+    epoch, the held-out loss measured after each epoch and the last step; stops after ``patience``
+    measurements without improvement and leaves the best measured state (the initial one included) in place."""
     def held_loss() -> float:
         with torch.no_grad():
             losses = [float(distill_loss(student(*x), t, categorical)) * len(x[0]) for x, t in zip(held, t_held)]
         return sum(losses) / sum(len(x[0]) for x in held)
 
-    groups = student.trainable_groups()
-    trainable = [p for ps in groups.values() for p in ps]
     best = before = held_loss()
     best_state = [p.detach().clone() for p in trainable]
     best_step, measured, since, step, train_losses = 0, 0, 0, 0, []
@@ -203,22 +254,4 @@ def distill(module: nn.Module, plan: Plan, bindings: dict[str, ParameterBinding]
         with torch.no_grad():
             for p, v in zip(trainable, best_state):
                 p.copy_(v)
-    new_plan, inits = student.export()
-    with torch.no_grad():
-        first = student(*batches[0]).numpy()
-    stats = {
-        "teacher": "fp" if fallback else teacher, "teacher_samples": samples if weights and not fallback else 1,
-        **({"teacher_fallback": fallback} if fallback else {}),
-        "sampled_weights": len(weights),
-        "loss": "KL(teacher || student)" if categorical else "(1 - cos) + |o - t|^2 / |t|^2",
-        "lr": lr, "max_steps": steps, "steps": step + 1 if trainable else 0, "best_step": best_step,
-        "stopped_early": bool(trainable) and step + 1 < steps, "heldout_measurements": measured,
-        "train_batches": len(train), "heldout_batches": len(held),
-        "heldout_loss_before": before, "heldout_loss_after": best,
-        "train_loss_first": train_losses[0] if train_losses else None,
-        "train_loss_last": train_losses[-1] if train_losses else None,
-        "trainable": {k: int(sum(p.numel() for p in ps)) for k, ps in groups.items()},
-        "trainable_tensors": {k: len(ps) for k, ps in groups.items()},
-        "teacher_vs_fp": teacher_vs_fp, "undistilled_vs_fp": student_vs_fp,
-        "teacher_seconds": round(teacher_s, 3), "seconds": round(time.perf_counter() - start, 3)}
-    return DistillResult(new_plan, inits, stats, first)
+    return _Run(bool(trainable), step + 1 if trainable else 0, before, best, best_step, measured, train_losses)

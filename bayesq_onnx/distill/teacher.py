@@ -32,7 +32,7 @@ class PosteriorNoise:
             lam = n * post.G_diag.double().clamp_min(0)[:, None] * a.clamp_min(0)[None, :] + tau
             self.std = lam.rsqrt().float()                                       # [rows, cols], eigenbasis
         elif post.U is not None:
-            d = (post.precision - (post.U * post.U).sum(1).reshape(self.shape)).clamp_min(tau).double()
+            d = post.lowrank_diagonal().double()
             w = post.U.double() / d.reshape(-1, 1).sqrt()
             p, s, _ = torch.linalg.svd(w, full_matrices=False)
             self.kind, self.P = "lowrank", p.float()

@@ -14,12 +14,15 @@ standard torchvision evaluation preset (resize 256, center crop 224, ImageNet me
 from __future__ import annotations
 
 import difflib
+from dataclasses import dataclass
+from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..errors import UserError
 from .base import ModelBundle, SourceOptions
-from .imagefolder import (ImageBatches, Preprocess, check_images, class_indices, decode, fixed_sample,
+from .imagefolder import (ImageBatches, ImageFolder, Preprocess, check_images, class_indices, decode, fixed_sample,
                           named_by_index, scan)
 from .metrics import classification_metric
 from .state_dict import load_weights
@@ -109,16 +112,30 @@ def _preprocess_and_classes(model: torch.nn.Module, arch: str) -> tuple[Preproce
 
 # ---- the bundle -----------------------------------------------------------------------------------------
 
-def load(argument: str | None, options: SourceOptions) -> ModelBundle:
-    arch = _check_arch(argument or "")
+@dataclass(frozen=True)
+class _Samples:
+    """The fixed image samples of one compile: evaluation from the start of one fixed shuffle of ``data``,
+    calibration from its end (``calib_idx``: their indices in ``data``, whose labels feed the empirical
+    Fisher) or from ``calib`` (``calib_idx`` None: no labels)."""
+
+    data: ImageFolder
+    eval_idx: np.ndarray
+    eval_paths: list[Path]
+    calib_paths: list[Path]
+    calib_idx: np.ndarray | None
+    calib_flag: str
+    calib_source: str
+
+
+def _sample_images(arch: str, options: SourceOptions) -> _Samples:
+    """Scan ``data`` (and ``calib``), draw the fixed samples and check that every sampled image decodes."""
     if options.data is None:
         raise UserError(f"torchvision:{arch} needs `data` DIR, an ImageFolder of labelled images: one sub-folder "
                         "per class (ImageNet val: DIR/n01440764/*.JPEG …, or DIR/0/, DIR/1/ … by class index)")
     data = scan(options.data, "`data`")
     calib_folder = scan(options.calib, "`calib`", labels=False) if options.calib is not None else None
-
-    # fixed samples: evaluation from the start of one fixed shuffle of --data, calibration from its end
     n = len(data)
+    calib_idx = None
     if calib_folder is None:
         if n < options.calib_size + 2:
             raise UserError(f"`data` {data.root} has {n} images, too few for {options.calib_size} calibration "
@@ -140,6 +157,13 @@ def load(argument: str | None, options: SourceOptions) -> ModelBundle:
     eval_paths = [data.files[i] for i in eval_idx]
     check_images(eval_paths, "`data`")
     check_images(calib_paths, calib_flag)
+    return _Samples(data, eval_idx, eval_paths, calib_paths, calib_idx, calib_flag, calib_source)
+
+
+def load(argument: str | None, options: SourceOptions) -> ModelBundle:
+    arch = _check_arch(argument or "")
+    s = _sample_images(arch, options)
+    data = s.data
 
     model = _build(arch)
     if options.weights is not None:
@@ -152,24 +176,24 @@ def load(argument: str | None, options: SourceOptions) -> ModelBundle:
     preprocess, num_classes = _preprocess_and_classes(model, arch)
     labels = class_indices(data.classes, num_classes, f"`data` {data.root}")[data.folder]
 
-    calibration = ImageBatches(calib_paths, preprocess, INPUT, BATCH, calib_flag).materialize()
+    calibration = ImageBatches(s.calib_paths, preprocess, INPUT, BATCH, s.calib_flag).materialize()
     calibration_targets = None
-    if calib_folder is None:
-        calib_labels = labels[calib_idx]
+    if s.calib_idx is not None:
+        calib_labels = labels[s.calib_idx]
         calibration_targets = [calib_labels[i:i + BATCH] for i in range(0, len(calib_labels), BATCH)]
-    evaluation = ImageBatches(eval_paths, preprocess, INPUT, BATCH, "`data`")  # decoded when read
+    evaluation = ImageBatches(s.eval_paths, preprocess, INPUT, BATCH, "`data`")  # decoded when read
     k = options.latency_batch
-    latency_feed = {INPUT: decode((eval_paths * (k // len(eval_paths) + 1))[:k], preprocess, "`data`")}
+    latency_feed = {INPUT: decode((s.eval_paths * (k // len(s.eval_paths) + 1))[:k], preprocess, "`data`")}
 
     info = {"source": f"torchvision.models.get_model({arch!r}, weights=None)",
             "weights": str(options.weights) if options.weights is not None else None,
-            "data": f"{data.root} ({n} images in {len(data.classes)} class folders)",
+            "data": f"{data.root} ({len(data)} images in {len(data.classes)} class folders)",
             "class_mapping": ("folder names are class indices" if named_by_index(data.classes)
                               else "sorted folder order (ImageNet wnid convention)"),
             "classes": num_classes,
-            "calibration": calib_source,
+            "calibration": s.calib_source,
             "preprocessing": preprocess.describe(),
-            "calibration_items": len(calib_paths), "evaluation_items": len(eval_paths)}
+            "calibration_items": len(s.calib_paths), "evaluation_items": len(s.eval_paths)}
     if warning:  # the pipeline says it (and the report lists it) once every input has been checked
         info["warning"] = warning
     return ModelBundle(
@@ -181,7 +205,7 @@ def load(argument: str | None, options: SourceOptions) -> ModelBundle:
         calibration=calibration,
         evaluation=evaluation,
         latency_feed=latency_feed,
-        metric=classification_metric(labels[eval_idx]),
+        metric=classification_metric(labels[s.eval_idx]),
         headline="top1",
         info=info,
         likelihood="categorical",

@@ -10,13 +10,10 @@ import numpy as np
 import onnx_ir as ir
 
 from ..quant.layout import WeightLayout
+from ..weight_inputs import EMBEDDING_WEIGHT_INPUT, LINEAR_WEIGHT_INPUT, WEIGHT_INPUT
 from ..weights import WeightInfo
 
 from ..choices import SCOPES  # noqa: F401 (re-exported: the scopes this pass knows)
-# (op type, index of the weight input)
-_LINEAR_CONSUMERS = {"MatMul": 1, "Gemm": 1, "Conv": 1}
-_EMBEDDING_CONSUMERS = {"Gather": 0}
-_WEIGHT_INPUT = {**_LINEAR_CONSUMERS, **_EMBEDDING_CONSUMERS}
 
 
 class CollectWeightsPass(ir.passes.PassBase):
@@ -43,7 +40,7 @@ class CollectWeightsPass(ir.passes.PassBase):
         self.skipped: dict[str, str] = {}  # float tensors of at least min_size left as they are, and why
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        in_scope = set(_LINEAR_CONSUMERS) | (set(_EMBEDDING_CONSUMERS) if self.scope == "all" else set())
+        in_scope = set(LINEAR_WEIGHT_INPUT) | (set(EMBEDDING_WEIGHT_INPUT) if self.scope == "all" else set())
         graph_inputs = {v.name for v in model.graph.inputs}
         position = {id(node): i for i, node in enumerate(model.graph)}
         self.weights, self.skipped = {}, {}
@@ -75,7 +72,7 @@ class CollectWeightsPass(ir.passes.PassBase):
         uses = list(value.uses())
         layouts: list[WeightLayout] = []
         for node, index in uses:
-            if node.domain not in ("", "ai.onnx") or _WEIGHT_INPUT.get(node.op_type) != index:
+            if node.domain not in ("", "ai.onnx") or WEIGHT_INPUT.get(node.op_type) != index:
                 return None, ()  # read as something other than a weight: leave it alone
             trans_b = node.op_type == "Gemm" and bool(node.attributes.get_int("transB", 0))
             try:
@@ -86,5 +83,5 @@ class CollectWeightsPass(ir.passes.PassBase):
             return None, ()
         ops = tuple(node.op_type for node, _ in uses)
         # Prefer a linear consumer's rows (output channels) over a Gather's (vocabulary entries).
-        linear = [lay for lay, op in zip(layouts, ops) if op != "Gather"]
+        linear = [lay for lay, op in zip(layouts, ops) if op in LINEAR_WEIGHT_INPUT]
         return (linear or layouts)[0], ops

@@ -25,12 +25,10 @@ from __future__ import annotations
 import onnx_ir as ir
 
 from .. import onnx_functions
+from ..choices import TARGETS
 from ..errors import PassFailure
 from ..plan import Plan, QuantizedTensor
-
-# targets whose uniform weights stay behind DequantizeLinear (what their execution providers fuse or run)
-DEQUANTIZE_LINEAR_TARGETS = ("speed", "cuda")
-TARGETS = ("size", *DEQUANTIZE_LINEAR_TARGETS)
+from ..weight_inputs import WEIGHT_INPUT
 
 
 class QuantizeWeightsPass(ir.passes.InPlacePass):
@@ -132,8 +130,8 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
             return True
         if self.target == "speed":
             uses = list(value.uses())
-            return bool(uses) and all(node.op_type == "MatMul" and node.domain == "" and index == 1
-                                      for node, index in uses)
+            return bool(uses) and all(node.op_type == "MatMul" and node.domain == ""
+                                      and index == WEIGHT_INPUT["MatMul"] for node, index in uses)
         return False
 
     @staticmethod

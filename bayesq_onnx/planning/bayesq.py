@@ -18,9 +18,9 @@ from typing import Callable
 
 from ..plan import Candidate, Plan
 from ..quant import knapsack
-from ..weights import WeightInfo, WeightPosterior
+from ..weights import WeightInfo, WeightPosterior, canonical_mu
 from .candidates import budget_range, check_budget, cost_bits
-from .tensor_design import canonical_mu, design_grid, round_on_grid
+from .tensor_design import design_grid, round_on_grid
 
 
 class PlanBayesQ:
@@ -28,11 +28,11 @@ class PlanBayesQ:
 
     def __init__(self, budget: float, posteriors: dict[str, WeightPosterior], allowed: dict[str, list[Candidate]], *,
                  curvature: str = "kfac", temperature: float = 0.0, act_order: bool = False,
-                 rounded_risk: bool = False, mc_risk: Callable | None = None, progress: Callable | None = None):
+                 rounding: str = "feedback", rounded_risk: bool = False, mc_risk: Callable | None = None, progress: Callable | None = None):
         self.budget, self.posteriors, self.allowed = budget, posteriors, allowed
         self.rounded_risk = rounded_risk
         self.curvature, self.temperature, self.mc_risk, self.progress = curvature, temperature, mc_risk, progress
-        self.act_order = act_order
+        self.act_order, self.rounding = act_order, rounding
         self.table: dict[str, list[dict]] = {}
         self._grids: dict = {}
         self._rounded: dict = {}
@@ -87,7 +87,7 @@ class PlanBayesQ:
             qt.info.update(risk=entry["risk"], candidates=len(self.table[name]))
             tensors[name] = qt
         settings = {"budget": budget, "curvature": self.curvature, "temperature": self.temperature,
-                    "act_order": self.act_order,
+                    "act_order": self.act_order, "rounding": self.rounding,
                     "risk": "mc" if self.mc_risk else "rounded" if self.rounded_risk else "closed",
                     "risk_table": {n: [{"candidate": e["candidate"].label, "cost_bits": e["cost_bits"],
                                         **{k: e[k] for k in ("risk", "risk_closed", "risk_rounded", "risk_mc")
@@ -100,5 +100,6 @@ class PlanBayesQ:
         if (name, cand) not in self._rounded:
             grid, dist = self._grids[name, cand]
             self._rounded[name, cand] = round_on_grid(weights[name], self.posteriors[name], cand, grid, dist,
-                                                      curvature=self.curvature, act_order=self.act_order)
+                                                      curvature=self.curvature, act_order=self.act_order,
+                                                      rounding=self.rounding)
         return self._rounded[name, cand]

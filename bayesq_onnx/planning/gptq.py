@@ -20,15 +20,12 @@ from __future__ import annotations
 import math
 from typing import Callable
 
-import numpy as np
-import torch
-
 from ..errors import UserError
 from ..plan import CODE_BITS, Candidate, Plan, QuantizedTensor
 from ..quant import knapsack, uniform
 from ..quant.design import UniformGrid
 from ..quant.feedback import gptq_round
-from ..weights import WeightInfo, WeightPosterior
+from ..weights import WeightInfo, WeightPosterior, canonical_mu
 from .candidates import cost_bits
 
 MIXES = ("knapsack", "proportional")
@@ -105,7 +102,7 @@ class PlanGPTQ:
     def _quantize(self, weight: WeightInfo, cand: Candidate) -> tuple[QuantizedTensor, float]:
         """GPTQ codes for one weight and its layer error tr(ΔW H ΔWᵀ) (per calibration row of X)."""
         lay = weight.layout
-        w2 = lay.to_canonical(torch.from_numpy(np.array(weight.array, dtype=np.float32)))
+        w2 = canonical_mu(weight)
         scale, zero = uniform.minmax_params(w2, cand.bits, cand.group_size, symmetric=False,
                                             scale_dtype=cand.scale_torch_dtype)
         grid = UniformGrid(scale, zero, cand.bits, cand.group_size, False, cand.scale_torch_dtype)

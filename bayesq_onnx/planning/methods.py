@@ -122,11 +122,12 @@ class BayesQFixedConfig:
     curvature: str = "kfac"
     temperature: float = 0.0
     act_order: bool = False
+    rounding: str = "feedback"  # feedback | nearest
 
     @classmethod
     def from_compile_config(cls, config: CompileConfig) -> "BayesQFixedConfig":
         return cls(int(config.bits), config.family, config.group_size, config.codebook_rows, config.curvature,
-                   config.temperature, config.act_order)
+                   config.temperature, config.act_order, config.rounding)
 
     @property
     def candidate(self) -> Candidate:
@@ -143,7 +144,7 @@ def _bayesq_fixed(config: BayesQFixedConfig, inputs: PlannerInputs) -> PlanBayes
             raise UserError(f"{flag} {cand.group_size} does not divide the {w.layout.rows} rows × "
                             f"{w.layout.in_channels} input channels of {w.name}; pick a divisor")
     return PlanBayesQFixed(cand, inputs.posteriors, curvature=config.curvature, temperature=config.temperature,
-                           act_order=config.act_order, progress=lambda names: inputs.track(names, "design quantizers"))
+                           act_order=config.act_order, rounding=config.rounding, progress=lambda names: inputs.track(names, "design quantizers"))
 
 
 @dataclass(frozen=True)
@@ -156,10 +157,12 @@ class BayesQConfig:
     act_order: bool = False
     risk: str = "closed"     # closed | rounded | mc
     seed: int = 0            # mc: seeds the posterior samples of each block
+    rounding: str = "feedback"  # feedback | nearest
 
     @classmethod
     def from_compile_config(cls, config: CompileConfig) -> "BayesQConfig":
-        return cls(config.bits, config.curvature, config.temperature, config.act_order, config.risk, config.seed)
+        return cls(config.bits, config.curvature, config.temperature, config.act_order, config.risk, config.seed,
+                   config.rounding)
 
 
 @register("bayesq", BayesQConfig)
@@ -167,6 +170,6 @@ def _bayesq(config: BayesQConfig, inputs: PlannerInputs) -> PlanBayesQ:
     mc = MonteCarloRisk(inputs.bundle, inputs.bindings, temperature=config.temperature, seed=config.seed) \
         if config.risk == "mc" else None
     return PlanBayesQ(config.bits, inputs.posteriors, inputs.allowed, curvature=config.curvature,
-                      temperature=config.temperature, act_order=config.act_order,
+                      temperature=config.temperature, act_order=config.act_order, rounding=config.rounding,
                       rounded_risk=config.risk == "rounded", mc_risk=mc,
                       progress=lambda names: inputs.track(names, "risk tables"))

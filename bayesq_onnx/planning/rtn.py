@@ -6,13 +6,10 @@ bit-width, codes by rounding to nearest. It stays as the baseline the Bayesian p
 
 from __future__ import annotations
 
-import numpy as np
-import torch
-
 from ..errors import UserError
 from ..plan import Candidate, Plan, QuantizedTensor
 from ..quant import uniform
-from ..weights import WeightInfo
+from ..weights import WeightInfo, canonical_mu
 
 
 def fit_minmax(weight: WeightInfo, candidate: Candidate) -> QuantizedTensor:
@@ -21,7 +18,7 @@ def fit_minmax(weight: WeightInfo, candidate: Candidate) -> QuantizedTensor:
     if not candidate.fits(lay):
         raise UserError(f"group size {candidate.group_size} does not divide the {lay.in_channels} input "
                         f"channels of {weight.name}; pick a divisor or `group_size` 0 (per row)")
-    w2 = lay.to_canonical(torch.from_numpy(np.array(weight.array, dtype=np.float32)))
+    w2 = canonical_mu(weight)
     scale, zero = uniform.minmax_params(w2, candidate.bits, candidate.group_size,
                                         symmetric=candidate.symmetric, scale_dtype=candidate.scale_torch_dtype)
     codes = uniform.quantize(w2, scale, zero, candidate.bits, candidate.group_size,

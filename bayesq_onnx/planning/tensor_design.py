@@ -5,6 +5,7 @@
     grid, Λ    ──round───►  codes  diag: nearest · kfac: GPTQ with H = A + τ/(N·Ḡ)·I (optionally in
                                    decreasing H_jj order: "act-order") ·
                                    lowrank: D + UUᵀ block feedback                   (:mod:`quant.feedback`)
+                                   (``rounding="nearest"``: nearest whatever the curvature)
 
 The fitted values go in ``QuantizedTensor.info``: the design objective ``expected_distortion``, the
 realized ``whitened_error`` (ŵ − μ)ᵀΛ(ŵ − μ) and the tensor's ``fisher_mass``.
@@ -12,16 +13,11 @@ realized ``whitened_error`` (ŵ − μ)ᵀΛ(ŵ − μ) and the tensor's ``fishe
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from ..plan import Candidate, QuantizedTensor
 from ..quant import design, feedback
-from ..weights import WeightInfo, WeightPosterior
-
-
-def canonical_mu(weight: WeightInfo) -> torch.Tensor:
-    return weight.layout.to_canonical(torch.from_numpy(np.array(weight.array, dtype=np.float32)))
+from ..weights import WeightInfo, WeightPosterior, canonical_mu
 
 
 def design_grid(weight: WeightInfo, post: WeightPosterior, cand: Candidate, *, temperature: float = 0.0,
@@ -43,8 +39,12 @@ def design_grid(weight: WeightInfo, post: WeightPosterior, cand: Candidate, *, t
 
 
 def round_on_grid(weight: WeightInfo, post: WeightPosterior, cand: Candidate, grid, dist: torch.Tensor, *,
-                  curvature: str, mu: torch.Tensor | None = None, act_order: bool = False) -> QuantizedTensor:
-    """Codes on ``grid`` chosen in the posterior metric; the tensor as the artifact stores it."""
+                  curvature: str, mu: torch.Tensor | None = None, act_order: bool = False,
+                  rounding: str = "feedback") -> QuantizedTensor:
+    """Codes on ``grid`` chosen in the posterior metric (``rounding="feedback"``: each code's error
+    compensated on the columns not yet rounded, GPTQ-style) or nearest on the grid (``"nearest"``: no
+    compensation, so no bet that the calibration inputs' correlations hold in deployment); the tensor as
+    the artifact stores it."""
     lay = weight.layout
     mu = canonical_mu(weight) if mu is None else mu
     info = {"expected_distortion": float(dist.sum()), "fisher_mass": post.fisher_mass,
@@ -56,19 +56,20 @@ def round_on_grid(weight: WeightInfo, post: WeightPosterior, cand: Candidate, gr
         qt.info = info
         return qt
     rows, cols = slice(0, lay.rows), slice(0, lay.cols)
-    if curvature == "kfac" and post.A is not None:
+    compensate = rounding == "feedback"
+    if compensate and curvature == "kfac" and post.A is not None:
         # Per row the posterior metric is N·G_rr·A + τ·I = N·G_rr·(A + τ/(N·G_rr)·I): the prior is GPTQ's
         # dampening. GPTQ shares one H across rows, so the typical row's G_rr (the mean) sets it.
         damping = post.prior_precision / (post.n_data * float(post.G_diag.mean().clamp_min(1e-30)))
         hessian = post.A + damping * torch.eye(post.A.shape[0])
         codes, values = feedback.gptq_round(mu, hessian, grid, damp=1e-6, act_order=act_order)
-    elif curvature == "lowrank" and post.U is not None:
-        d = (post.precision - (post.U * post.U).sum(1).reshape(post.precision.shape)).clamp_min(post.prior_precision)
-        codes, values = feedback.lowrank_round(mu, d, post.U, grid)
+    elif compensate and curvature == "lowrank" and post.U is not None:
+        codes, values = feedback.lowrank_round(mu, post.lowrank_diagonal(), post.U, grid)
     else:
         codes, values = grid.quantize(mu, rows, cols)
     info.update(whitened_error=whitened_error(values - mu, post),
-                curvature=curvature if (post.A is not None or post.U is not None) else "diag")
+                curvature="nearest" if not compensate else curvature if (post.A is not None or post.U is not None)
+                else "diag")
     if cand.family == "uniform":
         return QuantizedTensor(weight.name, lay, cand, codes=codes.numpy(), scale=grid.scale.numpy(),
                                zero=grid.zero.numpy(), info=info)
@@ -82,16 +83,16 @@ def whitened_error(x: torch.Tensor, post: WeightPosterior) -> float:
         data = post.n_data * float(((post.G_diag[:, None] * x) * (x @ post.A)).sum())
         return data + post.prior_precision * float((x * x).sum())
     if post.U is not None:
-        d = (post.precision - (post.U * post.U).sum(1).reshape(post.precision.shape)).clamp_min(post.prior_precision)
-        return float((d * x * x).sum() + ((x.reshape(-1) @ post.U) ** 2).sum())
+        return float((post.lowrank_diagonal() * x * x).sum() + ((x.reshape(-1) @ post.U) ** 2).sum())
     return float((post.precision * x * x).sum())
 
 
 
 
 def design_tensor(weight: WeightInfo, post: WeightPosterior, cand: Candidate, *, curvature: str,
-                  temperature: float = 0.0, act_order: bool = False) -> QuantizedTensor:
+                  temperature: float = 0.0, act_order: bool = False, rounding: str = "feedback") -> QuantizedTensor:
     """Design the grid and round the codes of one weight (see the module docstring)."""
     mu = canonical_mu(weight)
     grid, dist = design_grid(weight, post, cand, temperature=temperature, mu=mu)
-    return round_on_grid(weight, post, cand, grid, dist, curvature=curvature, mu=mu, act_order=act_order)
+    return round_on_grid(weight, post, cand, grid, dist, curvature=curvature, mu=mu, act_order=act_order,
+                        rounding=rounding)

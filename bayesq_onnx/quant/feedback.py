@@ -39,19 +39,7 @@ def gptq_round(w2: torch.Tensor, hessian: torch.Tensor, grid, *, block: int = 12
     perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(cols)
     inv_perm = torch.argsort(perm)
     w, h = w[:, perm], h[perm][:, perm]
-    # a second moment of low rank (fewer calibration tokens than columns) with a tiny dampening can lose
-    # positive definiteness to round-off: add ten times the dampening until the factorization holds, as
-    # GPTQ's implementations do
-    extra = max(damp, 1e-6)
-    while True:
-        try:
-            hinv = inverse_cholesky_upper(h).float()
-            break
-        except torch.linalg.LinAlgError:
-            if extra > 1.0:
-                raise
-            h += 9 * extra * mean_diag * torch.eye(cols, dtype=h.dtype)
-            extra *= 10
+    hinv = _damped_inverse_cholesky(h, damp, mean_diag)
     codes = torch.zeros(rows, cols, dtype=torch.int16)
     values = torch.zeros(rows, cols)
     columns = getattr(grid, "columns", None)
@@ -79,6 +67,23 @@ def gptq_round(w2: torch.Tensor, hessian: torch.Tensor, grid, *, block: int = 12
         codes[:, i1:i2], values[:, i1:i2] = cb.T, vb.T
         w[:, i2:] -= err.T.contiguous() @ hinv[i1:i2, i2:]
     return codes[:, inv_perm], values[:, inv_perm]
+
+
+def _damped_inverse_cholesky(h: torch.Tensor, damp: float, mean_diag: torch.Tensor) -> torch.Tensor:
+    """:func:`inverse_cholesky_upper` of the dampened ``h`` (float64, changed in place), as float32.
+
+    A second moment of low rank (fewer calibration tokens than columns) with a tiny dampening can lose
+    positive definiteness to round-off: ten times the dampening is added until the factorization holds, as
+    GPTQ's implementations do."""
+    extra = max(damp, 1e-6)
+    while True:
+        try:
+            return inverse_cholesky_upper(h).float()
+        except torch.linalg.LinAlgError:
+            if extra > 1.0:
+                raise
+            h += 9 * extra * mean_diag * torch.eye(h.shape[0], dtype=h.dtype)
+            extra *= 10
 
 
 @contextmanager
