@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bayesq_onnx.bayes import laplace, op_gradients
-from bayesq_onnx.bayes.laplace import evidence_prior_precision
+from bayesq_onnx.bayes import laplace, likelihood, op_gradients
+from bayesq_onnx.bayes.empirical_bayes import evidence_prior_precision
 from bayesq_onnx.traced import ConvSpec
 from helpers import fit_parameters
 
@@ -198,10 +198,10 @@ def test_categorical_targets_are_torch_multinomial_draws():
     for seed in range(5):
         logits = torch.randn(12, 7, generator=torch.Generator().manual_seed(100 + seed)) * 3
         want = torch.multinomial(torch.softmax(logits, -1), 1, generator=torch.Generator().manual_seed(seed))[:, 0]
-        draws = laplace._BatchDraws(torch.Generator().manual_seed(seed), 12)
+        draws = likelihood.BatchDraws(torch.Generator().manual_seed(seed), 12)
         for rows in (slice(0, 5), slice(5, 12)):
             x = logits[rows].clone().requires_grad_()
-            laplace._pseudo_loss(x, "categorical", "true", None, draws, 0, rows).backward()
+            likelihood.pseudo_loss(x, "categorical", "true", None, draws, 0, rows).backward()
             # the cross-entropy gradient is softmax − onehot(y): recover y from it
             y = (torch.softmax(logits[rows], -1) - x.grad).argmax(-1)
             assert torch.equal(y, want[rows])

@@ -45,15 +45,12 @@ from typing import Callable, Iterable
 import torch.fx as fx
 
 import torch
-import torch.nn.functional as F
 
 from ..choices import CURVATURES, FISHERS
-from ..quant.feedback import one_thread
 from ..traced import WeightOp, insert_taps, operands, remove_taps, weight_ops
+from .empirical_bayes import evidence_prior_precision, output_variance
+from .likelihood import LIKELIHOODS, BatchDraws, pseudo_loss
 from .op_gradients import add_gram, per_item, symmetric
-
-LIKELIHOODS = ("gaussian", "categorical")
-
 
 @dataclass
 class LayerPosterior:
@@ -186,7 +183,7 @@ def accumulate_statistics(program: fx.GraphModule, layers: dict[str, LayerStatis
             for bi, batch in enumerate(progress(data.batches, pass_index) if progress else data.batches):
                 inputs = [batch[n] for n in data.input_names]
                 gen = torch.Generator().manual_seed(options.seed * 1_000_003 + bi)  # same targets in both passes
-                draws = _BatchDraws(gen, int(inputs[0].shape[0]))
+                draws = BatchDraws(gen, int(inputs[0].shape[0]))
                 target = data.targets[bi] if data.targets else None
                 full_backward = _add_batch(program, layers, inputs, target, draws, data.likelihood, options,
                                            pass_index, outputs, full_backward)
@@ -200,7 +197,7 @@ def accumulate_statistics(program: fx.GraphModule, layers: dict[str, LayerStatis
 
 
 def _add_batch(program: fx.GraphModule, layers: dict[str, LayerStatistics], inputs: list[torch.Tensor], target,
-               draws: _BatchDraws, likelihood: str, options: LaplaceOptions, pass_index: int,
+               draws: BatchDraws, likelihood: str, options: LaplaceOptions, pass_index: int,
                outputs: list[torch.Tensor], full_backward: bool | None) -> bool | None:
     """One calibration batch into ``layers``, a micro-batch at a time (first pass: its outputs appended to
     ``outputs``); returns ``full_backward`` as :func:`_backward` left it."""
@@ -219,7 +216,7 @@ def _add_batch(program: fx.GraphModule, layers: dict[str, LayerStatistics], inpu
 
 
 def _add_rows(program: fx.GraphModule, layers: dict[str, LayerStatistics], part: list[torch.Tensor], target,
-              draws: _BatchDraws, rows: slice, likelihood: str, options: LaplaceOptions, pass_index: int,
+              draws: BatchDraws, rows: slice, likelihood: str, options: LaplaceOptions, pass_index: int,
               outputs: list[torch.Tensor], full_backward: bool | None) -> bool | None:
     """One micro-batch ``rows`` (inputs ``part``): a forward, then per target sample a backward whose hooked
     pairs each layer accumulates. Its activations and graph are released on return."""
@@ -238,7 +235,7 @@ def _add_rows(program: fx.GraphModule, layers: dict[str, LayerStatistics], part:
         for s in range(samples):
             for layer in layers.values():
                 layer.calls.clear()
-            loss = _pseudo_loss(out, likelihood, options.fisher, target, draws, s, rows)
+            loss = pseudo_loss(out, likelihood, options.fisher, target, draws, s, rows)
             program.zero_grad(set_to_none=True)
             full_backward = _backward(loss, leaves, layers.values(), s < samples - 1, full_backward)
             for layer in layers.values():
@@ -254,7 +251,7 @@ def finalize_posteriors(layers: dict[str, LayerStatistics], outputs: list[torch.
     n = float(options.n_data) if options.n_data is not None else float(items)
     noise = 1.0
     if data.likelihood == "gaussian":
-        noise = float(options.output_noise) if options.output_noise is not None else _output_variance(outputs)
+        noise = float(options.output_noise) if options.output_noise is not None else output_variance(outputs)
     count = items * samples * noise
     result = {}
     for name, layer in layers.items():
@@ -295,35 +292,6 @@ def _top_directions(layer: LayerStatistics, rank: int, count: float) -> torch.Te
     u_small, sing, _ = torch.linalg.svd(b, full_matrices=False)
     k = min(rank, sing.numel())
     return layer.Q @ (u_small[:, :k] * (sing[:k] / count ** 0.5))
-
-
-def _output_variance(outputs: list[torch.Tensor]) -> float:
-    """σ² of a Gaussian output: the mean over output coordinates of their variance across items; when the
-    batches' outputs differ in shape (one row per token, batches of different lengths), each row of the last
-    axis counts as a sample of its coordinates."""
-    if len({tuple(o.shape[1:]) for o in outputs}) == 1:
-        flat = torch.cat([o.reshape(o.shape[0], -1) for o in outputs])
-    else:
-        flat = torch.cat([o.reshape(-1, o.shape[-1]) for o in outputs])
-    return max(float(flat.var(dim=0).mean()), 1e-12)
-
-
-def evidence_prior_precision(w: torch.Tensor, data_precision: torch.Tensor, iters: int = 100) -> float:
-    """Empirical-Bayes prior precision of one layer (MacKay 1992): the fixed point of
-    ``τ = γ / ‖w‖²``, ``γ = Σ_i λ_i / (λ_i + τ)`` with ``λ_i = N·F_ii``, started at ``1 / Var(w)``."""
-    sq = float((w.double() ** 2).sum())
-    lam = data_precision.double().reshape(-1)
-    tau = 1.0 / max(float(w.double().var()), 1e-12)
-    buf = torch.empty_like(lam)  # in place: the same arithmetic as lam / (lam + tau), without two allocations
-    with one_thread():  # up to `iters` sequential steps
-        for _ in range(iters):
-            torch.add(lam, tau, out=buf)
-            gamma = float(torch.div(lam, buf, out=buf).sum())
-            new = max(gamma / max(sq, 1e-30), 1e-12)
-            if abs(new - tau) <= 1e-6 * tau:
-                return new
-            tau = new
-    return tau
 
 
 def _recorder(layers: dict[str, LayerStatistics]) -> Callable:
@@ -388,45 +356,7 @@ def _rows(t: torch.Tensor, rows: slice, size: int) -> torch.Tensor:
     return t[rows] if t.dim() > 0 and t.shape[0] == size and (rows.start, rows.stop) != (0, size) else t
 
 
-class _BatchDraws:
-    """The random numbers of one calibration batch, drawn from its generator *for the whole batch* and in
-    the order an unsplit run draws them (per target sample: the targets, then each layer's sketch test
-    matrix), then handed out a micro-batch's rows at a time. The first micro-batch asks for them in that
-    order; later ones reuse them."""
-
-    def __init__(self, gen: torch.Generator, size: int):
-        self.gen, self.size, self.drawn = gen, size, {}
-
-    def get(self, key, draw: Callable[[torch.Generator], torch.Tensor]) -> torch.Tensor:
-        if key not in self.drawn:
-            self.drawn[key] = draw(self.gen)
-        return self.drawn[key]
-
-
-def _pseudo_loss(out: torch.Tensor, likelihood: str, fisher: str, target, draws: _BatchDraws, sample: int,
-                 rows: slice) -> torch.Tensor:
-    """Sum over items of the log-likelihood whose gradient is one Fisher sample per item (``out``: the
-    micro-batch ``rows`` of the batch; ``target``: its labels)."""
-    out = out.float()
-    n = draws.size
-    if likelihood == "categorical":
-        logits = out.reshape(-1, out.shape[-1])
-        if fisher == "empirical":
-            y = target.reshape(-1).long()
-        else:
-            # y ~ softmax(logits) as torch.multinomial(p, 1) draws it: argmax(p / q), q ~ Exp(1) i.i.d. for
-            # every (row, class) of the whole batch; q does not depend on p, so it is drawn once per batch
-            per_item = logits.shape[0] // out.shape[0]
-            q = draws.get(("target", sample), lambda g: torch.empty(n * per_item, logits.shape[1]).exponential_(1, generator=g))
-            y = (torch.softmax(logits.detach(), dim=-1) / q[rows.start * per_item:rows.stop * per_item]).argmax(-1)
-        return F.cross_entropy(logits, y, reduction="sum")
-    if fisher == "empirical":
-        return 0.5 * ((out - target.float()) ** 2).sum()
-    eps = draws.get(("target", sample), lambda g: torch.randn((n, *out.shape[1:]), generator=g))[rows]
-    return (out * eps).sum()
-
-
-def _accumulate(layer: LayerStatistics, curvature: str, pass_index: int, rank: int, draws: _BatchDraws, sample: int,
+def _accumulate(layer: LayerStatistics, curvature: str, pass_index: int, rank: int, draws: BatchDraws, sample: int,
                 rows: slice) -> None:
     if not layer.calls:
         return

@@ -9,7 +9,7 @@ weight the Fisher of the ``N`` data items is exactly Kronecker-factored:
 ``A`` is GPTQ's Hessian; ``σ²`` is set by empirical Bayes to the layer output's mean per-coordinate variance,
 ``σ² = mean_j Var(y_j) = mean_j (w_jᵀ A w_j − (w_j·m)²)`` with ``m = E[x]``, so a change of one output
 standard deviation costs the same in every layer (the same rule the PyTorch path uses for a Gaussian output).
-``τ`` is MacKay's evidence fixed point (:func:`~bayesq_onnx.bayes.laplace.evidence_prior_precision`).
+``τ`` is MacKay's evidence fixed point (:func:`~bayesq_onnx.bayes.empirical_bayes.evidence_prior_precision`).
 Pure torch: nothing here knows about ONNX.
 """
 
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .laplace import evidence_prior_precision
+from .empirical_bayes import evidence_prior_precision
 
 
 def conv_patches(x: torch.Tensor, kernel: tuple[int, ...], *, strides: tuple[int, ...], pads: tuple[int, ...],
