@@ -183,3 +183,32 @@ def test_onnx_input_bad_input(exported, tmp_path, case):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_embedding_table_read_twice_gets_its_lookup_counts():
+    """A Gather table (read by two Gathers: tied) and the MatMul after it through the ORT pass: the table's
+    posterior comes from its row lookups summed over both readers, so rows looked up more often are more
+    precise and a row never looked up keeps the prior; the MatMul gets the layer-wise posterior."""
+    rng = np.random.default_rng(0)
+    table = rng.normal(size=(10, 8)).astype(np.float32)
+    w = rng.normal(size=(8, 3)).astype(np.float32)
+    nodes = [helper.make_node("Gather", ["table", "ids"], ["e1"]),
+             helper.make_node("Gather", ["table", "ids2"], ["e2"]),
+             helper.make_node("Add", ["e1", "e2"], ["e"]),
+             helper.make_node("MatMul", ["e", "w"], ["out"])]
+    graph = helper.make_graph(
+        nodes, "embedding", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["n", 4]),
+                             helper.make_tensor_value_info("ids2", TensorProto.INT64, ["n", 4])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)],
+        [onnx.numpy_helper.from_array(table, "table"), onnx.numpy_helper.from_array(w, "w")])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    collect = CollectWeightsPass(min_size=1, scope="all")
+    collect(ir.serde.deserialize_model(proto))
+    assert set(collect.weights) == {"table", "w"}
+    ids = np.array([[1, 1, 1, 2]] * 3, dtype=np.int64)            # row 1: 9 lookups, row 2: 3
+    batches = [{"ids": ids, "ids2": np.full((3, 4), 2, dtype=np.int64)}]  # row 2: 12 more
+    posts = FitLayerPosterior(proto, batches, n_data=100.0, prior_precision=1.0)(collect.weights)
+    lam = posts["table"].precision.sum(1)
+    assert lam[2] > lam[1] > lam[0]
+    assert float(lam[0]) == pytest.approx(float(lam[5]))            # never looked up: the prior alone
+    assert posts["w"].info["posterior"].startswith("layer-wise")

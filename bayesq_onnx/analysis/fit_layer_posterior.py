@@ -92,14 +92,15 @@ class FitLayerPosterior:
             fitted = [layerwise_posterior(mu, moments[name, i], self.n_data, self.prior_precision)
                       for i, t in enumerate(taps.get(name, ())) if (name, i) in moments]
             if not fitted:
-                c = sum((counts[name, i] for i, _ in enumerate(taps.get(name, ())) if (name, i) in counts), None)
-                if c is None:
+                looked_up = [counts[name, i] for i, _ in enumerate(taps.get(name, ())) if (name, i) in counts]
+                if not looked_up:
                     # no data reaches it: its posterior is the prior, N(μ, Var(w)·I)
                     tau = 1.0 / max(float(mu.double().var()), 1e-12)
                     out[name] = WeightPosterior(name, None, torch.full_like(mu, tau), tau, 0.0,
                                                 info={"posterior": "prior only (no activations reach this weight)"})
                     continue
-                fitted = [token_frequency_posterior(mu, c, self.n_data, self.prior_precision)]
+                fitted = [token_frequency_posterior(mu, sum(looked_up[1:], looked_up[0]), self.n_data,
+                                                    self.prior_precision)]
             # A tensor read by several consumers (tied) is scored by the first; its other readers see the same
             # decoded values, and summing Fishers of differently scaled layers would need a common noise.
             post = fitted[0]
