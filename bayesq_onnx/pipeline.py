@@ -24,7 +24,7 @@ from .analysis.fit_posterior import FitLaplacePosterior
 from .bayes.laplace import LaplaceOptions
 from .bayes.layerwise import common_scale
 from .config import CompileConfig
-from .distill import DistillResult, DistillUnsupported, distill
+from .distill import DistillOptions, DistillResult, DistillUnsupported, distill
 from .errors import BayesQError, PassFailure, UserError
 from .export import fp32_model
 from .models import check_model_spec, load_model
@@ -331,10 +331,11 @@ def _distill(config: CompileConfig, bundle: ModelBundle, plan: Plan, bindings: d
     label = f"{config.teacher_samples} posterior samples" if teacher == "posterior" else "FP32"
     with rep.stage(f"distill (teacher: {label})"):
         try:
+            options = DistillOptions(teacher=teacher, samples=config.teacher_samples, steps=config.distill_steps,
+                                     lr=config.distill_lr, seed=config.seed)
             result = distill(bundle.module, plan, bindings, bundle.calibration, bundle.input_names,
-                             likelihood=bundle.likelihood, posteriors=posteriors, teacher=teacher,
-                             samples=config.teacher_samples, steps=config.distill_steps, lr=config.distill_lr,
-                             seed=config.seed, progress=rep.track)
+                             likelihood=bundle.likelihood, options=options, posteriors=posteriors,
+                             progress=rep.track)
         except DistillUnsupported as exc:
             rep.note(f"[yellow]distillation skipped: {exc}[/]")
             return None, str(exc)

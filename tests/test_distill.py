@@ -4,6 +4,7 @@ move, the loss goes down, the teacher samples the posterior, and it is all deter
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 
 import numpy as np
 import onnx
@@ -12,7 +13,7 @@ import torch
 from torch import nn
 
 from bayesq_onnx.config import CompileConfig
-from bayesq_onnx.distill import PosteriorNoise, Student, distill
+from bayesq_onnx.distill import DistillOptions, PosteriorNoise, Student, distill
 from bayesq_onnx.errors import UserError
 from bayesq_onnx.export import export_model, map_parameters
 from bayesq_onnx.models.base import ModelBundle
@@ -148,7 +149,8 @@ def _classifier_plan():
 
 def test_loss_goes_down_and_is_deterministic():
     bundle, bindings, posteriors, plan = _classifier_plan()
-    kw = dict(likelihood="categorical", posteriors=posteriors, steps=80, lr=1e-2, seed=3, guard=False)
+    options = DistillOptions(steps=80, lr=1e-2, seed=3, guard=False)
+    kw = dict(likelihood="categorical", posteriors=posteriors, options=options)
     a = distill(bundle.module, plan, bindings, bundle.calibration, bundle.input_names, **kw)
     s = a.stats
     assert s["sampled_weights"] == 3 and s["teacher_samples"] == 4
@@ -162,7 +164,7 @@ def test_loss_goes_down_and_is_deterministic():
     assert a.initializers.keys() == b.initializers.keys()
     for name, v in a.initializers.items():
         np.testing.assert_array_equal(v, b.initializers[name])
-    c = distill(bundle.module, plan, bindings, bundle.calibration, bundle.input_names, **{**kw, "seed": 4})
+    c = distill(bundle.module, plan, bindings, bundle.calibration, bundle.input_names, **{**kw, "options": replace(options, seed=4)})
     assert c.stats["heldout_loss_after"] != a.stats["heldout_loss_after"]
 
 
@@ -171,7 +173,7 @@ def test_too_wide_posterior_falls_back_to_the_fp_teacher():
     plan does, so the guard distills toward the FP32 model, and says so."""
     bundle, bindings, posteriors, plan = _classifier_plan()
     r = distill(bundle.module, plan, bindings, bundle.calibration, bundle.input_names, likelihood="categorical",
-                posteriors=posteriors, steps=6, seed=3)
+                posteriors=posteriors, options=DistillOptions(steps=6, seed=3))
     s = r.stats
     assert s["teacher_vs_fp"]["agreement"] < s["undistilled_vs_fp"]["agreement"]
     assert s["teacher"] == "fp" and s["teacher_samples"] == 1 and "too wide" in s["teacher_fallback"]
@@ -182,7 +184,7 @@ def test_fp_teacher_and_no_steps_keep_the_plan():
     the start, so a step size too small to move any FP16 value returns the plan bit for bit."""
     bundle, bindings, _, plan = _classifier_plan()
     r = distill(bundle.module, plan, bindings, bundle.calibration, bundle.input_names,
-                likelihood="categorical", teacher="fp", steps=3, lr=1e-9)
+                likelihood="categorical", options=DistillOptions(teacher="fp", steps=3, lr=1e-9))
     assert r.stats["teacher"] == "fp" and r.stats["sampled_weights"] == 0
     for name, qt in plan.tensors.items():
         np.testing.assert_array_equal(r.plan.tensors[name].scale, qt.scale)

@@ -66,7 +66,7 @@ from ..weights import WeightPosterior
 from .student import DistillUnsupported, QuantWeight, Student, _first
 from .teacher import PosteriorNoise, sampled_weights, teacher_targets
 
-__all__ = ["DistillResult", "DistillUnsupported", "PosteriorNoise", "QuantWeight", "Student", "TEACHERS", "distill"]
+__all__ = ["DistillOptions", "DistillResult", "DistillUnsupported", "PosteriorNoise", "QuantWeight", "Student", "TEACHERS", "distill"]
 
 
 @dataclass
@@ -118,11 +118,27 @@ def split_batches(batches: list, holdout: float) -> tuple[list, list]:
     return [tuple(x[:-k] for x in only)], [tuple(x[-k:] for x in only)]
 
 
+@dataclass(frozen=True)
+class DistillOptions:
+    """How :func:`distill` trains (see its docstring for ``lr``, ``patience`` and ``guard``)."""
+
+    teacher: str = "posterior"   # posterior: the posterior predictive; fp: the FP32 model
+    samples: int = 4             # posterior draws averaged by the teacher
+    steps: int = 300             # most Adam steps
+    lr: float = 1e-3
+    holdout: float = 0.2         # share of the calibration batches held out for early stopping
+    patience: int = 5
+    guard: bool = True
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.teacher not in TEACHERS:
+            raise ValueError(f"teacher must be one of {TEACHERS}")
+
+
 def distill(module: nn.Module, plan: Plan, bindings: dict[str, ParameterBinding], calibration: list[dict],
-            input_names: list[str], *, likelihood: str, posteriors: dict[str, WeightPosterior] | None = None,
-            teacher: str = "posterior", samples: int = 4, steps: int = 300, lr: float = 1e-3,
-            holdout: float = 0.2, patience: int = 5, guard: bool = True, seed: int = 0,
-            progress: Callable | None = None) -> DistillResult:
+            input_names: list[str], *, likelihood: str, options: DistillOptions = DistillOptions(),
+            posteriors: dict[str, WeightPosterior] | None = None, progress: Callable | None = None) -> DistillResult:
     """Distill the planned model toward the teacher on ``calibration`` (see the module docstring).
 
     ``lr``: Adam's step size in relative units (log-scale for scales, table / tensor RMS for levels and
@@ -137,24 +153,23 @@ def distill(module: nn.Module, plan: Plan, bindings: dict[str, ParameterBinding]
     tiny and the prior dominates), distilling toward it would pull the student away from the function it
     should keep, and the FP32 model is the teacher instead (``stats["teacher_fallback"]`` says why).
     """
-    if teacher not in TEACHERS:
-        raise ValueError(f"teacher must be one of {TEACHERS}")
+    teacher, samples, steps, lr, seed = options.teacher, options.samples, options.steps, options.lr, options.seed
     if teacher == "posterior" and not posteriors:
         raise ValueError("teacher 'posterior' needs fitted posteriors")
     start = time.perf_counter()
     categorical = likelihood == "categorical"
     student = Student(module, plan, bindings)
     batches = [tuple(torch.from_numpy(np.ascontiguousarray(b[n])) for n in input_names) for b in calibration]
-    train, held = split_batches(batches, holdout)
+    train, held = split_batches(batches, options.holdout)
     weights = sampled_weights(student.module, plan, posteriors, bindings) if teacher == "posterior" else []
     targets, fallback, teacher_vs_fp, student_vs_fp = _guarded_targets(
-        student, train + held, weights, categorical=categorical, samples=samples, seed=seed, guard=guard,
+        student, train + held, weights, categorical=categorical, samples=samples, seed=seed, guard=options.guard,
         progress=progress)
     teacher_s = time.perf_counter() - start
 
     groups = student.trainable_groups()
     run = _train(student, [p for ps in groups.values() for p in ps], train, held, targets[:len(train)],
-                 targets[len(train):], categorical=categorical, steps=steps, lr=lr, patience=patience, seed=seed,
+                 targets[len(train):], categorical=categorical, steps=steps, lr=lr, patience=options.patience, seed=seed,
                  progress=progress)
     new_plan, inits = student.export()
     with torch.no_grad():
