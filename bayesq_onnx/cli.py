@@ -138,8 +138,9 @@ def _config_defaults(command: click.Command) -> click.Command:
 @_advanced("--act-order/--no-act-order", show_default=True,
            help="kfac and gptq: round columns in decreasing curvature order (GPTQ's act-order).")
 @_advanced("--rounding", type=click.Choice(ROUNDINGS), show_default=True,
-           help="bayesq: codes by error feedback in the posterior metric (kfac, lowrank), or nearest on the "
-                "designed grid (more robust when the calibration data is unlike the deployment data).")
+           help="bayesq and bayesq-fixed: codes by error feedback in the posterior metric (kfac, lowrank), or "
+                "nearest on the same designed grid (measures what the feedback buys; it lost on every model "
+                "tried, docs/method.md).")
 @_advanced("--gptq-mix", type=click.Choice(GPTQ_MIXES), show_default=True,
            help="gptq at a fractional --bits: wider codes by knapsack on GPTQ's layer errors, or to layers "
                 "in graph order (proportional).")

@@ -25,6 +25,7 @@ from .planning import candidates
 from .report import tensor_bytes
 from .runtime.latency import latency_versus_fp32
 from .runtime.session import make_session, resolve_providers, run_batches, session_config_for
+from .weights import graph_order
 
 _FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16,
                 onnx.TensorProto.DOUBLE}
@@ -133,7 +134,7 @@ def _plain_weights(proto: onnx.ModelProto, sizes: dict[str, int]) -> dict:
     collect(ir.serde.deserialize_model(proto))
     weights = [{"name": w.name, "shape": list(w.layout.shape), "weights": w.size, "consumers": sorted(set(w.consumers)),
                 "scope": "linear" if w.in_linear_scope else "all", "bytes": sizes[w.name]}
-               for w in sorted(collect.weights.values(), key=lambda w: (w.first_use, w.name))]
+               for w in (collect.weights[n] for n in graph_order(collect.weights))]
     return {"weights": weights,
             "totals": {"weights": sum(w["weights"] for w in weights), "bytes": sum(w["bytes"] for w in weights),
                        "linear_scope_weights": sum(w["weights"] for w in weights if w["scope"] == "linear")}}

@@ -98,9 +98,8 @@ def compile_model(config: CompileConfig, reporter: Reporter | None = None,
         fp_model = None  # its weights are extracted; each rewrite starts again from fp_bytes
         allowed = None
         if config.method == "bayesq":
-            order = sorted(weights, key=lambda n: (weights[n].first_use, n))
             allowed = candidates.allowed(weights, target=config.target, keep_first_last=config.keep_first_last,
-                                         overrides=overrides, order=order)
+                                         overrides=overrides)
             candidates.check_budget(config.bits, weights, allowed)  # before the expensive analysis
         posteriors, posterior_sources = None, {}
         if config.method != "rtn":

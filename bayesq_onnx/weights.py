@@ -33,6 +33,11 @@ class WeightInfo:
         return any(op in LINEAR_WEIGHT_INPUT for op in self.consumers)
 
 
+def graph_order(weights: dict[str, WeightInfo]) -> list[str]:
+    """The weights' names in the order the graph first uses them (ties by name)."""
+    return sorted(weights, key=lambda n: (weights[n].first_use, n))
+
+
 def canonical_mu(weight: WeightInfo) -> torch.Tensor:
     """The weight's values as float32 ``[rows, cols]`` in the canonical layout (the posterior mean μ; a view
     of a fresh copy where the layout allows)."""

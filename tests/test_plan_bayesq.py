@@ -107,7 +107,7 @@ def test_targets_restrict_candidates(analysed):
 def test_keep_first_last_pins_to_8_bit(analysed):
     _, _, weights, post = analysed
     order = sorted(weights, key=lambda n: weights[n].first_use)
-    allowed = candidates.allowed(weights, keep_first_last=True, order=order)
+    allowed = candidates.allowed(weights, keep_first_last=True)
     assert allowed[order[0]] == [candidates.PIN] and allowed[order[-1]] == [candidates.PIN]
     plan = PlanBayesQ(8.5, post, allowed)(weights)
     assert plan.tensors[order[0]].candidate.label == plan.tensors[order[-1]].candidate.label == "uint8-row"
@@ -117,7 +117,7 @@ def test_keep_first_last_under_speed_keeps_the_fast_forms(analysed):
     """Under --target speed the pins are forms ORT runs fast: a fused 8-bit MatMul, FP16 elsewhere."""
     _, _, weights, _ = analysed
     order = sorted(weights, key=lambda n: weights[n].first_use)
-    allowed = candidates.allowed(weights, target="speed", keep_first_last=True, order=order)
+    allowed = candidates.allowed(weights, target="speed", keep_first_last=True)
     for name in (order[0], order[-1]):
         (pin,) = allowed[name]
         if set(weights[name].consumers) == {"MatMul"}:
@@ -152,7 +152,7 @@ def test_overrides(tmp_path, analysed):
     order = sorted(weights, key=lambda n: weights[n].first_use)
     path.write_text(json.dumps({order[0]: ["uint4-row"]}))
     with pytest.raises(UserError, match="`keep_first_last`"):
-        candidates.allowed(weights, overrides=candidates.load_overrides(path), keep_first_last=True, order=order)
+        candidates.allowed(weights, overrides=candidates.load_overrides(path), keep_first_last=True)
 
 
 def test_labels_roundtrip():

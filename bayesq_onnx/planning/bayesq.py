@@ -28,7 +28,8 @@ class PlanBayesQ:
 
     def __init__(self, budget: float, posteriors: dict[str, WeightPosterior], allowed: dict[str, list[Candidate]], *,
                  curvature: str = "kfac", temperature: float = 0.0, act_order: bool = False,
-                 rounding: str = "feedback", rounded_risk: bool = False, mc_risk: Callable | None = None, progress: Callable | None = None):
+                 rounding: str = "feedback", rounded_risk: bool = False, mc_risk: Callable | None = None,
+                 progress: Callable | None = None):
         self.budget, self.posteriors, self.allowed = budget, posteriors, allowed
         self.rounded_risk = rounded_risk
         self.curvature, self.temperature, self.mc_risk, self.progress = curvature, temperature, mc_risk, progress

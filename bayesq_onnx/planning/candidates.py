@@ -33,7 +33,7 @@ from ..choices import TARGETS
 from ..errors import UserError
 from ..plan import TENSOR, Candidate, QuantizedTensor
 from ..quant.layout import WeightLayout
-from ..weights import WeightInfo
+from ..weights import WeightInfo, graph_order
 
 GROUP = 128
 PIN = Candidate("uniform", 8)
@@ -149,11 +149,9 @@ def load_overrides(path: Path) -> list[tuple[str, list[Candidate]]]:
 
 
 def allowed(weights: dict[str, WeightInfo], *, target: str = "size", keep_first_last: bool = False,
-            overrides: list[tuple[str, list[Candidate]]] | None = None,
-            order: list[str] | None = None) -> dict[str, list[Candidate]]:
+            overrides: list[tuple[str, list[Candidate]]] | None = None) -> dict[str, list[Candidate]]:
     """Candidates per weight after target, pins and overrides; a conflict is a :class:`UserError`.
-
-    ``order`` lists the weights in graph order (first and last layers for ``keep_first_last``).
+    ``keep_first_last`` pins the first and last weights in graph order (:func:`~bayesq_onnx.weights.graph_order`).
     """
     if target not in TARGETS:
         raise UserError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
@@ -169,7 +167,7 @@ def allowed(weights: dict[str, WeightInfo], *, target: str = "size", keep_first_
                                 f"({weights[name].layout.rows} rows × {weights[name].layout.in_channels} inputs)")
             out[name] = usable
     if keep_first_last:
-        names = order or sorted(weights)
+        names = graph_order(weights)
         for name in {names[0], names[-1]}:
             pin = pin_for(weights[name], target)
             if overrides and any(fnmatch.fnmatchcase(name, p) for p, _ in overrides) and pin not in out[name]:

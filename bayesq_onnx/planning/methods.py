@@ -20,7 +20,7 @@ from ..errors import UserError
 from ..export import ParameterBinding
 from ..models.base import ModelBundle
 from ..plan import Candidate, Plan
-from ..weights import WeightInfo, WeightPosterior
+from ..weights import WeightInfo, WeightPosterior, graph_order
 from .bayesq import PlanBayesQ
 from .bayesq_fixed import PlanBayesQFixed
 from .gptq import PlanGPTQ
@@ -69,10 +69,6 @@ def planner_for(config: CompileConfig, inputs: PlannerInputs) -> Planner:
     return method.build(method.config.from_compile_config(config), inputs)
 
 
-def _graph_order(weights: dict[str, WeightInfo]) -> list[str]:
-    return sorted(weights, key=lambda n: (weights[n].first_use, n))
-
-
 @dataclass(frozen=True)
 class RTNConfig:
     """Round to nearest on a min-max grid: one code width everywhere, per row or per group."""
@@ -107,7 +103,7 @@ class GPTQConfig:
 @register("gptq", GPTQConfig)
 def _gptq(config: GPTQConfig, inputs: PlannerInputs) -> PlanGPTQ:
     return PlanGPTQ(config.bits, inputs.posteriors, group_size=config.group_size, act_order=config.act_order,
-                    mix=config.mix, order=_graph_order(inputs.weights),
+                    mix=config.mix, order=graph_order(inputs.weights),
                     progress=lambda names: inputs.track(names, "GPTQ layers"))
 
 

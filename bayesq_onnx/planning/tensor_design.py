@@ -43,8 +43,7 @@ def round_on_grid(weight: WeightInfo, post: WeightPosterior, cand: Candidate, gr
                   rounding: str = "feedback") -> QuantizedTensor:
     """Codes on ``grid`` chosen in the posterior metric (``rounding="feedback"``: each code's error
     compensated on the columns not yet rounded, GPTQ-style) or nearest on the grid (``"nearest"``: no
-    compensation, so no bet that the calibration inputs' correlations hold in deployment); the tensor as
-    the artifact stores it."""
+    compensation, the ablation of what the feedback buys); the tensor as the artifact stores it."""
     lay = weight.layout
     mu = canonical_mu(weight) if mu is None else mu
     info = {"expected_distortion": float(dist.sum()), "fisher_mass": post.fisher_mass,
