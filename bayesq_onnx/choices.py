@@ -7,6 +7,7 @@ DEFAULT_METHOD = "bayesq"
 GPTQ_MIXES = ("knapsack", "proportional")
 RISKS = ("closed", "rounded", "mc")
 ROUNDINGS = ("feedback", "nearest")
+PROPAGATIONS = ("none", "sequential", "fp-outputs")  # planning/propagate.py
 FIXED_FAMILIES = ("uniform", "codebook")
 CURVATURES = ("diag", "kfac", "lowrank")
 FISHERS = ("true", "empirical")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from .choices import (CURVATURES, FISHERS, FIXED_FAMILIES, GPTQ_MIXES, METHODS, PROVIDERS, RISKS, ROUNDINGS,
+from .choices import (CURVATURES, FISHERS, FIXED_FAMILIES, GPTQ_MIXES, METHODS, PROPAGATIONS, PROVIDERS, RISKS, ROUNDINGS,
                       SCOPES, TARGETS, TEACHERS)
 from .config import RECIPES, CompileConfig, build_config
 from .errors import BayesQError, UserError, in_words_of
@@ -141,6 +141,10 @@ def _config_defaults(command: click.Command) -> click.Command:
            help="bayesq and bayesq-fixed: codes by error feedback in the posterior metric (kfac, lowrank), or "
                 "nearest on the same designed grid (measures what the feedback buys; it lost on every model "
                 "tried, docs/method.md).")
+@_advanced("--propagate", type=click.Choice(PROPAGATIONS), show_default=True,
+           help="bayesq and bayesq-fixed: after planning, round the codes again layer by layer in graph order on "
+                "the inputs of the partly quantized model (sequential), and toward the FP32 model's outputs "
+                "(fp-outputs); grids and bits unchanged.")
 @_advanced("--gptq-mix", type=click.Choice(GPTQ_MIXES), show_default=True,
            help="gptq at a fractional --bits: wider codes by knapsack on GPTQ's layer errors, or to layers "
                 "in graph order (proportional).")

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from .choices import (CODE_BITS, CURVATURES, DEFAULT_METHOD, FISHERS, FIXED_FAMILIES, GPTQ_MIXES,
-                      LEAST_CODE_BITS, METHODS, PROVIDERS, RISKS, ROUNDINGS, SCOPES, TARGETS, TEACHERS)
+                      LEAST_CODE_BITS, METHODS, PROPAGATIONS, PROVIDERS, RISKS, ROUNDINGS, SCOPES, TARGETS, TEACHERS)
 from .errors import UserError
 
 
@@ -42,6 +42,7 @@ class CompileConfig:
     temperature: float = 0.0     # posterior temperature in the design objective (0: design on μ alone)
     act_order: bool = False      # kfac rounding: columns in decreasing curvature order (GPTQ's act-order)
     rounding: str = "feedback"   # bayesq*: codes by error feedback in the posterior metric, or nearest on the grid
+    propagate: str = "none"      # bayesq*: re-round codes in graph order on the partly quantized model's inputs
     gptq_mix: str = "knapsack"   # gptq at a fractional budget: which layers get the wider codes
     target: str = "size"         # bayesq: size | speed | cuda (which candidates each op may take)
     keep_first_last: bool = False  # bayesq: pin the first and last quantized layers to 8-bit
@@ -86,7 +87,7 @@ class CompileConfig:
 
         for name, allowed in (("family", FIXED_FAMILIES), ("curvature", CURVATURES), ("fisher", FISHERS),
                               ("target", TARGETS), ("risk", RISKS), ("rounding", ROUNDINGS),
-                              ("gptq_mix", GPTQ_MIXES)):
+                              ("propagate", PROPAGATIONS), ("gptq_mix", GPTQ_MIXES)):
             if getattr(self, name) not in allowed:
                 raise UserError(f"unknown {name} {getattr(self, name)!r}; choose one of {', '.join(allowed)}")
         if self.max_drop is not None and (self.method != "bayesq" or not self.max_drop >= 0):

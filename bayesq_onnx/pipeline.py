@@ -36,6 +36,7 @@ from .plan import Plan
 from .planning import candidates
 from .planning.budget_search import search_budget
 from .planning.methods import PlannerInputs, planner_for
+from .planning.propagate import PropagateErrors
 from .progress import Reporter
 from .report import bits_plot, collapse_warning, file_accounting, to_json_bytes, to_markdown
 from .runtime.memory import release_freed_memory
@@ -119,6 +120,13 @@ def compile_model(config: CompileConfig, reporter: Reporter | None = None,
                 plan, search, reference = search_budget(
                     planner, weights, bundle, fp_path, lambda p: _rewrite(fp_bytes, p, config, rep),
                     providers, session_config_for(config.target), config.max_drop, rep)
+        if config.propagate != "none" and config.method in ("bayesq", "bayesq-fixed"):
+            # codes again, layer by layer, on the inputs the partly quantized model gives (grids and bits fixed)
+            with rep.stage(f"propagate errors ({config.propagate})"):
+                plan = PropagateErrors(onnx.load_from_string(fp_bytes), bundle.calibration, mode=config.propagate,
+                                       posteriors=posteriors, act_order=config.act_order,
+                                       progress=rep.track)(plan, weights)
+            release_freed_memory()
         for name, t in sorted(plan.tensors.items()):
             rep.debug(f"  {name}: {t.candidate.label}, {t.stored_bits() / t.n_weights:.3f} bits all-in")
 

@@ -6,9 +6,13 @@ Suites:
   budgets  bayesq at all-in budgets 4.0/3.5/3.0/2.5 vs RTN and bayesq-fixed at the same or higher bits
   risk     bayesq at 3.0 bits with the closed-form, rounded-codes and Monte Carlo risks (rank correlation
            of closed-form and Monte Carlo)
+  levers   what each part of the method buys at 4.0/3.0/2.5 bits (issue 14): the default; error feedback off;
+           error propagation (sequential, fp-outputs); GPTQ at the same budget
 
     python benchmarks/methods.py --suite budgets
     python benchmarks/methods.py --suite fixed --quick     # small data slice, for a smoke run
+    python benchmarks/methods.py --suite levers --scope all --bits 4.0 3.0
+    PYTHONPATH=benchmarks python benchmarks/methods.py --suite levers --model module:cnn_photos:efficientnet_lite1
 """
 
 from __future__ import annotations
@@ -39,6 +43,15 @@ def configs(suite: str, bits: list[float], risks: tuple[str, ...] = ("closed", "
             rows += [("bayesq", dict(method="bayesq", bits=b)),
                      ("bayesq-fixed uniform kfac", dict(method="bayesq-fixed", bits=up, curvature="kfac")),
                      ("rtn", dict(method="rtn", bits=up))]
+        return rows
+    if suite == "levers":
+        rows = []
+        for b in bits:
+            rows += [("bayesq (default)", dict(method="bayesq", bits=b)),
+                     ("error feedback off", dict(method="bayesq", bits=b, rounding="nearest")),
+                     ("propagate sequential", dict(method="bayesq", bits=b, propagate="sequential")),
+                     ("propagate fp-outputs", dict(method="bayesq", bits=b, propagate="fp-outputs")),
+                     ("gptq", dict(method="gptq", bits=b))]
         return rows
     if suite == "risk":
         return [(f"bayesq risk={r}", dict(method="bayesq", bits=b, risk=r)) for b in bits for r in risks]
@@ -71,7 +84,7 @@ def risk_rank_correlation(table: dict) -> float:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="minilm")
-    ap.add_argument("--suite", choices=("fixed", "budgets", "risk"), default="fixed")
+    ap.add_argument("--suite", choices=("fixed", "budgets", "risk", "levers"), default="fixed")
     ap.add_argument("--bits", type=float, nargs="+", default=None,
                     help="fixed: 4 3 2; budgets: 4.0 3.5 3.0 2.5; risk: 3.0")
     ap.add_argument("--calib-size", type=int, default=256)
@@ -84,7 +97,8 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = ap.parse_args()
     calib, evals = (64, 128) if args.quick else (args.calib_size, args.eval_size)
-    bits = args.bits or {"fixed": [4, 3, 2], "budgets": [4.0, 3.5, 3.0, 2.5], "risk": [3.0]}[args.suite]
+    bits = args.bits or {"fixed": [4, 3, 2], "budgets": [4.0, 3.5, 3.0, 2.5], "risk": [3.0],
+                         "levers": [4.0, 3.0, 2.5]}[args.suite]
     bundle = load_model(args.model, SourceOptions(calib_size=calib, eval_size=evals))
     results = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -95,19 +109,18 @@ def main() -> int:
             with Reporter(quiet=True) as rep:
                 r = compile_model(config, rep, bundle=bundle).report
             wall = time.perf_counter() - start
-            f = r["fidelity"]
+            f, headline = r["fidelity"], r["headline"]
             analysis = sum(v for k, v in r["timings_s"].items() if k.startswith(("fit posterior", "plan")))
             row = {"method": label, "bits": kw["bits"], "all_in_bits": round(r["bits"]["all_in"], 4),
-                   "cosine_mean": round(f.get("cosine_mean", float("nan")), 4),
-                   "cosine_p5": round(f.get("cosine_p5", float("nan")), 4),
-                   "top10_overlap": round(f.get("top10_overlap", float("nan")), 4),
+                   headline["metric"]: round(headline["value"], 4),
+                   **{k: round(f[k], 4) for k in ("cosine_p5", "top10_overlap", "kl_mean") if k in f},
                    "analysis_s": round(analysis, 1), "compile_s": round(wall, 1)}
             if kw.get("risk") == "mc":
                 row["risk_rank_corr"] = round(risk_rank_correlation(r["plan"]["settings"]["risk_table"]), 3)
             results.append(row)
             print(" | ".join(f"{k}={v}" for k, v in row.items()), file=sys.stderr, flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"{args.suite}_{args.model}"
+    stem = args.out / f"{args.suite}_{args.model.split(':')[-1]}"
     text = markdown_table(results)
     print(text)
     stem.with_suffix(".md").write_text(text)
@@ -117,12 +130,13 @@ def main() -> int:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    metric = next(k for k in results[0] if k not in ("method", "bits", "all_in_bits"))
     fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
     for method in dict.fromkeys(r["method"] for r in results):
-        pts = sorted((r["all_in_bits"], r["cosine_mean"]) for r in results if r["method"] == method)
+        pts = sorted((r["all_in_bits"], r[metric]) for r in results if r["method"] == method)
         ax.plot(*zip(*pts), marker="o", label=method)
     ax.set_xlabel("all-in bits per weight")
-    ax.set_ylabel("cosine to FP32 (mean, held-out)")
+    ax.set_ylabel(f"{metric} (held-out)")
     ax.set_title(f"{args.model}: {args.suite}")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)

@@ -15,7 +15,6 @@ care where it came from.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -23,25 +22,11 @@ import onnx
 import torch
 
 from ..bayes.layerwise import InputMoments, layerwise_posterior, token_frequency_posterior
-from ..errors import UserError
 from ..models.base import Batch
+from ..runtime.activations import (FETCH_BYTES, Tap, conv_geometry, matmul_rows, probe_model, run_in_item_chunks,
+                                   splittable_inputs, weight_taps)
 from ..runtime.session import CPU, make_session
-from ..weight_inputs import EMBEDDING_WEIGHT_INPUT, WEIGHT_INPUT
 from ..weights import WeightInfo, WeightPosterior, canonical_mu
-
-
-FETCH_BYTES = 64 << 20
-"""About how many bytes of activations one ORT run fetches: a calibration batch runs in item chunks sized to
-this (the first chunk is one item, which measures it), since every exposed activation of a run is alive at once."""
-
-
-@dataclass(frozen=True)
-class _Tap:
-    """Where a weight's input comes from: the activation's name and how the consumer reads it."""
-
-    activation: str
-    op_type: str
-    attributes: dict
 
 
 class FitLayerPosterior:
@@ -57,34 +42,16 @@ class FitLayerPosterior:
         self.prior_precision, self.progress, self.fetch_bytes = prior_precision, progress, fetch_bytes
 
     def __call__(self, weights: dict[str, WeightInfo]) -> dict[str, WeightPosterior]:
-        taps = _taps(self.model.graph, weights)
+        taps = weight_taps(self.model.graph, weights)
         inputs = {i.name for i in self.model.graph.input}
         fetch = sorted({t.activation for ts in taps.values() for t in ts} - inputs)
-        probe = onnx.ModelProto()
-        probe.CopyFrom(self.model)
-        known = {o.name for o in probe.graph.output}
-        probe.graph.output.extend(onnx.ValueInfoProto(name=n) for n in fetch if n not in known)
-        session, _ = make_session(probe.SerializeToString(), [CPU])
+        session, _ = make_session(probe_model(self.model, fetch), [CPU])
         feeds = {i.name for i in session.get_inputs()}
-        splittable = all(not isinstance(i.shape[0], int) for i in session.get_inputs() if i.shape)
-
         moments: dict[tuple[str, int], InputMoments] = {}
         counts: dict[tuple[str, int], torch.Tensor] = {}
-        per_item: dict[tuple, int] = {}  # activation bytes per item, by the items' input shapes
-        batches = self.progress(self.calibration) if self.progress else self.calibration
-        for batch in batches:
-            items = _items(batch) if splittable else None
-            if items is None:
-                self._run(session, fetch, feeds, inputs, batch, taps, weights, moments, counts)
-                continue
-            shapes = tuple(sorted((k, v.shape[1:]) for k, v in batch.items()))
-            start = 0
-            while start < items:  # the first chunk of a new shape is one item: it measures the bytes per item
-                step = max(1, self.fetch_bytes // per_item[shapes]) if shapes in per_item else 1
-                chunk = {k: v[start:start + step] for k, v in batch.items()}
-                size = self._run(session, fetch, feeds, inputs, chunk, taps, weights, moments, counts)
-                per_item[shapes] = max(per_item.get(shapes, 0), -(-size // len(next(iter(chunk.values())))), 1)
-                start += step
+        run_in_item_chunks(self.progress(self.calibration) if self.progress else self.calibration,
+                           lambda chunk: self._run(session, fetch, feeds, inputs, chunk, taps, weights, moments, counts),
+                           splittable=splittable_inputs(session), fetch_bytes=self.fetch_bytes)
 
         out = {}
         for name, w in weights.items():
@@ -115,7 +82,7 @@ class FitLayerPosterior:
 
     @staticmethod
     def _run(session, fetch: list[str], feeds: set[str], inputs: set[str], batch: Batch,
-             taps: dict[str, list[_Tap]], weights: dict[str, WeightInfo], moments: dict[tuple[str, int], InputMoments],
+             taps: dict[str, list[Tap]], weights: dict[str, WeightInfo], moments: dict[tuple[str, int], InputMoments],
              counts: dict[tuple[str, int], torch.Tensor]) -> int:
         """One ORT run on ``batch``, its activations added to every consumer's moments (Gather: index counts);
         returns the bytes it fetched. The fetched arrays are released on return."""
@@ -133,67 +100,14 @@ class FitLayerPosterior:
                     continue
                 x = x.float()
                 if tap.op_type in ("MatMul", "Gemm"):
-                    rows_x = _matmul_rows(x, tap)
+                    rows_x = matmul_rows(x, tap)
                     if key not in moments:
                         moments[key] = InputMoments(rows_x.shape[-1])
                     moments[key].update(rows_x)
                     continue
-                kernel, conv = _conv_geometry(x, tap, weights[name])
+                kernel, conv = conv_geometry(x, tap, weights[name])
                 groups = conv.pop("groups")
                 if key not in moments:
                     moments[key] = InputMoments(math.prod(kernel) * (x.shape[1] // groups), groups=groups)
                 moments[key].update_conv(x, kernel, **conv)
         return size
-
-
-def _taps(graph: onnx.GraphProto, weights: dict[str, WeightInfo]) -> dict[str, list[_Tap]]:
-    """Each weight's consumers in the main graph, with the activation each one multiplies it by."""
-    taps: dict[str, list[_Tap]] = {}
-    for node in graph.node:
-        index = WEIGHT_INPUT.get(node.op_type)
-        if index is None or len(node.input) < 2 or node.input[index] not in weights:
-            continue
-        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-        if node.op_type in EMBEDDING_WEIGHT_INPUT and int(attrs.get("axis", 0)) != 0:
-            continue  # the table's posterior counts row lookups; a Gather on another axis makes none
-        taps.setdefault(node.input[index], []).append(_Tap(node.input[1 - index], node.op_type, attrs))
-    return taps
-
-
-def _items(batch: Batch) -> int | None:
-    """The number of items of a batch whose arrays all share axis 0 (so it can run in item chunks), else None."""
-    lengths = {len(v) if v.ndim else -1 for v in batch.values()}
-    return lengths.pop() if len(lengths) == 1 and min(lengths, default=-1) > 0 else None
-
-
-def _matmul_rows(x: torch.Tensor, tap: _Tap) -> torch.Tensor:
-    """A MatMul/Gemm activation as rows in the weight's canonical column order."""
-    if tap.op_type == "MatMul":
-        return x.reshape(-1, x.shape[-1])
-    x2 = x.reshape(x.shape[0], -1)
-    return x2.T if tap.attributes.get("transA", 0) else x2
-
-
-def _conv_geometry(x: torch.Tensor, tap: _Tap, w: WeightInfo) -> tuple[tuple[int, ...], dict]:
-    """A Conv consumer's kernel and its strides/pads/dilations/groups, ``auto_pad`` resolved on ``x``'s shape."""
-    kernel = tuple(int(k) for k in tap.attributes.get("kernel_shape", w.layout.shape[2:]))
-    nd = len(kernel)
-    if nd not in (1, 2) or x.dim() != nd + 2:
-        raise UserError(f"weight {w.name}: conv patches for 1-D and 2-D convolutions only, got kernel {kernel} and "
-                        f"input {tuple(x.shape)}; keep it in floating point with an `overrides` entry 'fp16'")
-    strides = tuple(tap.attributes.get("strides", (1,) * nd))
-    dilations = tuple(tap.attributes.get("dilations", (1,) * nd))
-    groups = int(tap.attributes.get("group", 1))
-    auto_pad = tap.attributes.get("auto_pad", b"NOTSET")
-    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
-    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
-        pads_b, pads_e = [], []
-        for size, k, s, d in zip(x.shape[2:], kernel, strides, dilations):
-            total = max((-(-size // s) - 1) * s + (k - 1) * d + 1 - size, 0)
-            small, big = total // 2, total - total // 2
-            pads_b.append(small if auto_pad == "SAME_UPPER" else big)
-            pads_e.append(big if auto_pad == "SAME_UPPER" else small)
-        pads = tuple(pads_b + pads_e)
-    else:
-        pads = tuple(tap.attributes.get("pads", (0,) * (2 * nd)))
-    return kernel, {"strides": strides, "pads": pads, "dilations": dilations, "groups": groups}
