@@ -310,6 +310,7 @@ class _SortedTables:
         else:
             c.clear()
             xs, order = torch.sort(x, dim=1)
+            xs = xs.contiguous()  # searchsorted wants a contiguous boundary (a sort of a transposed view is not)
 
             def forget(ref):  # the tensor is gone: drop its sort unless a newer entry replaced it
                 if c.get("ref") is ref:
