@@ -59,6 +59,8 @@ def to_markdown(report: dict) -> str:
     lines = [*_summary(report), *_metrics(report), *_latency(report)]
     if "search" in report:
         lines += _search(report["search"])
+    if "propagation" in report["plan"]["settings"]:
+        lines += _propagation(report["plan"]["settings"]["propagation"])
     if "distill" in report:
         lines += _distillation(report["distill"], report["fidelity"])
     if report.get("left_in_float"):
@@ -120,6 +122,13 @@ def _search(sr: dict) -> list[str]:
             *[f"| {st['budget']:.3f} | {st['all_in_bits']:.3f} | {st[sr['headline']]:.4f} | {st['drop']:.4f} | "
               f"{'yes' if st['within'] else 'no'} |" for st in sr["steps"]],
             ""]
+
+
+def _propagation(p: dict) -> list[str]:
+    return ["## Error propagation (codes re-rounded in graph order, bits unchanged)", "",
+            f"Mode **{p['mode']}**: {p['levels']} levels, {p['rerounded']} tensors re-rounded, "
+            f"{p['kept_planned_codes']} kept their planned codes (no better in the propagated metric), "
+            f"{p['fixed']} not re-roundable (tables, grouped convolutions, shared weights); {p['seconds']:.1f} s.", ""]
 
 
 def _distillation(d: dict, fidelity: dict) -> list[str]:

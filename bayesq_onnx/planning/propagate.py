@@ -40,6 +40,7 @@ from ..runtime.activations import (FETCH_BYTES, Tap, conv_geometry, matmul_rows,
 from ..runtime.session import CPU, make_session
 from ..weight_inputs import WEIGHT_INPUT
 from ..weights import WeightInfo, WeightPosterior, canonical_mu
+from .tensor_design import whitened_error
 
 GPTQ_DAMPING = 0.01
 """Relative dampening of ``H̃`` for a weight whose posterior has no K-FAC factor to take it from."""
@@ -132,6 +133,9 @@ class PropagateErrors:
                                            "codes": "rerounded" if changed else "planned"}}
         if not changed:
             return dataclasses.replace(qt, info=info), False
+        post = self.posteriors.get(weight.name)
+        if post is not None and "whitened_error" in info:  # the planner's figure was for the planned codes
+            info["whitened_error"] = whitened_error(values - mu, post)
         return dataclasses.replace(qt, codes=codes.numpy(), info=info), True
 
 
