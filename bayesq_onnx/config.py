@@ -93,6 +93,9 @@ class CompileConfig:
         if self.max_drop is not None and (self.method != "bayesq" or not self.max_drop >= 0):
             raise UserError("`max_drop` needs `method` bayesq and a value >= 0 (in the headline metric's units, "
                             "e.g. 0.003 for 0.3 points of top-1)")
+        if self.propagate != "none" and self.method not in ("bayesq", "bayesq-fixed"):
+            raise UserError(f"`propagate` re-rounds the codes of bayesq and bayesq-fixed plans; `method` {self.method} "
+                            f"rounds its own way: drop `propagate`")
         if self.codebook_rows < 1:
             raise UserError("`codebook_rows` must be at least 1")
         if self.fisher_samples < 1 or self.rank < 1:

@@ -120,7 +120,7 @@ def compile_model(config: CompileConfig, reporter: Reporter | None = None,
                 plan, search, reference = search_budget(
                     planner, weights, bundle, fp_path, lambda p: _rewrite(fp_bytes, p, config, rep),
                     providers, session_config_for(config.target), config.max_drop, rep)
-        if config.propagate != "none" and config.method in ("bayesq", "bayesq-fixed"):
+        if config.propagate != "none":  # bayesq and bayesq-fixed (config.validate)
             # codes again, layer by layer, on the inputs the partly quantized model gives (grids and bits fixed)
             with rep.stage(f"propagate errors ({config.propagate})"):
                 plan = PropagateErrors(onnx.load_from_string(fp_bytes), bundle.calibration, mode=config.propagate,

@@ -155,3 +155,12 @@ def test_compile_with_propagation_keeps_the_budget_and_is_deterministic(tmp_path
     stats = a.report["plan"]["settings"]["propagation"]
     assert stats["mode"] == mode and stats["rerounded"] + stats["kept_planned_codes"] + stats["fixed"] == len(a.plan.tensors)
     assert any(not np.array_equal(q.codes, base.plan.tensors[t].codes) for t, q in a.plan.tensors.items()) == (stats["rerounded"] > 0)
+
+
+def test_propagate_is_refused_for_methods_that_round_their_own_way():
+    from bayesq_onnx.config import CompileConfig
+    from bayesq_onnx.errors import UserError
+
+    with pytest.raises(UserError, match="propagate"):
+        CompileConfig(method="gptq", bits=4, propagate="sequential").validate()
+    CompileConfig(method="bayesq-fixed", bits=4, propagate="fp-outputs").validate()
