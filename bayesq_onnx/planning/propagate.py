@@ -13,9 +13,11 @@ each layer of the level is rounded again:
   items), so the layer reproduces the FP32 model's outputs from the inputs it gets (GPTAQ-style).
 
 The candidates and their grids (scales, zero points, codebook levels) stay as planned, so the stored bits do
-not move: only codes change. A layer keeps its planned codes when they score at least as well in the
-propagated objective ``tr((W* − Ŵ) H̃ (W* − Ŵ)ᵀ)`` (GPTQ is greedy), so no layer gets worse by the measure it
-is rounded for. Re-rounded: MatMul / Gemm weights and ungrouped 1-D / 2-D convolutions with a single
+not move: only codes change. ``sequential`` keeps a layer's planned codes when they score at least as well in
+its objective ``tr((W − Ŵ) H̃ (W − Ŵ)ᵀ)`` (GPTQ is greedy). ``fp-outputs`` chooses, per layer, among the planned
+codes, the sequential target and the FP32-output target by the error on the FP32 model's outputs over
+held-out calibration items (the odd-numbered ones; the targets are fitted on the even ones), since the
+least-squares ``W*`` fits noise where the upstream error is small. Re-rounded: MatMul / Gemm weights and ungrouped 1-D / 2-D convolutions with a single
 consumer; other planned weights (embedding tables, grouped and depthwise convolutions, tied weights) keep
 their codes and are fed quantized from the first level on.
 """
@@ -35,8 +37,8 @@ from ..plan import Plan, QuantizedTensor
 from ..quant import feedback
 from ..quant.design import CodebookGrid, UniformGrid
 from ..quant.propagation import PairedMoments, dampened, fp_output_target
-from ..runtime.activations import (FETCH_BYTES, Tap, conv_geometry, matmul_rows, probe_model, run_in_item_chunks,
-                                   splittable_inputs, weight_taps)
+from ..runtime.activations import (FETCH_BYTES, Tap, conv_geometry, item_count, matmul_rows, probe_model,
+                                   run_in_item_chunks, splittable_inputs, weight_taps)
 from ..runtime.session import CPU, make_session
 from ..weight_inputs import WEIGHT_INPUT
 from ..weights import WeightInfo, WeightPosterior, canonical_mu
@@ -87,52 +89,93 @@ class PropagateErrors:
         return Plan(plan.method, tensors, {**plan.settings, "propagation": stats})
 
     def _moments(self, session, feeds: set[str], names: list[str], taps: dict[str, list[Tap]],
-                 weights: dict[str, WeightInfo], fed: dict[str, np.ndarray]) -> dict[str, PairedMoments]:
+                 weights: dict[str, WeightInfo], fed: dict[str, np.ndarray]) -> dict[str, tuple[PairedMoments, PairedMoments]]:
         """Each of ``names``' paired input moments over the calibration batches: the FP32 model's inputs and
-        those of the model with the ``fed`` weights quantized, on the same items."""
+        those of the model with the ``fed`` weights quantized, on the same items; as two halves, the
+        even-numbered calibration items and the odd ones (which ``fp-outputs`` holds out to choose a target;
+        an activation whose axis 0 is not the items goes to the first half)."""
         cross = self.mode == "fp-outputs"
-        moments = {n: PairedMoments(weights[n].layout.cols, cross=cross) for n in names}
+        moments = {n: (PairedMoments(weights[n].layout.cols, cross=cross), PairedMoments(weights[n].layout.cols, cross=cross))
+                   for n in names}
         activations = sorted({taps[n][0].activation for n in names})
         fetch = [a for a in activations if a in {o.name for o in session.get_outputs()}]
         overrides = {k: v for k, v in fed.items() if k in feeds}
+        seen = 0  # calibration items before this chunk
 
         def run(chunk: Batch) -> int:
+            nonlocal seen
             base = {k: v for k, v in chunk.items() if k in feeds}
             quantized = dict(zip(fetch, session.run(fetch, {**base, **overrides}))) if fetch else {}
             fp = dict(zip(fetch, session.run(fetch, base))) if cross and fetch else {}
             for values in (quantized, fp):
                 values.update({k: v for k, v in chunk.items() if k in activations})  # graph inputs
+            items = item_count(chunk)
             for n in names:
                 tap = taps[n][0]
                 xq = torch.from_numpy(np.ascontiguousarray(quantized[tap.activation])).float()
                 xf = torch.from_numpy(np.ascontiguousarray(fp[tap.activation])).float() if cross else None
-                if tap.op_type == "Conv":
-                    kernel, conv = conv_geometry(xq, tap, weights[n])
-                    conv.pop("groups")
-                    moments[n].update_conv(xf, xq, kernel, **conv)
-                else:
-                    moments[n].update(None if xf is None else matmul_rows(xf, tap), matmul_rows(xq, tap))
+                by_item = items is not None and xq.dim() >= 2 and xq.shape[0] == items and not tap.attributes.get("transA", 0)
+                parity = (torch.arange(xq.shape[0]) + seen) % 2 if by_item else torch.zeros(xq.shape[0], dtype=torch.long)
+                for half, m in enumerate(moments[n]):
+                    pick = parity == half
+                    if not bool(pick.any()):
+                        continue
+                    q, f = xq[pick], None if xf is None else xf[pick]
+                    if tap.op_type == "Conv":
+                        kernel, conv = conv_geometry(q, tap, weights[n])
+                        conv.pop("groups")
+                        m.update_conv(f, q, kernel, **conv)
+                    else:
+                        m.update(None if f is None else matmul_rows(f, tap), matmul_rows(q, tap))
+            seen += items or 0
             return sum(v.nbytes for v in quantized.values()) + sum(v.nbytes for v in fp.values())
 
         run_in_item_chunks(self.calibration, run, splittable=splittable_inputs(session), fetch_bytes=self.fetch_bytes)
         return moments
 
-    def _reround(self, qt: QuantizedTensor, weight: WeightInfo, m: PairedMoments,
+    def _reround(self, qt: QuantizedTensor, weight: WeightInfo, halves: tuple[PairedMoments, PairedMoments],
                  level: int) -> tuple[QuantizedTensor, bool]:
-        """``qt`` with codes rounded again in the propagated metric, or as planned when those score no worse."""
+        """``qt`` with codes rounded again on the propagated inputs, or as planned when those score no worse.
+
+        ``sequential``: GPTQ on ``W`` with ``H̃`` of all items, kept when its error ``tr((W − Ŵ) H̃ (W − Ŵ)ᵀ)``
+        beats the planned codes'. ``fp-outputs``: three codes are scored by their error on the FP32 model's
+        outputs over the *held-out* half of the items (:func:`fp_output_error`): the planned ones, and GPTQ
+        on the sequential target ``W`` and on the FP32-output target ``W*``, both fitted on the other half.
+        The least-squares ``W*`` has ``cols`` parameters per row: where the upstream error is small it fits
+        noise, and the held-out score catches that. The winning target is then rounded on all the items."""
+        fit, held = halves
+        both = fit.merged(held)
         mu = canonical_mu(weight).contiguous()
-        h = dampened(m.h, m.count, _relative_damping(self.posteriors.get(weight.name)))
-        target = fp_output_target(mu, h, m.k, m.count) if self.mode == "fp-outputs" else mu
+        relative = _relative_damping(self.posteriors.get(weight.name))
         grid = grid_of(qt)
-        codes, values = feedback.gptq_round(target, h.float(), grid, damp=1e-6, act_order=self.act_order)
-        before = propagated_error(target, torch.from_numpy(qt.layout.to_canonical(qt.dequantize())), h)
-        after = propagated_error(target, values, h)
-        changed = after < before
-        info = {**qt.info, "propagation": {"mode": self.mode, "level": level, "rows": m.count,
-                                           "error_planned": before, "error_rerounded": after,
-                                           "codes": "rerounded" if changed else "planned"}}
-        if not changed:
+        planned = torch.from_numpy(qt.layout.to_canonical(qt.dequantize()))
+
+        def rounded(target, m: PairedMoments):
+            h = dampened(m.h, m.count, relative)
+            t = fp_output_target(mu, h, m.k, m.count) if target == "fp-outputs" else mu
+            return feedback.gptq_round(t, h.float(), grid, damp=1e-6, act_order=self.act_order), t, h
+
+        scores: dict[str, float] = {}
+        if self.mode == "fp-outputs" and held.count and fit.count:
+            scores = {"planned": fp_output_error(mu, planned, held)}
+            for target in ("sequential", "fp-outputs"):
+                (_, values), _, _ = rounded(target, fit)
+                scores[target] = fp_output_error(mu, values, held)
+            choice = min(scores, key=lambda k: (scores[k], k != "planned"))
+        else:
+            choice = self.mode
+        info = {**qt.info, "propagation": {"mode": self.mode, "level": level, "rows": both.count,
+                                           **({"heldout_error": scores} if scores else {})}}
+        if choice == "planned":
+            info["propagation"]["codes"] = "planned"
             return dataclasses.replace(qt, info=info), False
+        (codes, values), target, h = rounded(choice, both)
+        before, after = propagated_error(target, planned, h), propagated_error(target, values, h)
+        info["propagation"].update(target=choice, error_planned=before, error_rerounded=after)
+        if not scores and not after < before:  # sequential: the planned codes, unless beaten in-sample
+            info["propagation"]["codes"] = "planned"
+            return dataclasses.replace(qt, info=info), False
+        info["propagation"]["codes"] = "rerounded"
         post = self.posteriors.get(weight.name)
         if post is not None and "whitened_error" in info:  # the planner's figure was for the planned codes
             info["whitened_error"] = whitened_error(values - mu, post)
@@ -164,6 +207,14 @@ def grid_of(qt: QuantizedTensor):
         return UniformGrid(torch.from_numpy(qt.scale.astype(np.float32)), torch.from_numpy(qt.zero.astype(np.float32)),
                            c.bits, c.group_size, c.symmetric, c.scale_torch_dtype)
     return CodebookGrid(torch.from_numpy(qt.levels.astype(np.float32)), c.rows_per_table(qt.layout))
+
+
+def fp_output_error(w: torch.Tensor, values: torch.Tensor, m: PairedMoments) -> float:
+    """Mean ``‖W x − Ŵ x̃‖²`` over ``m``'s rows, less the part no ``Ŵ`` changes:
+    ``tr(D H̃ Dᵀ) + 2 tr(W K Dᵀ)`` per row with ``D = W − Ŵ``, ``H̃ = Σ x̃x̃ᵀ``, ``K = Σ (x − x̃)x̃ᵀ``."""
+    w = w.double()
+    d = w - values.double()
+    return float(((d @ m.h) * d).sum() + 2 * ((w @ m.k) * d).sum()) / max(m.count, 1)
 
 
 def propagated_error(target: torch.Tensor, values: torch.Tensor, h: torch.Tensor) -> float:

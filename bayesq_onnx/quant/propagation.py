@@ -52,6 +52,14 @@ class PairedMoments:
                 self.k.addmm_((fp_rows[start:start + step].double() - q).T, q)
         self.count += q_rows.shape[0]
 
+    def merged(self, other: "PairedMoments") -> "PairedMoments":
+        """The moments of both sets of rows."""
+        out = PairedMoments(self.cols, cross=self.k is not None)
+        out.h, out.count = self.h + other.h, self.count + other.count
+        if out.k is not None:
+            out.k = self.k + other.k
+        return out
+
     def update_conv(self, fp_x: torch.Tensor | None, q_x: torch.Tensor, kernel: tuple[int, ...], *,
                     strides: tuple[int, ...], pads: tuple[int, ...], dilations: tuple[int, ...]) -> None:
         """Add the input patches (:func:`~bayesq_onnx.bayes.layerwise.conv_patches`, one group) of an
