@@ -20,14 +20,20 @@ from bayesq_onnx.quant.propagation import PairedMoments, dampened, fp_output_tar
 from bayesq_onnx.runtime.session import CPU, make_session
 
 
+def _layer(seed: int, rows: int, cols: int, items: int, noise: float):
+    """FP32 inputs x, quantized-model inputs x̃ = x + noise, a weight W, and their paired moments."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(items, cols, generator=g, dtype=torch.float64)
+    xq = x + noise * torch.randn(items, cols, generator=g, dtype=torch.float64)
+    w = torch.randn(rows, cols, generator=g)
+    m = PairedMoments(cols)
+    m.update(x, xq)
+    return g, x, xq, w, m
+
+
 def test_fp_output_target_is_the_least_squares_fit():
     """W* = W + W K H̃⁻¹ minimizes ‖X Wᵀ − X̃ W*ᵀ‖² (here with no dampening to speak of)."""
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(500, 12, generator=g, dtype=torch.float64)
-    xq = x + 0.1 * torch.randn(500, 12, generator=g, dtype=torch.float64)
-    w = torch.randn(5, 12, generator=g)
-    m = PairedMoments(12)
-    m.update(x, xq)
+    g, x, xq, w, m = _layer(0, 5, 12, 500, 0.1)
     h = dampened(m.h, m.count, 1e-12)
     got = fp_output_target(w, h, m.k, m.count).double()
     want = torch.linalg.lstsq(xq, x @ w.double().T).solution.T
@@ -40,12 +46,7 @@ def test_fp_output_target_is_the_least_squares_fit():
 
 
 def test_fp_output_error_is_the_output_error_up_to_a_constant():
-    g = torch.Generator().manual_seed(2)
-    x = torch.randn(300, 10, generator=g, dtype=torch.float64)
-    xq = x + 0.2 * torch.randn(300, 10, generator=g, dtype=torch.float64)
-    w = torch.randn(4, 10, generator=g)
-    m = PairedMoments(10)
-    m.update(x, xq)
+    g, x, xq, w, m = _layer(2, 4, 10, 300, 0.2)
     full = lambda v: float(((x @ w.double().T - xq @ v.double().T) ** 2).sum()) / 300  # noqa: E731
     a, b = torch.randn(4, 10, generator=g), torch.randn(4, 10, generator=g)
     assert fp_output_error(w, a, m) - fp_output_error(w, b, m) == pytest.approx(full(a) - full(b), rel=1e-9)
