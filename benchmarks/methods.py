@@ -100,7 +100,7 @@ def main() -> int:
     bits = args.bits or {"fixed": [4, 3, 2], "budgets": [4.0, 3.5, 3.0, 2.5], "risk": [3.0],
                          "levers": [4.0, 3.0, 2.5]}[args.suite]
     bundle = load_model(args.model, SourceOptions(calib_size=calib, eval_size=evals))
-    results = []
+    results, metric = [], None
     with tempfile.TemporaryDirectory() as tmp:
         for i, (label, kw) in enumerate(configs(args.suite, bits, tuple(args.risks))):
             config = CompileConfig(model=args.model, out=Path(tmp) / str(i), calib_size=calib, eval_size=evals,
@@ -110,6 +110,7 @@ def main() -> int:
                 r = compile_model(config, rep, bundle=bundle).report
             wall = time.perf_counter() - start
             f, headline = r["fidelity"], r["headline"]
+            metric = headline["metric"]
             analysis = sum(v for k, v in r["timings_s"].items() if k.startswith(("fit posterior", "plan")))
             row = {"method": label, "bits": kw["bits"], "all_in_bits": round(r["bits"]["all_in"], 4),
                    headline["metric"]: round(headline["value"], 4),
@@ -130,7 +131,6 @@ def main() -> int:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metric = next(k for k in results[0] if k not in ("method", "bits", "all_in_bits"))
     fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
     for method in dict.fromkeys(r["method"] for r in results):
         pts = sorted((r["all_in_bits"], r[metric]) for r in results if r["method"] == method)

@@ -42,7 +42,7 @@ from ..runtime.activations import (FETCH_BYTES, Tap, conv_geometry, item_count, 
 from ..runtime.session import CPU, make_session
 from ..weight_inputs import WEIGHT_INPUT
 from ..weights import WeightInfo, WeightPosterior, canonical_mu
-from .tensor_design import whitened_error
+from .tensor_design import prior_damping, whitened_error
 
 GPTQ_DAMPING = 0.01
 """Relative dampening of ``H̃`` for a weight whose posterior has no K-FAC factor to take it from."""
@@ -98,7 +98,8 @@ class PropagateErrors:
         moments = {n: (PairedMoments(weights[n].layout.cols, cross=cross), PairedMoments(weights[n].layout.cols, cross=cross))
                    for n in names}
         activations = sorted({taps[n][0].activation for n in names})
-        fetch = [a for a in activations if a in {o.name for o in session.get_outputs()}]
+        outputs = {o.name for o in session.get_outputs()}
+        fetch = [a for a in activations if a in outputs]  # the others are graph inputs, read from the batch
         overrides = {k: v for k, v in fed.items() if k in feeds}
         seen = 0  # calibration items before this chunk
 
@@ -233,13 +234,12 @@ def _reroundable(qt: QuantizedTensor, taps: list[Tap], weight: WeightInfo) -> bo
 
 
 def _relative_damping(post: WeightPosterior | None) -> float:
-    """The dampening the posterior metric used for this weight, relative to ``mean diag A``: the prior
-    precision over the data term, ``τ / (N·Ḡ) / mean diag A`` (tensor_design's GPTQ Hessian); GPTQ's 0.01
-    without a K-FAC posterior."""
-    if post is None or post.A is None or post.G_diag is None or post.n_data <= 0:
+    """The dampening the posterior metric used for this weight (:func:`~.tensor_design.prior_damping`),
+    relative to ``mean diag A``; GPTQ's 0.01 without a K-FAC posterior."""
+    if post is None or post.A is None or post.G_diag is None or post.n_data <= 0 or float(post.G_diag.mean()) <= 0:
         return GPTQ_DAMPING
-    data = post.n_data * float(post.G_diag.mean()) * float(torch.diagonal(post.A).mean())
-    return post.prior_precision / data if data > 0 else GPTQ_DAMPING
+    mean_diag = float(torch.diagonal(post.A).mean())
+    return prior_damping(post) / mean_diag if mean_diag > 0 else GPTQ_DAMPING
 
 
 def _onnx_value(qt: QuantizedTensor, dtype) -> np.ndarray:

@@ -59,8 +59,7 @@ def round_on_grid(weight: WeightInfo, post: WeightPosterior, cand: Candidate, gr
     if compensate and curvature == "kfac" and post.A is not None:
         # Per row the posterior metric is N·G_rr·A + τ·I = N·G_rr·(A + τ/(N·G_rr)·I): the prior is GPTQ's
         # dampening. GPTQ shares one H across rows, so the typical row's G_rr (the mean) sets it.
-        damping = post.prior_precision / (post.n_data * float(post.G_diag.mean().clamp_min(1e-30)))
-        hessian = post.A + damping * torch.eye(post.A.shape[0])
+        hessian = post.A + prior_damping(post) * torch.eye(post.A.shape[0])
         codes, values = feedback.gptq_round(mu, hessian, grid, damp=1e-6, act_order=act_order)
     elif compensate and curvature == "lowrank" and post.U is not None:
         codes, values = feedback.lowrank_round(mu, post.lowrank_diagonal(), post.U, grid)
@@ -74,6 +73,12 @@ def round_on_grid(weight: WeightInfo, post: WeightPosterior, cand: Candidate, gr
                                zero=grid.zero.numpy(), info=info)
     return QuantizedTensor(weight.name, lay, cand, codes=codes.numpy(),
                            levels=grid.levels.to(torch.float16).numpy(), info=info)
+
+
+def prior_damping(post: WeightPosterior) -> float:
+    """``τ / (N·Ḡ)``: the prior's share of a K-FAC posterior's per-row metric ``N·G_rr·A + τ·I`` at the mean
+    ``G_rr``, in the units of ``A`` (the dampening of the GPTQ Hessian ``H = A + τ/(N·Ḡ)·I``)."""
+    return post.prior_precision / (post.n_data * float(post.G_diag.mean().clamp_min(1e-30)))
 
 
 def whitened_error(x: torch.Tensor, post: WeightPosterior) -> float:

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..bayes.layerwise import CHUNK_BYTES, conv_patches
+from ..bayes.layerwise import CHUNK_BYTES, conv_patches, conv_positions
 
 
 @dataclass
@@ -65,7 +65,7 @@ class PairedMoments:
         """Add the input patches (:func:`~bayesq_onnx.bayes.layerwise.conv_patches`, one group) of an
         ungrouped convolution over ``x [B, C, spatial…]``, a few items at a time."""
         conv = dict(strides=tuple(strides), pads=tuple(pads), dilations=tuple(dilations))
-        positions = max(1, conv_patches(q_x[:1].double(), kernel, groups=1, **conv).shape[0]) if len(q_x) else 1
+        positions = max(1, conv_positions(tuple(q_x.shape[2:]), tuple(kernel), **conv))
         step = max(1, CHUNK_BYTES // (16 * positions * self.cols))
         for start in range(0, q_x.shape[0], step):
             q = conv_patches(q_x[start:start + step].double(), kernel, groups=1, **conv)[:, 0]
