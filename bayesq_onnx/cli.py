@@ -81,7 +81,7 @@ def _config_defaults(command: click.Command) -> click.Command:
 @click.argument("model", required=False)
 @click.option("--bits", type=float, show_default=True,
               help="Budget: average all-in bits per weight (codes + scales + zero points + codebooks). "
-                   "bayesq and gptq take fractional values (e.g. 3.5); rtn and bayesq-fixed one of 2, 3, 4, 8.")
+                   "bayesq and gptq take fractional values (e.g. 3.5); rtn and bayesq-fixed one of 2, 3, 4, 5, 6, 8.")
 @click.option("--method", type=click.Choice(METHODS), show_default=True,
               help="bayesq = Bayesian design + mixed precision under the budget; bayesq-fixed = one width, "
                    "Bayesian design; rtn = round-to-nearest; gptq = GPTQ (fractional --bits mix two widths).")

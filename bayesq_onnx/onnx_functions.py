@@ -25,24 +25,29 @@ DOMAIN = "bayesq"
 DOMAIN_VERSION = 1
 _bq = onnxscript.values.Opset(DOMAIN, DOMAIN_VERSION)
 
-_UINT8, _UINT32, _INT64, _FLOAT = 2, 12, 7, 1
+_UINT8, _UINT64, _INT64, _FLOAT = 2, 13, 7, 1
 
 
 @onnxscript.script(_bq, default_opset=op)
-def Unpack3Bit(packed, shape: Sequence[int]):
-    """Unpack 3-bit codes: 3 bytes hold 8 codes, code k in bits 3k..3k+2 of the little-endian 24-bit word.
+def UnpackBits(packed, bits: int, shape: Sequence[int]):
+    """Unpack ``bits``-bit codes (3, 5, 6: widths with no ONNX dtype; :func:`bayesq_onnx.quant.packing.pack_bits`):
+    ``bits`` bytes hold 8 codes, code k in bits ``bits·k .. bits·k + bits − 1`` of the little-endian word.
 
-    Returns uint8 codes reshaped to ``shape`` (the padding codes of the last word are dropped).
+    The word is assembled as Σ_j byte_j · 2^(8j) (disjoint bits, so the int64 sum is an OR; at most 48 bits);
+    returns uint8 codes reshaped to ``shape`` (the padding codes of the last word are dropped).
     """
-    triples = op.Cast(op.Reshape(packed, op.Constant(value_ints=[-1, 3])), to=_UINT32)
-    b0, b1, b2 = op.Split(triples, axis=1, num_outputs=3)
-    eight = op.Cast(op.Constant(value_ints=[8]), to=_UINT32)
-    sixteen = op.Cast(op.Constant(value_ints=[16]), to=_UINT32)
-    words = op.BitwiseOr(op.BitwiseOr(b0, op.BitShift(b1, eight, direction="LEFT")),
-                         op.BitShift(b2, sixteen, direction="LEFT"))
-    shifts = op.Cast(op.Constant(value_ints=[0, 3, 6, 9, 12, 15, 18, 21]), to=_UINT32)
-    seven = op.Cast(op.Constant(value_ints=[7]), to=_UINT32)
-    codes = op.BitwiseAnd(op.BitShift(words, shifts, direction="RIGHT"), seven)
+    width = op.Constant(value_int=bits)
+    zero = op.Constant(value_int=0)
+    one = op.Constant(value_int=1)
+    rows = op.Concat(op.Constant(value_ints=[-1]), op.Reshape(width, op.Constant(value_ints=[1])), axis=0)
+    byte_values = op.Cast(op.Reshape(packed, rows), to=_UINT64)
+    byte_shifts = op.Cast(op.Mul(op.Range(zero, width, one), op.Constant(value_int=8)), to=_UINT64)
+    words = op.ReduceSum(op.Cast(op.BitShift(byte_values, byte_shifts, direction="LEFT"), to=_INT64),
+                         op.Constant(value_ints=[1]), keepdims=1)
+    code_shifts = op.Cast(op.Mul(op.Range(zero, op.Constant(value_int=8), one), width), to=_UINT64)
+    mask = op.Cast(op.Sub(op.BitShift(op.Cast(one, to=_UINT64), op.Cast(width, to=_UINT64), direction="LEFT"),
+                          op.Cast(one, to=_UINT64)), to=_UINT64)
+    codes = op.BitwiseAnd(op.BitShift(op.Cast(words, to=_UINT64), code_shifts, direction="RIGHT"), mask)
     target = op.Constant(value_ints=shape)
     count = op.ReduceProd(target, keepdims=1)
     flat = op.Slice(op.Reshape(codes, op.Constant(value_ints=[-1])), op.Constant(value_ints=[0]), count)
@@ -88,7 +93,7 @@ def DequantizeSymmetric(codes, scale, grouped_shape: Sequence[int], shape: Seque
     return op.Reshape(w, op.Constant(value_ints=shape))
 
 
-FUNCTIONS = {"Unpack3Bit": Unpack3Bit, "CodebookLookup": CodebookLookup,
+FUNCTIONS = {"UnpackBits": UnpackBits, "CodebookLookup": CodebookLookup,
              "DequantizeAffine": DequantizeAffine, "DequantizeSymmetric": DequantizeSymmetric}
 
 

@@ -146,9 +146,9 @@ class QuantizedTensor:
     def stored(self, broadcast: bool = False) -> dict[str, np.ndarray]:
         """Role -> array exactly as written to the ONNX file (dtype and layout).
 
-        uniform: ``codes`` in the original layout (3-bit: packed bytes of that layout), ``scale`` and
+        uniform: ``codes`` in the original layout (3/5/6-bit: packed bytes of that layout), ``scale`` and
         ``zero_point`` shaped for ``DequantizeLinear`` (scalars per tensor, 1-D per row, blocked otherwise;
-        no zero point for symmetric 2/4/8-bit). codebook: canonical ``codes`` (3-bit packed), ``levels``
+        no zero point for symmetric 2/4/8-bit). codebook: canonical ``codes`` (3/5/6-bit packed), ``levels``
         ``[n_tables, 1, 2^b]``.
 
         ``broadcast=True`` (the arithmetic decode of size-target artifacts): the same arrays, same bytes in
@@ -163,10 +163,10 @@ class QuantizedTensor:
         if c.family == "codebook":
             return {"codes": _store_codes(self.codes, c.bits, signed=False),
                     "levels": self.levels.astype(np.float16)[:, None, :]}
-        packed3 = c.bits == 3
-        # 3-bit codes are unpacked to uint8 in-graph, so signed 3-bit grids are stored shifted by 4.
-        offset = 4 if (packed3 and c.symmetric) else 0
-        signed = c.symmetric and not packed3
+        packed = packing.is_packed(c.bits)
+        # bit-packed codes are unpacked to uint8 in-graph, so signed packed grids are stored shifted by 2^(b−1)
+        offset = 2 ** (c.bits - 1) if (packed and c.symmetric) else 0
+        signed = c.symmetric and not packed
         codes = lay.from_canonical(self.codes.astype(np.int16) + offset)
         out = {"codes": _store_codes(codes, c.bits, signed=signed)}
         scale, zero = self.scale, self.zero + offset
@@ -186,7 +186,7 @@ class QuantizedTensor:
                 scale, zero = np.expand_dims(scale, lay.group_axis + 1), np.expand_dims(zero, lay.group_axis + 1)
         out["scale"] = _contiguous(scale.astype(_SCALE_DTYPES[c.scale_dtype][0]))
         if not signed:
-            zdtype = np.dtype(np.uint8) if packed3 else packing.code_dtype(c.bits, signed=False)
+            zdtype = np.dtype(np.uint8) if packed else packing.code_dtype(c.bits, signed=False)
             out["zero_point"] = _contiguous(zero.astype(np.int16).astype(zdtype))
         return out
 
@@ -216,8 +216,8 @@ def _contiguous(a: np.ndarray) -> np.ndarray:
 
 
 def _store_codes(codes: np.ndarray, bits: int, *, signed: bool) -> np.ndarray:
-    if bits == 3:
-        return packing.pack3(codes.astype(np.uint8))
+    if packing.is_packed(bits):
+        return packing.pack_bits(codes.astype(np.uint8), bits)
     return np.ascontiguousarray(codes.astype(np.int16).astype(packing.code_dtype(bits, signed)))
 
 

@@ -156,7 +156,7 @@ def test_budget_no_candidate_mix_can_meet(files, tmp_path):
 
 
 ARG_CASES = [
-    (["--method", "rtn", "--bits", "5"], "--bits 5 is not available for --method rtn"),
+    (["--method", "rtn", "--bits", "7"], "--bits 7 is not available for --method rtn"),
     (["--method", "bayesq-fixed", "--bits", "3.5"], "--bits 3.5 is not available"),
     (["--method", "gptq", "--bits", "1.5"], "outside GPTQ's code widths"),
     (["--bits", "0.5"], "--bits 0.5 cannot be met: every candidate of --target size stores at least 2-bit codes"),

@@ -91,7 +91,7 @@ def test_console_script_exit_code(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == ["error: --bits 7 is not available for --method rtn; "
-                                                "choose one of 2, 3, 4, 8"]
+                                                "choose one of 2, 3, 4, 5, 6, 8"]
     assert not out.exists()
 
 

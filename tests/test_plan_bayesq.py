@@ -140,8 +140,8 @@ def test_overrides(tmp_path, analysed):
     path.write_text(json.dumps({"nothing.*": ["uint4-row"]}))
     with pytest.raises(UserError, match="matches no quantized tensor"):
         candidates.allowed(weights, overrides=candidates.load_overrides(path))
-    path.write_text(json.dumps({"conv.*": ["uint5-row"]}))
-    with pytest.raises(UserError, match="unknown candidate 'uint5-row'"):
+    path.write_text(json.dumps({"conv.*": ["uint7-row"]}))
+    with pytest.raises(UserError, match="unknown candidate 'uint7-row'"):
         candidates.load_overrides(path)
     path.write_text("{not json")
     with pytest.raises(UserError, match="not valid JSON"):

@@ -103,7 +103,7 @@ def test_knapsack_mix_has_no_more_error_than_graph_order(linear_case):
 
 
 def test_widths_and_budget_errors():
-    assert mix_widths(3) == (3,) and mix_widths(3.5) == (3, 4) and mix_widths(5.0) == (4, 8)
+    assert mix_widths(3) == (3,) and mix_widths(3.5) == (3, 4) and mix_widths(7.0) == (6, 8)
     with pytest.raises(UserError, match="outside GPTQ's code widths"):
         mix_widths(1.5)
 

@@ -16,23 +16,27 @@ from bayesq_onnx.quant import codebook, packing, uniform
 from bayesq_onnx.quant.layout import WeightLayout
 
 
-@given(st.lists(st.integers(0, 7), min_size=0, max_size=200))
-def test_pack3_roundtrip_and_size(codes):
-    codes = np.array(codes, dtype=np.uint8)
-    packed = packing.pack3(codes)
-    assert packed.dtype == np.uint8 and packed.size == 3 * math.ceil(codes.size / 8)
-    np.testing.assert_array_equal(packing.unpack3(packed, codes.size), codes)
+@given(st.sampled_from([3, 5, 6]), st.data())
+def test_pack_bits_roundtrip_and_size(bits, data):
+    codes = np.array(data.draw(st.lists(st.integers(0, 2**bits - 1), max_size=200)), dtype=np.uint8)
+    packed = packing.pack_bits(codes, bits)
+    assert packed.dtype == np.uint8 and packed.size == bits * math.ceil(codes.size / 8)
+    np.testing.assert_array_equal(packing.unpack_bits(packed, codes.size, bits), codes)
 
 
-def test_pack3_bit_order():
-    # code k sits in bits 3k..3k+2 of a little-endian 24-bit word
-    packed = packing.pack3(np.array([1, 0, 0, 0, 0, 0, 0, 7], np.uint8))
-    assert packed.tolist() == [0x01, 0x00, 0xE0]
+def test_pack_bits_bit_order():
+    # code k sits in bits b·k .. b·k+b−1 of a little-endian 8b-bit word
+    assert packing.pack_bits(np.array([1, 0, 0, 0, 0, 0, 0, 7], np.uint8), 3).tolist() == [0x01, 0x00, 0xE0]
+    # 6 bits: 63 in the last code is bits 42..47, the top six bits of byte 5
+    assert packing.pack_bits(np.array([1, 0, 0, 0, 0, 0, 0, 63], np.uint8), 6).tolist() == [1, 0, 0, 0, 0, 0xFC]
+    # 5 bits: code 1 (value 31) straddles bytes 0 and 1 (bits 5..9)
+    assert packing.pack_bits(np.array([0, 31], np.uint8), 5).tolist() == [0xE0, 0x03, 0, 0, 0]
 
 
-def test_pack3_rejects_wide_codes():
+@pytest.mark.parametrize("bits", [3, 5, 6])
+def test_pack_bits_rejects_wide_codes(bits):
     with pytest.raises(ValueError):
-        packing.pack3(np.array([8], np.uint8))
+        packing.pack_bits(np.array([2**bits], np.uint8), bits)
 
 
 @pytest.mark.parametrize("dtype,bits", [(ml_dtypes.uint4, 4), (ml_dtypes.int4, 4), (ml_dtypes.uint2, 2),
@@ -128,7 +132,7 @@ def test_plan_accounting_counts_every_array():
 
 def test_candidate_validation():
     with pytest.raises(ValueError):
-        Candidate("uniform", 5)
+        Candidate("uniform", 7)
     with pytest.raises(ValueError):
         Candidate("codebook", 4, 0)
     with pytest.raises(ValueError):

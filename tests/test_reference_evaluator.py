@@ -1,6 +1,6 @@
 """Every artifact the rewrite emits also runs in ``onnx.reference.ReferenceEvaluator`` (ONNX's own Python
 implementation of the operator specs) and agrees with ONNX Runtime: the graphs are standard ONNX, model-local
-functions (``bayesq.Unpack3Bit``, ``bayesq.CodebookLookup``, ``bayesq.DequantizeAffine``,
+functions (``bayesq.UnpackBits``, ``bayesq.CodebookLookup``, ``bayesq.DequantizeAffine``,
 ``bayesq.DequantizeSymmetric``) included, not something only ORT accepts.
 
 The max |ORT − reference| of every case is printed in a table at the end of the module (and recorded as the

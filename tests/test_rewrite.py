@@ -15,11 +15,11 @@ from bayesq_onnx.report import file_accounting
 from helpers import plan_all, reference_model, rewrite, run
 from tiny_models import conv_model, embedding_model, linear_model
 
-UNIFORM = [Candidate("uniform", b, g, symmetric=s) for b in (2, 3, 4, 8) for g in (0, 16) for s in (False, True)]
+UNIFORM = [Candidate("uniform", b, g, symmetric=s) for b in (2, 3, 4, 5, 6, 8) for g in (0, 16) for s in (False, True)]
 UNIFORM += [Candidate("uniform", 4, 0, scale_dtype="float32"), Candidate("uniform", 3, 16, scale_dtype="float32")]
-CODEBOOK = [Candidate("codebook", b, r) for b in (2, 3, 4, 8) for r in (1, 4)]
+CODEBOOK = [Candidate("codebook", b, r) for b in (2, 3, 4, 5, 8) for r in (1, 4)]
 # grids shared by the whole tensor (short rows, tests/test_short_rows.py): they fit every layout
-SHARED = [Candidate("uniform", b, TENSOR) for b in (2, 3, 4, 8)] + [Candidate("uniform", 3, TENSOR, symmetric=True)]
+SHARED = [Candidate("uniform", b, TENSOR) for b in (2, 3, 4, 5, 6, 8)] + [Candidate("uniform", 3, TENSOR, symmetric=True)]
 SHARED += [Candidate("codebook", 3, TENSOR), Candidate("codebook", 8, TENSOR)]
 CANDIDATES = UNIFORM + CODEBOOK + SHARED + [Candidate("float", 16)]
 

@@ -287,12 +287,12 @@ def test_for_target_offers_shared_grids_only_for_short_rows():
     assert groups == {1, 8, TENSOR}
     assert {c.group_size for c in candidates.for_target(_info("Conv", (8, 1, 5, 5)), "size")
             if c.family == "codebook"} == {1, TENSOR}
-    # rows of SHORT_ROW and more (every MiniLM weight: 384+) keep exactly the candidates they had
+    # rows of SHORT_ROW and more (every MiniLM weight: 384+) get only the per-row and per-128 forms
     for info in (_info("MatMul", (384, 384)), _info("MatMul", (384, 1536)), _info("MatMul", (1536, 384)),
                  _info("Gemm", (10, 64), trans_b=True), _info("Conv", (16, 8, 3, 3))):
         assert info.layout.cols >= candidates.SHORT_ROW
         fits = info.layout.in_channels % candidates.GROUP == 0
-        old = [Candidate("uniform", b, g) for b in (2, 3, 4, 8) for g in ([0, 128] if fits else [0])]
+        old = [Candidate("uniform", b, g) for b in (2, 3, 4, 5, 6, 8) for g in ([0, 128] if fits else [0])]
         old += [Candidate("codebook", b, 1) for b in (2, 3, 4)] + [Candidate("float", 16)]
         assert candidates.for_target(info, "size") == old
         old_cuda = [Candidate("uniform", b, g) for b in (4, 8) for g in ([0, 128] if fits else [0])]

@@ -1,11 +1,11 @@
 """QuantizeWeightsPass: replace each planned weight initializer by its stored form and a decode subgraph.
 
     uniform, size target (the default)
-               : codes [-> bayesq.Unpack3Bit] -> bayesq.DequantizeAffine(codes, scale, zero_point)
+               : codes [-> bayesq.UnpackBits] -> bayesq.DequantizeAffine(codes, scale, zero_point)
                  (symmetric 2/4/8-bit: bayesq.DequantizeSymmetric(codes, scale)): Cast -> Reshape -> Sub -> Mul
                  -> rounded to the scale's dtype -> float, scales stored in a shape that broadcasts
     uniform, cuda target, and speed target where every consumer is a MatMul (ORT fuses it: MatMulNBits)
-               : codes [-> bayesq.Unpack3Bit] -> DequantizeLinear(axis | block_size | scalar scale: per tensor)
+               : codes [-> bayesq.UnpackBits] -> DequantizeLinear(axis | block_size | scalar scale: per tensor)
                  [-> Cast float]
     codebook : codes -> bayesq.CodebookLookup(codes, levels)   (a table per row, per group of rows, or one)
     float16  : values -> Cast float        (float32 "kept" tensors are left untouched)
@@ -28,6 +28,7 @@ from .. import onnx_functions
 from ..choices import TARGETS
 from ..errors import PassFailure
 from ..plan import Plan, QuantizedTensor
+from ..quant import packing
 from ..weight_inputs import WEIGHT_INPUT
 
 
@@ -84,9 +85,9 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
             out = add("Cast", [stored["values"]], to=ir.DataType.FLOAT)
         elif cand.family == "codebook":
             codes = stored["codes"]
-            if cand.bits == 3:
-                onnx_functions.add_function(model, "Unpack3Bit")
-                codes = add("Unpack3Bit", [codes], domain=onnx_functions.DOMAIN, shape=[lay.rows, lay.cols])
+            if packing.is_packed(cand.bits):
+                onnx_functions.add_function(model, "UnpackBits")
+                codes = add("UnpackBits", [codes], domain=onnx_functions.DOMAIN, bits=cand.bits, shape=[lay.rows, lay.cols])
             onnx_functions.add_function(model, "CodebookLookup")
             per = cand.rows_per_table(lay)
             out = add("CodebookLookup", [codes, stored["levels"]], domain=onnx_functions.DOMAIN,
@@ -94,9 +95,9 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
                       pre_shape=list(lay.pre_shape), perm=list(lay.perm))
         else:
             codes = stored["codes"]
-            if cand.bits == 3:
-                onnx_functions.add_function(model, "Unpack3Bit")
-                codes = add("Unpack3Bit", [codes], domain=onnx_functions.DOMAIN, shape=list(lay.shape))
+            if packing.is_packed(cand.bits):
+                onnx_functions.add_function(model, "UnpackBits")
+                codes = add("UnpackBits", [codes], domain=onnx_functions.DOMAIN, bits=cand.bits, shape=list(lay.shape))
             dq_inputs = [codes, stored["scale"]] + ([stored["zero_point"]] if "zero_point" in stored else [])
             if arithmetic:  # (q - z)·s in ops ORT's default constant folding folds
                 fn = "DequantizeAffine" if "zero_point" in stored else "DequantizeSymmetric"

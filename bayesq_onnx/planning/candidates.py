@@ -1,8 +1,9 @@
 """Which candidates each weight may take (docs/design.md §3.5): per target, pins, and a user override file.
 
 Targets:
-* ``size`` — everything the rewrite stores exactly: uniform 2/3/4/8-bit per row and per group of 128 input
-  channels, per-row codebooks of 2/3/4 bits, and FP16. Decodes are standard-op functions that ORT's default
+* ``size`` — everything the rewrite stores exactly: uniform 2/3/4/5/6/8-bit per row and per group of 128 input
+  channels, per-row codebooks of 2/3/4 bits, and FP16. The 5- and 6-bit widths give the knapsack steps
+  between 4 and 8 bits: without them a layer that needs more than 4 bits pays for 8. Decodes are standard-op functions that ORT's default
   session constant-folds at session start (FP32 speed).
 * ``speed`` — MatMul weights only as uniform 4/8-bit blocks with float32 scales: the
   DequantizeLinear → MatMul form ONNX Runtime fuses into ``MatMulNBits`` (faster inference). Every other
@@ -14,7 +15,7 @@ Targets:
 
 Weights with short rows (fewer than :data:`SHORT_ROW` columns: depthwise kernels, stems, 1×1 convolutions
 over few channels) also get grids shared across rows, whose side information is amortized over the whole
-tensor: under ``size`` uniform 2/3/4/8-bit per tensor (``uint4-tensor``) and 2/3/4-bit codebooks shared by 8
+tensor: under ``size`` uniform 2/3/4/5/6/8-bit per tensor (``uint4-tensor``) and 2/3/4-bit codebooks shared by 8
 or 32 rows and by the whole tensor (``codebook3-8rows``, ``codebook3-tensor``); under ``cuda`` uniform 4/8-bit
 per tensor. The knapsack takes them where their lower cost outweighs the lost per-row range.
 
@@ -29,7 +30,7 @@ import functools
 import json
 from pathlib import Path
 
-from ..choices import TARGETS
+from ..choices import CODE_BITS, TARGETS
 from ..errors import UserError
 from ..plan import TENSOR, Candidate, QuantizedTensor
 from ..quant.layout import WeightLayout
@@ -45,11 +46,13 @@ PIN = Candidate("uniform", 8)
 # keep exactly the candidates they had (so their plans, and the MiniLM artifacts, do not change).
 SHORT_ROW = 64
 SHARED_ROWS = (8, 32)  # rows per shared codebook table, besides one table for the whole tensor
+UNIFORM_BITS = CODE_BITS  # uniform code widths under `size` (`cuda`: the natively run 4 and 8)
+CODEBOOK_BITS = (2, 3, 4)  # codebook widths: 2^b float16 levels per table, so wider tables cost more than they buy
 
 
 def _label_table() -> dict[str, Candidate]:
     table = {}
-    for bits in (2, 3, 4, 8):
+    for bits in CODE_BITS:
         for group in (0, 32, 64, 128, TENSOR):
             for sym in (False, True):
                 for sdt in ("float16", "float32"):
@@ -87,18 +90,18 @@ def for_target(weight: WeightInfo, target: str) -> list[Candidate]:
             groups = [GROUP] if fits else []
             return [Candidate("uniform", b, g, scale_dtype="float32") for b in (4, 8) for g in groups] or \
                    [Candidate("uniform", 8, 0, scale_dtype="float32")]
-        return [Candidate("codebook", b, 1) for b in (2, 3, 4)] + [Candidate("float", 16)]
+        return [Candidate("codebook", b, 1) for b in CODEBOOK_BITS] + [Candidate("float", 16)]
     if target == "cuda":
         out = [Candidate("uniform", b, g) for b in (4, 8) for g in ([0, GROUP] if fits else [0])]
         return out + shared + [Candidate("float", 16)]
-    out = [Candidate("uniform", b, g) for b in (2, 3, 4, 8) for g in ([0, GROUP] if fits else [0])]
-    out += [Candidate("codebook", b, 1) for b in (2, 3, 4)]
+    out = [Candidate("uniform", b, g) for b in UNIFORM_BITS for g in ([0, GROUP] if fits else [0])]
+    out += [Candidate("codebook", b, 1) for b in CODEBOOK_BITS]
     return out + shared + [Candidate("float", 16)]
 
 
 def short_row_candidates(layout: WeightLayout, target: str) -> list[Candidate]:
     """Grids shared across the rows of a weight with rows shorter than :data:`SHORT_ROW` (none otherwise,
-    and none for a single row, where they equal the per-row forms). ``size``: uniform 2/3/4/8-bit per tensor,
+    and none for a single row, where they equal the per-row forms). ``size``: uniform 2/3/4/5/6/8-bit per tensor,
     codebooks of 2/3/4 bits per :data:`SHARED_ROWS` rows (row counts that divide the rows and are fewer than
     all of them) and per tensor; ``cuda``: uniform 4/8-bit per tensor; ``speed``: none."""
     if layout.cols >= SHORT_ROW or layout.rows < 2 or target == "speed":
@@ -108,8 +111,8 @@ def short_row_candidates(layout: WeightLayout, target: str) -> list[Candidate]:
     groups = [r for r in SHARED_ROWS if r < layout.rows and layout.rows % r == 0] + [TENSOR]
     # grouping-major: the codebook design sorts each table's weights once and reuses the sort for the next
     # bit width of the same grouping
-    return ([Candidate("uniform", b, TENSOR) for b in (2, 3, 4, 8)]
-            + [Candidate("codebook", b, g) for g in groups for b in (2, 3, 4)])
+    return ([Candidate("uniform", b, TENSOR) for b in UNIFORM_BITS]
+            + [Candidate("codebook", b, g) for g in groups for b in CODEBOOK_BITS])
 
 
 def _fused_matmul(weight: WeightInfo) -> bool:

@@ -1,8 +1,9 @@
-"""Exact storage of integer codes: the numpy dtype each bit-width is stored as, and 3-bit bit-packing.
+"""Exact storage of integer codes: the numpy dtype each bit-width is stored as, and bit-packing for the rest.
 
-2- and 4-bit codes are held as ml_dtypes ``(u)int2`` / ``(u)int4`` arrays; ONNX serializes those packed
-(4 resp. 2 codes per byte). 3-bit codes have no ONNX dtype: 8 codes go into 3 bytes (24 bits, little-endian,
-code ``k`` in bits ``3k .. 3k+2``), and the graph unpacks them with BitShift / BitwiseAnd.
+2-, 4- and 8-bit codes are held as ml_dtypes ``(u)int2`` / ``(u)int4`` / numpy ``(u)int8`` arrays; ONNX
+serializes the sub-byte ones packed (4 resp. 2 codes per byte). 3-, 5- and 6-bit codes have no ONNX dtype:
+8 codes of ``b`` bits go into ``b`` bytes (one little-endian ``8b``-bit word, code ``k`` in bits
+``b·k .. b·k + b − 1``), and the graph unpacks them with BitShift / BitwiseAnd (``bayesq.UnpackBits``).
 """
 
 from __future__ import annotations
@@ -18,8 +19,13 @@ _SUBBYTE_BITS = {np.dtype(ml_dtypes.uint2): 2, np.dtype(ml_dtypes.int2): 2,
                  np.dtype(ml_dtypes.uint4): 4, np.dtype(ml_dtypes.int4): 4}
 
 
+def is_packed(bits: int) -> bool:
+    """Whether ``bits``-bit codes are bit-packed into bytes (no native ONNX dtype holds them)."""
+    return bits not in _UNSIGNED
+
+
 def code_dtype(bits: int, signed: bool) -> np.dtype:
-    """Storage dtype of ``bits``-bit codes (3-bit codes are bit-packed into uint8 instead)."""
+    """Storage dtype of ``bits``-bit codes (widths without one are bit-packed into uint8 instead)."""
     table = _SIGNED if signed else _UNSIGNED
     if bits not in table:
         raise ValueError(f"no native {'signed' if signed else 'unsigned'} storage for {bits}-bit codes")
@@ -34,21 +40,25 @@ def stored_nbytes(a: np.ndarray) -> int:
     return math.ceil(a.size * bits / 8)
 
 
-def pack3(codes: np.ndarray) -> np.ndarray:
-    """Pack 3-bit codes (values 0..7, any shape, row-major) into ``3·⌈n/8⌉`` bytes."""
-    flat = np.asarray(codes, dtype=np.uint32).reshape(-1)
-    if flat.size and flat.max() > 7:
-        raise ValueError("3-bit codes must lie in 0..7")
-    padded = np.zeros(math.ceil(flat.size / 8) * 8, dtype=np.uint32)
+def pack_bits(codes: np.ndarray, bits: int) -> np.ndarray:
+    """Pack ``bits``-bit codes (values ``0 .. 2^bits − 1``, any shape, row-major) into ``bits·⌈n/8⌉`` bytes:
+    each run of 8 codes is the word ``Σ_k code_k · 2^(bits·k)``, stored little-endian in ``bits`` bytes."""
+    if not 1 <= bits <= 8:
+        raise ValueError(f"cannot pack {bits}-bit codes")
+    flat = np.asarray(codes, dtype=np.uint64).reshape(-1)
+    if flat.size and flat.max() >= 2**bits:
+        raise ValueError(f"{bits}-bit codes must lie in 0..{2**bits - 1}")
+    padded = np.zeros(math.ceil(flat.size / 8) * 8, dtype=np.uint64)
     padded[: flat.size] = flat
-    words = (padded.reshape(-1, 8) << (3 * np.arange(8, dtype=np.uint32))).sum(axis=1, dtype=np.uint32)
-    out = np.stack([(words >> s) & 0xFF for s in (0, 8, 16)], axis=1)
+    shifts = np.uint64(bits) * np.arange(8, dtype=np.uint64)
+    words = np.bitwise_or.reduce(padded.reshape(-1, 8) << shifts, axis=1)
+    out = (words[:, None] >> (np.uint64(8) * np.arange(bits, dtype=np.uint64))) & np.uint64(0xFF)
     return out.astype(np.uint8).reshape(-1)
 
 
-def unpack3(packed: np.ndarray, n: int) -> np.ndarray:
-    """Inverse of :func:`pack3`: the first ``n`` codes as uint8."""
-    b = np.asarray(packed, dtype=np.uint32).reshape(-1, 3)
-    words = b[:, 0] | (b[:, 1] << 8) | (b[:, 2] << 16)
-    codes = (words[:, None] >> (3 * np.arange(8, dtype=np.uint32))) & 7
+def unpack_bits(packed: np.ndarray, n: int, bits: int) -> np.ndarray:
+    """Inverse of :func:`pack_bits`: the first ``n`` codes as uint8."""
+    b = np.asarray(packed, dtype=np.uint64).reshape(-1, bits)
+    words = np.bitwise_or.reduce(b << (np.uint64(8) * np.arange(bits, dtype=np.uint64)), axis=1)
+    codes = (words[:, None] >> (np.uint64(bits) * np.arange(8, dtype=np.uint64))) & np.uint64(2**bits - 1)
     return codes.reshape(-1)[:n].astype(np.uint8)
