@@ -25,7 +25,7 @@ DOMAIN = "bayesq"
 DOMAIN_VERSION = 1
 _bq = onnxscript.values.Opset(DOMAIN, DOMAIN_VERSION)
 
-_UINT8, _UINT64, _INT64, _FLOAT = 2, 13, 7, 1
+_UINT8, _UINT32, _INT64, _FLOAT = 2, 12, 7, 1
 
 
 @onnxscript.script(_bq, default_opset=op)
@@ -33,21 +33,24 @@ def UnpackBits(packed, bits: int, shape: Sequence[int]):
     """Unpack ``bits``-bit codes (3, 5, 6: widths with no ONNX dtype; :func:`bayesq_onnx.quant.packing.pack_bits`):
     ``bits`` bytes hold 8 codes, code k in bits ``bits·k .. bits·k + bits − 1`` of the little-endian word.
 
-    The word is assembled as Σ_j byte_j · 2^(8j) (disjoint bits, so the int64 sum is an OR; at most 48 bits);
-    returns uint8 codes reshaped to ``shape`` (the padding codes of the last word are dropped).
+    Code k lies within the two bytes ``i = ⌊bits·k/8⌋`` and ``i + 1`` (``bits`` ≤ 8), so it is
+    ``((byte_i | byte_{i+1} << 8) >> (bits·k mod 8)) & (2^bits − 1)`` in uint32: no wider intermediate, which
+    keeps ORT's constant folding of large tensors small. Returns uint8 codes reshaped to ``shape`` (the
+    padding codes of the last word dropped).
     """
     width = op.Constant(value_int=bits)
-    zero = op.Constant(value_int=0)
-    one = op.Constant(value_int=1)
     rows = op.Concat(op.Constant(value_ints=[-1]), op.Reshape(width, op.Constant(value_ints=[1])), axis=0)
-    byte_values = op.Cast(op.Reshape(packed, rows), to=_UINT64)
-    byte_shifts = op.Cast(op.Mul(op.Range(zero, width, one), op.Constant(value_int=8)), to=_UINT64)
-    words = op.ReduceSum(op.Cast(op.BitShift(byte_values, byte_shifts, direction="LEFT"), to=_INT64),
-                         op.Constant(value_ints=[1]), keepdims=1)
-    code_shifts = op.Cast(op.Mul(op.Range(zero, op.Constant(value_int=8), one), width), to=_UINT64)
-    mask = op.Cast(op.Sub(op.BitShift(op.Cast(one, to=_UINT64), op.Cast(width, to=_UINT64), direction="LEFT"),
-                          op.Cast(one, to=_UINT64)), to=_UINT64)
-    codes = op.BitwiseAnd(op.BitShift(op.Cast(words, to=_UINT64), code_shifts, direction="RIGHT"), mask)
+    byte_rows = op.Reshape(packed, rows)
+    first_bit = op.Mul(op.Range(op.Constant(value_int=0), op.Constant(value_int=8), op.Constant(value_int=1)), width)
+    eight = op.Constant(value_int=8)
+    low = op.Div(first_bit, eight)
+    high = op.Min(op.Add(low, op.Constant(value_int=1)), op.Sub(width, op.Constant(value_int=1)))
+    word = op.BitwiseOr(op.Cast(op.Gather(byte_rows, low, axis=1), to=_UINT32),
+                        op.BitShift(op.Cast(op.Gather(byte_rows, high, axis=1), to=_UINT32),
+                                    op.Cast(eight, to=_UINT32), direction="LEFT"))
+    mask = op.Sub(op.BitShift(op.Cast(op.Constant(value_int=1), to=_UINT32), op.Cast(width, to=_UINT32),
+                              direction="LEFT"), op.Cast(op.Constant(value_int=1), to=_UINT32))
+    codes = op.BitwiseAnd(op.BitShift(word, op.Cast(op.Mod(first_bit, eight), to=_UINT32), direction="RIGHT"), mask)
     target = op.Constant(value_ints=shape)
     count = op.ReduceProd(target, keepdims=1)
     flat = op.Slice(op.Reshape(codes, op.Constant(value_ints=[-1])), op.Constant(value_ints=[0]), count)
