@@ -48,8 +48,8 @@ def UnpackBits(packed, bits: int, shape: Sequence[int]):
     word = op.BitwiseOr(op.Cast(op.Gather(byte_rows, low, axis=1), to=_UINT32),
                         op.BitShift(op.Cast(op.Gather(byte_rows, high, axis=1), to=_UINT32),
                                     op.Cast(eight, to=_UINT32), direction="LEFT"))
-    mask = op.Sub(op.BitShift(op.Cast(op.Constant(value_int=1), to=_UINT32), op.Cast(width, to=_UINT32),
-                              direction="LEFT"), op.Cast(op.Constant(value_int=1), to=_UINT32))
+    one = op.Cast(op.Constant(value_int=1), to=_UINT32)
+    mask = op.Sub(op.BitShift(one, op.Cast(width, to=_UINT32), direction="LEFT"), one)
     codes = op.BitwiseAnd(op.BitShift(word, op.Cast(op.Mod(first_bit, eight), to=_UINT32), direction="RIGHT"), mask)
     target = op.Constant(value_ints=shape)
     count = op.ReduceProd(target, keepdims=1)

@@ -81,23 +81,25 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
             return node.outputs[0]
 
         lay = qt.layout
+
+        def unpacked(codes: ir.Value, shape: list[int]) -> ir.Value:
+            """Bit-packed codes (3/5/6 bits) as uint8 of ``shape``; natively stored codes as they are."""
+            if not packing.is_packed(cand.bits):
+                return codes
+            onnx_functions.add_function(model, "UnpackBits")
+            return add("UnpackBits", [codes], domain=onnx_functions.DOMAIN, bits=cand.bits, shape=shape)
+
         if cand.family == "float":
             out = add("Cast", [stored["values"]], to=ir.DataType.FLOAT)
         elif cand.family == "codebook":
-            codes = stored["codes"]
-            if packing.is_packed(cand.bits):
-                onnx_functions.add_function(model, "UnpackBits")
-                codes = add("UnpackBits", [codes], domain=onnx_functions.DOMAIN, bits=cand.bits, shape=[lay.rows, lay.cols])
+            codes = unpacked(stored["codes"], [lay.rows, lay.cols])  # codebook codes are stored canonical
             onnx_functions.add_function(model, "CodebookLookup")
             per = cand.rows_per_table(lay)
             out = add("CodebookLookup", [codes, stored["levels"]], domain=onnx_functions.DOMAIN,
                       grouped_shape=[lay.rows // per, per, lay.cols],
                       pre_shape=list(lay.pre_shape), perm=list(lay.perm))
         else:
-            codes = stored["codes"]
-            if packing.is_packed(cand.bits):
-                onnx_functions.add_function(model, "UnpackBits")
-                codes = add("UnpackBits", [codes], domain=onnx_functions.DOMAIN, bits=cand.bits, shape=list(lay.shape))
+            codes = unpacked(stored["codes"], list(lay.shape))
             dq_inputs = [codes, stored["scale"]] + ([stored["zero_point"]] if "zero_point" in stored else [])
             if arithmetic:  # (q - z)·s in ops ORT's default constant folding folds
                 fn = "DequantizeAffine" if "zero_point" in stored else "DequantizeSymmetric"

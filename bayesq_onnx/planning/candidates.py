@@ -3,8 +3,8 @@
 Targets:
 * ``size`` — everything the rewrite stores exactly: uniform 2/3/4/5/6/8-bit per row and per group of 128 input
   channels, per-row codebooks of 2/3/4 bits, and FP16. The 5- and 6-bit widths give the knapsack steps
-  between 4 and 8 bits: without them a layer that needs more than 4 bits pays for 8. Decodes are standard-op functions that ORT's default
-  session constant-folds at session start (FP32 speed).
+  between 4 and 8 bits: without them a layer that needs more than 4 bits pays for 8. Decodes are standard-op
+  functions that ORT's default session constant-folds at session start (FP32 speed).
 * ``speed`` — MatMul weights only as uniform 4/8-bit blocks with float32 scales: the
   DequantizeLinear → MatMul form ONNX Runtime fuses into ``MatMulNBits`` (faster inference). Every other
   weight (Conv, Gemm) only in forms that still fold at session start: codebooks and FP16. A speed artifact
@@ -43,7 +43,7 @@ PIN = Candidate("uniform", 8)
 # columns, 14% of a 2-bit code, and 2.0–2.7 for a 3×3 depthwise row; a per-row codebook costs 2^b·16/cols,
 # at least 1 bit below 64 columns. From 64 up — every MiniLM row (384+), a 3×3 conv over 8+ inputs (72+) —
 # per-row side information is a few percent of the code and the per-row range is worth it; those weights
-# keep exactly the candidates they had (so their plans, and the MiniLM artifacts, do not change).
+# get the per-row and per-128 forms only.
 SHORT_ROW = 64
 SHARED_ROWS = (8, 32)  # rows per shared codebook table, besides one table for the whole tensor
 UNIFORM_BITS = CODE_BITS  # uniform code widths under `size` (`cuda`: the natively run 4 and 8)
