@@ -1,5 +1,6 @@
 """benchmarks/distill.py and benchmarks/scale.py: their synthetic inputs are what the model sources accept,
-and the distillation benchmark runs end to end on digits-resnet (short training)."""
+and the distillation benchmark runs end to end on digits-resnet (short training); benchmarks/kfac_scale.py
+compares the two curvature forms on digits-resnet."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import distill as distill_bench  # noqa: E402
+import kfac_scale  # noqa: E402
 import scale  # noqa: E402
 
 from bayesq_onnx.models.glue import get_task, read_split  # noqa: E402
@@ -31,6 +33,16 @@ def test_scale_image_folder_is_an_imagenet_style_folder(tmp_path):
     folder = scan(scale.image_folder(tmp_path / "images", classes=3, per_class=2))
     assert folder.classes == ("0", "100", "200") and len(folder) == 6
     assert np.array_equal(np.bincount(folder.folder), [2, 2, 2])
+
+
+def test_kfac_scale_compares_the_forms_on_digits():
+    rows, timings = kfac_scale.fisher_mass_ratios("digits-resnet", 16)
+    assert {"kfac_fit_s", "diag_fit_s"} <= set(timings)
+    kron = [r["exact_over_kfac"] for r in rows if r["kfac_form"] == "kronecker"]
+    assert rows and len(kron) == len(rows)  # every digits-resnet weight is a dense conv or the classifier
+    assert all(0 < k < float("inf") for k in kron)
+    # its 3×3 convs see correlated gradients at neighbouring positions: K-FAC "expand" under-estimates them
+    assert max(kron) > 1.5
 
 
 @pytest.mark.slow
