@@ -18,6 +18,7 @@ Writes ``benchmarks/results/kfac_scale_<model>.{csv,md,png}``.
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -34,6 +35,7 @@ def fisher_mass_ratios(model: str, items: int, seed: int = 0) -> tuple[list[dict
     each form and their ratio; and timings."""
     from bayesq_onnx.analysis.fit_posterior import FitLaplacePosterior
     from bayesq_onnx.bayes.laplace import LaplaceOptions
+    from bayesq_onnx.config import CompileConfig
     from bayesq_onnx.export import fp32_model
     from bayesq_onnx.models import load_model
     from bayesq_onnx.models.base import SourceOptions
@@ -47,13 +49,14 @@ def fisher_mass_ratios(model: str, items: int, seed: int = 0) -> tuple[list[dict
     fits, timings = {}, {}
     for form in ("kfac", "diag"):
         start = time.perf_counter()
-        fits[form] = FitLaplacePosterior(bundle, LaplaceOptions(curvature=form, seed=seed))(weights)
+        # N as the compile sets it: the data term then dwarfs τ, which fisher_mass subtracts as a scalar
+        options = LaplaceOptions(curvature=form, n_data=CompileConfig().n_data, seed=seed)
+        fits[form] = FitLaplacePosterior(bundle, options)(weights)
         timings[f"{form}_fit_s"] = round(time.perf_counter() - start, 1)
     rows = []
     for name in sorted(set(fits["kfac"]) & set(fits["diag"]), key=list(weights).index):
         kfac, exact = fits["kfac"][name], fits["diag"][name]
-        mass_k = float((kfac.design_weights() - kfac.prior_precision).clamp_min(0).sum())
-        mass_d = float((exact.precision - exact.prior_precision).clamp_min(0).sum())
+        mass_k, mass_d = kfac.fisher_mass, exact.fisher_mass  # Σ N·F_ii (K-FAC's: its Kronecker diagonal)
         rows.append({"tensor": name, "shape": "×".join(map(str, weights[name].layout.shape)),
                      "kfac_form": "kronecker" if kfac.A is not None else "exact diagonal",
                      "fisher_mass_kfac": f"{mass_k:.4g}", "fisher_mass_exact": f"{mass_d:.4g}",
@@ -92,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     table = markdown_table(rows)
     kron = [r["exact_over_kfac"] for r in rows if r["kfac_form"] == "kronecker"]
     summary = (f"{args.model}, {args.items} calibration items: {len(kron)} Kronecker tensors, exact / K-FAC "
-               f"Fisher mass from {min(kron):.3g} to {max(kron):.3g} (median {sorted(kron)[len(kron) // 2]:.3g}); "
+               f"Fisher mass from {min(kron):.3g} to {max(kron):.3g} (median {statistics.median(kron):.3g}); "
                f"fits {timings}")
     command = f"`python benchmarks/kfac_scale.py --model {args.model} --items {args.items}`"
     (RESULTS / f"kfac_scale_{stem}.md").write_text(f"# K-FAC vs exact diagonal Fisher: {args.model}\n\n{table}\n\n"
