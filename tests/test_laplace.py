@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from bayesq_onnx.bayes import laplace, likelihood, op_gradients
-from bayesq_onnx.bayes.empirical_bayes import evidence_prior_precision
+from bayesq_onnx.bayes.empirical_bayes import evidence_prior_precision, shrink_to_diagonal, unshrink_from_diagonal
 from bayesq_onnx.traced import ConvSpec
 from helpers import fit_parameters
 
@@ -83,6 +83,63 @@ def test_kfac_factors(setup):
     for p in ("conv.weight", "lin.weight"):
         eig = torch.linalg.eigvalsh(post[p].A)
         assert eig.min() > -1e-6  # a second moment is positive semi-definite
+
+
+class Pooled(torch.nn.Module):
+    """A token layer (4 → 16, many tokens) under a pooled head (16 → 3, one row per item)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(1)
+        self.tok = torch.nn.Linear(4, 16)
+        self.head = torch.nn.Linear(16, 3)
+
+    def features(self, x):
+        return torch.tanh(self.tok(x)).mean(dim=1)  # [B, 16]
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+def test_rank_deficient_input_factor_gets_the_diagonal_prior():
+    """6 items reach the 16-column head: A* = (6·A + 10·diag A)/16, δ = 1 − 6/16; the token layer (30 rows,
+    4 columns) keeps A as measured; diag F does not move."""
+    g = torch.Generator().manual_seed(3)
+    batches = [{"x": torch.randn(3, 5, 4, generator=g)} for _ in range(2)]
+    targets = [torch.randn(3, 3, generator=g) for _ in range(2)]
+    model = Pooled()
+    post = fit_parameters(model, batches, ["tok.weight", "head.weight"], input_names=["x"], fisher="empirical",
+                          targets=targets, curvature="kfac", output_noise=1.0)
+    with torch.no_grad():
+        f = torch.cat([model.features(b["x"]) for b in batches]).double()
+        h = torch.cat([b["x"].reshape(-1, 4) for b in batches]).double()
+    a = f.T @ f / 6
+    expect = (6 * a + 10 * torch.diag(torch.diag(a))) / 16
+    head, tok = post["head.weight"], post["tok.weight"]
+    torch.testing.assert_close(head.A.double(), expect, rtol=1e-5, atol=1e-7)
+    assert head.info["input_shrinkage"] == pytest.approx(1 - 6 / 16)
+    torch.testing.assert_close(head.fisher_diag, torch.diag(head.G)[:, None] * torch.diag(a).float()[None, :])
+    assert torch.linalg.matrix_rank(a) <= 6 and torch.linalg.eigvalsh(head.A.double()).min() > 0  # full rank
+    torch.testing.assert_close(tok.A.double(), h.T @ h / 30, rtol=1e-5, atol=1e-7)
+    assert tok.info["input_shrinkage"] == 0.0
+
+
+@pytest.mark.parametrize("samples,dim", [(256, 1280), (10, 7), (7, 7), (1, 7), (0, 7)])
+def test_shrink_to_diagonal_fills_missing_rows_from_the_diagonal(samples, dim):
+    g = torch.Generator().manual_seed(samples)
+    x = torch.randn(dim, max(samples, 1), generator=g)
+    a = x @ x.T / max(samples, 1)
+    shrunk, delta = shrink_to_diagonal(a, samples)
+    if samples == 0 or samples >= dim:
+        assert shrunk is a and delta == 0.0
+        return
+    nu = dim - samples  # pseudo-rows: the estimate rests on `dim` rows
+    assert delta == pytest.approx(nu / (samples + nu))
+    torch.testing.assert_close(torch.diag(shrunk), torch.diag(a))
+    off = ~torch.eye(dim, dtype=torch.bool)
+    torch.testing.assert_close(shrunk[off], (1 - delta) * a[off])
+    assert torch.linalg.eigvalsh(shrunk.double()).min() > 0  # a singular sample moment becomes definite
+    torch.testing.assert_close(unshrink_from_diagonal(shrunk, delta), a)  # GPTQ's H back, exactly
 
 
 def test_lowrank_finds_the_top_directions(setup):

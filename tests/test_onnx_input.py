@@ -212,3 +212,35 @@ def test_embedding_table_read_twice_gets_its_lookup_counts():
     assert lam[2] > lam[1] > lam[0]
     assert float(lam[0]) == pytest.approx(float(lam[5]))            # never looked up: the prior alone
     assert posts["w"].info["posterior"].startswith("layer-wise")
+
+
+def test_layerwise_rank_deficient_input_factor_gets_the_diagonal_prior():
+    """Through the ORT pass as through the torch one: a pooled MatMul (6 rows reach its 16 columns) gets
+    A* = (6·A + 10·diag A)/16 and records δ = 1 − 6/16; the token MatMul before it (30 rows, 4 columns) keeps
+    the measured A."""
+    rng = np.random.default_rng(2)
+    w1 = rng.normal(size=(4, 16)).astype(np.float32)
+    w2 = rng.normal(size=(16, 3)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("Tanh", ["h"], ["t"]),
+             helper.make_node("ReduceMean", ["t", "axis"], ["p"], keepdims=0),
+             helper.make_node("MatMul", ["p", "w2"], ["out"])]
+    graph = helper.make_graph(
+        nodes, "pooled", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 5, 4])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)],
+        [onnx.numpy_helper.from_array(w1, "w1"), onnx.numpy_helper.from_array(w2, "w2"),
+         onnx.numpy_helper.from_array(np.array([1], dtype=np.int64), "axis")])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=8)
+    collect = CollectWeightsPass(min_size=1)
+    collect(ir.serde.deserialize_model(proto))
+    batches = [{"x": rng.normal(size=(3, 5, 4)).astype(np.float32)} for _ in range(2)]
+    posts = FitLayerPosterior(proto, batches, n_data=100.0, prior_precision=1.0)(collect.weights)
+    x = torch.from_numpy(np.concatenate([b["x"] for b in batches])).double()
+    pooled = torch.tanh(x @ torch.from_numpy(w1).double()).mean(1)     # [6, 16]
+    a = pooled.T @ pooled / 6
+    torch.testing.assert_close(posts["w2"].A.double(), (6 * a + 10 * torch.diag(torch.diag(a))) / 16,
+                               rtol=1e-4, atol=1e-6)
+    assert posts["w2"].info["input_shrinkage"] == pytest.approx(1 - 6 / 16)
+    assert torch.linalg.eigvalsh(posts["w2"].A.double()).min() > 0
+    tokens = x.reshape(-1, 4)
+    torch.testing.assert_close(posts["w1"].A.double(), tokens.T @ tokens / 30, rtol=1e-4, atol=1e-6)
+    assert posts["w1"].info["input_shrinkage"] == 0.0

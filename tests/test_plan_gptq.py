@@ -3,6 +3,7 @@ metric, and fractional budgets mix two widths within the budget (knapsack and gr
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 from bayesq_onnx.analysis.fit_layer_posterior import FitLayerPosterior
+from bayesq_onnx.bayes.empirical_bayes import shrink_to_diagonal
 from bayesq_onnx.config import CompileConfig
 from bayesq_onnx.errors import UserError
 from bayesq_onnx.passes.collect_weights import CollectWeightsPass
@@ -82,6 +84,21 @@ def test_gptq_beats_nearest_in_its_own_metric(linear_case):
         nearest = _grid(w2, 3).quantize(w2, slice(0, w2.shape[0]), slice(0, w2.shape[1]))[1]
         err_near = float((((nearest - w2).double() @ h) * (nearest - w2).double()).sum())
         assert qt.info["rounding"] == "gptq" and qt.info["gptq_error"] < 0.8 * err_near
+
+
+def test_gptq_takes_the_measured_moment_where_the_posterior_shrank_it(linear_case):
+    """A posterior whose A was pulled toward its diagonal (a rank-deficient layer) gives GPTQ the same H, and
+    so the same codes and error, as the measured A: the baseline stays as published."""
+    weights, posts = linear_case
+    shrunk = {}
+    for name, post in posts.items():
+        a, _ = shrink_to_diagonal(post.A, post.A.shape[0] // 2)
+        shrunk[name] = dataclasses.replace(post, A=a, info={**post.info, "input_shrinkage": 0.5})
+    assert not torch.allclose(shrunk["w1"].A, posts["w1"].A)
+    plain, pulled = PlanGPTQ(3, posts)(weights), PlanGPTQ(3, shrunk)(weights)
+    for name, qt in plain.tensors.items():
+        np.testing.assert_array_equal(pulled.tensors[name].codes, qt.codes)
+        assert pulled.tensors[name].info["gptq_error"] == pytest.approx(qt.info["gptq_error"], rel=1e-5)
 
 
 @pytest.mark.parametrize("mix", ["knapsack", "proportional"])

@@ -21,6 +21,7 @@ import numpy as np
 import onnx
 import torch
 
+from ..bayes.empirical_bayes import shrink_to_diagonal
 from ..bayes.layerwise import InputMoments, layerwise_posterior, token_frequency_posterior
 from ..models.base import Batch
 from ..runtime.activations import (FETCH_BYTES, Tap, conv_geometry, matmul_rows, probe_model, run_in_item_chunks,
@@ -71,13 +72,17 @@ class FitLayerPosterior:
             # A tensor read by several consumers (tied) is scored by the first; its other readers see the same
             # decoded values, and summing Fishers of differently scaled layers would need a common noise.
             post = fitted[0]
+            rows = next((int(moments[name, i].count) for i, _ in enumerate(taps.get(name, ())) if (name, i) in moments),
+                        None)
+            a, shrinkage = (None, None) if post.A is None or self.curvature != "kfac" else \
+                shrink_to_diagonal(post.A, rows)
             out[name] = WeightPosterior(
-                name, None, post.precision, post.prior_precision, self.n_data,
-                A=post.A if self.curvature == "kfac" else None,
+                name, None, post.precision, post.prior_precision, self.n_data, A=a,
                 G_diag=post.G_diag if self.curvature == "kfac" and post.A is not None else None,
                 info={"posterior": "layer-wise Gaussian likelihood (ORT activations)",
                       "output_noise_var": post.output_noise_var, "consumers": len(taps.get(name, ())),
-                      "calibration_rows": int(moments[name, 0].count) if (name, 0) in moments else None})
+                      "calibration_rows": rows,
+                      **({} if shrinkage is None else {"input_shrinkage": shrinkage})})
         return out
 
     @staticmethod

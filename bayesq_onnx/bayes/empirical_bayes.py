@@ -1,6 +1,6 @@
 """Empirical Bayes for the Laplace posterior: the prior precision τ of a layer (MacKay's evidence fixed
-point) and the noise variance σ² of a Gaussian output (the output's own spread), both from calibration
-statistics. Pure torch."""
+point), the noise variance σ² of a Gaussian output (the output's own spread) and the posterior mean of a
+layer's input second moment under a prior centred on its diagonal. Pure torch."""
 
 from __future__ import annotations
 
@@ -36,3 +36,35 @@ def evidence_prior_precision(w: torch.Tensor, data_precision: torch.Tensor, iter
                 return new
             tau = new
     return tau
+
+
+def shrink_to_diagonal(a: torch.Tensor, samples: int) -> tuple[torch.Tensor, float]:
+    """The posterior mean of a layer's input second moment ``A`` (``d × d``, averaged over ``n = samples``
+    rows) under a prior of ``ν = max(0, d − n)`` pseudo-rows centred on its diagonal:
+
+        A* = (n·A + ν·diag(A)) / (n + ν) = (1 − δ)·A + δ·diag(A),    δ = ν / (n + ν) = max(0, 1 − n/d).
+
+    Why: ``n < d`` rows give ``A`` rank ≤ n, and error feedback (GPTQ, whose Hessian is ``A``) moves rounding
+    error into the d − n directions the sample never saw as if they cost nothing; inputs from other data
+    excite them (EfficientNet-Lite's classifier: 256 pooled features, 1280 columns). The prior supplies the
+    missing d − n rows from the diagonal, each input uncorrelated with the others, so that the estimate
+    rests on d rows, and leaves every layer with at least as many rows as columns as measured. The diagonal,
+    hence each weight's own precision, does not move. Returns ``(A*, δ)``."""
+    dim = a.shape[0]
+    if samples <= 0 or samples >= dim:
+        return a, 0.0
+    delta = 1.0 - samples / dim
+    shrunk = (1.0 - delta) * a
+    shrunk.diagonal().copy_(torch.diagonal(a))
+    return shrunk, delta
+
+
+def unshrink_from_diagonal(a: torch.Tensor, delta: float) -> torch.Tensor:
+    """The sample moment back from :func:`shrink_to_diagonal`'s ``A* = (1 − δ)·A + δ·diag(A)``:
+    ``A = diag(A*) + (A* − diag(A*)) / (1 − δ)`` (exact for δ < 1, which ``n ≥ 1`` rows guarantee). For
+    methods whose published form takes the measured ``E[x xᵀ]`` (GPTQ's ``H``)."""
+    if not delta:
+        return a
+    raw = a / (1.0 - delta)
+    raw.diagonal().copy_(torch.diagonal(a))
+    return raw

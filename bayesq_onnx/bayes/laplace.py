@@ -28,7 +28,9 @@ Three curvature forms:
   ``G = mean_items Σ_tokens δ δᵀ`` (K-FAC "expand"); Conv layers use unfolded patches. By default only
   ``diag G`` is accumulated (``G`` is returned as that diagonal matrix): the posterior metric uses the output
   factor only to weigh rows (docs/design.md §3.2), and the full matrix would cost a second Gram product per layer
-  (``kfac_output="full"`` computes it). Grouped/depthwise convs take the exact diagonal instead;
+  (``kfac_output="full"`` computes it). Where fewer tokens than ``A`` has columns reach a layer, ``A`` is the
+  posterior mean under a prior centred on its diagonal (:func:`~bayesq_onnx.bayes.empirical_bayes.shrink_to_diagonal`).
+  Grouped/depthwise convs take the exact diagonal instead;
 * ``lowrank``: ``F ≈ diag + U Uᵀ`` with ``U`` the top-k directions of the per-item gradients, found by a
   randomized range finder (a sketch ``Y = Σ g ωᵀ`` in one pass, then the projection ``Qᵀ g`` in a second
   pass with the same target samples).
@@ -48,7 +50,7 @@ import torch
 
 from ..choices import CURVATURES, FISHERS
 from ..traced import WeightOp, insert_taps, operands, remove_taps, weight_ops
-from .empirical_bayes import evidence_prior_precision, output_variance
+from .empirical_bayes import evidence_prior_precision, output_variance, shrink_to_diagonal
 from .likelihood import LIKELIHOODS, BatchDraws, pseudo_loss
 from .op_gradients import add_gram, per_item, symmetric
 
@@ -258,7 +260,7 @@ def finalize_posteriors(layers: dict[str, LayerStatistics], outputs: list[torch.
         if layer.weight is None:
             continue  # the op never ran on the calibration data (a branch not taken): no posterior from it
         w = layer.weight.float()
-        fisher_diag, A, G = _fisher(layer, options.curvature, count)
+        fisher_diag, A, G, shrinkage = _fisher(layer, options.curvature, count)
         tau = float(options.prior_precision) if options.prior_precision is not None \
             else evidence_prior_precision(w, n * fisher_diag)
         curvature = "diag" if options.curvature == "kfac" and A is None else options.curvature
@@ -266,6 +268,7 @@ def finalize_posteriors(layers: dict[str, LayerStatistics], outputs: list[torch.
                               info={"items": items, "samples": samples, "likelihood": data.likelihood,
                                     "fisher": options.fisher, "curvature": curvature, "kind": layer.kind,
                                     "output_noise_var": noise, "op": name,
+                                    **({} if shrinkage is None else {"input_shrinkage": shrinkage}),
                                     **({} if layer.op.item_axis is not None else {"items_from": "rows"})},
                               weight=w, op=name)
         if options.curvature == "lowrank" and layer.proj:
@@ -275,14 +278,16 @@ def finalize_posteriors(layers: dict[str, LayerStatistics], outputs: list[torch.
 
 
 def _fisher(layer: LayerStatistics, curvature: str, count: float):
-    """``(diag F, A, G)`` of one layer from its sums (``count``: what they are divided by); ``A``, ``G``
-    ``None`` but for K-FAC (embeddings and grouped convs take the exact diagonal instead)."""
+    """``(diag F, A, G, δ)`` of one layer from its sums (``count``: what they are divided by; δ: ``A``'s
+    shrinkage, :func:`shrink_to_diagonal`); ``A``, ``G``, δ ``None`` but for K-FAC (embeddings and grouped convs
+    take the exact diagonal instead)."""
     if curvature == "kfac" and layer.A is not None:
-        A = symmetric(layer.A) / max(layer.tokens, 1)
+        # rank-deficient (fewer tokens than columns): the posterior mean under a diagonal prior (diag F unchanged)
+        A, shrinkage = shrink_to_diagonal(symmetric(layer.A) / max(layer.tokens, 1), layer.tokens)
         G = (torch.diag(layer.G) if layer.G.dim() == 1 else symmetric(layer.G)) / count
         # K-FAC "expand": F ≈ G ⊗ A, so its diagonal is diag(G) ⊗ diag(A) (no per-item gradients needed)
-        return (torch.diag(G)[:, None] * torch.diag(A)[None, :]).reshape(layer.weight.shape), A, G
-    return layer.fisher / count, None, None
+        return (torch.diag(G)[:, None] * torch.diag(A)[None, :]).reshape(layer.weight.shape), A, G, shrinkage
+    return layer.fisher / count, None, None, None
 
 
 def _top_directions(layer: LayerStatistics, rank: int, count: float) -> torch.Tensor:

@@ -7,8 +7,9 @@
 * Rounding: column by column with the error fed back through the upper Cholesky factor of ``H⁻¹``, lazy blocks
   of 128 columns, dampening ``0.01 · mean(diag H)``, optional act-order (:func:`~bayesq_onnx.quant.feedback.gptq_round`).
 * ``H`` is the input second moment ``E[x xᵀ]`` of each layer from the FP32 model's activations on the calibration
-  set — the same ``A`` BayesQ's K-FAC posterior uses, so the two methods see the same data. (The reference code
-  feeds each layer the outputs of already-quantized layers; this variant does not.)
+  set — the same ``A`` BayesQ's K-FAC posterior uses, so the two methods see the same data (where fewer rows than
+  columns reach a layer, the posterior's ``A`` is pulled toward its diagonal; GPTQ takes the measured one back).
+  (The reference code feeds each layer the outputs of already-quantized layers; this variant does not.)
 * Fractional budgets mix the two code widths around ``bits`` (e.g. 3 and 4 for 3.5). ``mix="knapsack"``: the
   same greedy knapsack BayesQ uses, on GPTQ's own layer errors ``tr(ΔW H ΔWᵀ)·(rows of X)`` — the squared output
   error on the calibration set; ``mix="proportional"``: the wider codes go to layers in graph order until the
@@ -20,6 +21,7 @@ from __future__ import annotations
 import math
 from typing import Callable
 
+from ..bayes.empirical_bayes import unshrink_from_diagonal
 from ..errors import UserError
 from ..plan import CODE_BITS, Candidate, Plan, QuantizedTensor
 from ..quant import knapsack, uniform
@@ -107,7 +109,9 @@ class PlanGPTQ:
                                             scale_dtype=cand.scale_torch_dtype)
         grid = UniformGrid(scale, zero, cand.bits, cand.group_size, False, cand.scale_torch_dtype)
         post = self.posteriors.get(weight.name)
-        hessian = post.A if post is not None else None
+        # GPTQ's H as published: the measured second moment, without the posterior's diagonal prior
+        hessian = None if post is None or post.A is None else \
+            unshrink_from_diagonal(post.A, post.info.get("input_shrinkage", 0.0))
         if hessian is None:  # no activations reach it (Gather table, grouped conv): nearest rounding
             codes, values = grid.quantize(w2, slice(0, lay.rows), slice(0, lay.cols))
             error, how = float(((values - w2) ** 2).sum()), "nearest (no H for this tensor)"

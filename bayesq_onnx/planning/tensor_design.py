@@ -48,6 +48,8 @@ def round_on_grid(weight: WeightInfo, post: WeightPosterior, cand: Candidate, gr
     mu = canonical_mu(weight) if mu is None else mu
     info = {"expected_distortion": float(dist.sum()), "fisher_mass": post.fisher_mass,
             "prior_precision": post.prior_precision}
+    if post.info.get("input_shrinkage"):  # A was rank-deficient: the report says how far it was pulled to its diagonal
+        info["input_shrinkage"] = post.info["input_shrinkage"]
     if cand.family == "float":
         qt = QuantizedTensor(weight.name, lay, cand, values=weight.array)
         x = torch.from_numpy(lay.to_canonical(qt.dequantize())) - mu
