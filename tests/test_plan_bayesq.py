@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -33,6 +34,17 @@ def test_placeholder_cost_equals_fitted_cost(analysed):
         for cand in candidates.for_target(w, "size"):
             fitted = design_tensor(w, post[w.name], cand, curvature="diag")
             assert QuantizedTensor.placeholder(w.name, w.layout, cand).stored_bits() == fitted.stored_bits()
+
+
+def test_plan_reports_the_input_shrinkage_of_its_posteriors(analysed):
+    """A tensor whose posterior pulled A toward its diagonal says by how much in the plan (the report's
+    ``plan.tensors``); the others carry no such key."""
+    _, _, weights, post = analysed
+    name = sorted(post)[0]
+    post = {**post, name: dataclasses.replace(post[name], info={**post[name].info, "input_shrinkage": 0.25})}
+    plan = PlanBayesQ(4.0, post, candidates.allowed(weights))(weights)
+    assert {n: t.info.get("input_shrinkage") for n, t in plan.tensors.items()} == \
+        {n: 0.25 if n == name else None for n in plan.tensors}
 
 
 @pytest.mark.parametrize("budget", [2.5, 3.0, 3.5, 4.0, 6.0])

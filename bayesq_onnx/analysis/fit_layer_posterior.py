@@ -57,8 +57,8 @@ class FitLayerPosterior:
         out = {}
         for name, w in weights.items():
             mu = canonical_mu(w).contiguous()  # row-major: its reductions sum in one order whatever the layout
-            fitted = [layerwise_posterior(mu, moments[name, i], self.n_data, self.prior_precision)
-                      for i, t in enumerate(taps.get(name, ())) if (name, i) in moments]
+            measured = [moments[name, i] for i, _ in enumerate(taps.get(name, ())) if (name, i) in moments]
+            fitted = [layerwise_posterior(mu, m, self.n_data, self.prior_precision) for m in measured]
             if not fitted:
                 looked_up = [counts[name, i] for i, _ in enumerate(taps.get(name, ())) if (name, i) in counts]
                 if not looked_up:
@@ -72,13 +72,12 @@ class FitLayerPosterior:
             # A tensor read by several consumers (tied) is scored by the first; its other readers see the same
             # decoded values, and summing Fishers of differently scaled layers would need a common noise.
             post = fitted[0]
-            rows = next((int(moments[name, i].count) for i, _ in enumerate(taps.get(name, ())) if (name, i) in moments),
-                        None)
-            a, shrinkage = (None, None) if post.A is None or self.curvature != "kfac" else \
-                shrink_to_diagonal(post.A, rows)
+            rows = int(measured[0].count) if measured else None
+            kfac = self.curvature == "kfac" and post.A is not None
+            a, shrinkage = shrink_to_diagonal(post.A, rows) if kfac else (None, None)
             out[name] = WeightPosterior(
                 name, None, post.precision, post.prior_precision, self.n_data, A=a,
-                G_diag=post.G_diag if self.curvature == "kfac" and post.A is not None else None,
+                G_diag=post.G_diag if kfac else None,
                 info={"posterior": "layer-wise Gaussian likelihood (ORT activations)",
                       "output_noise_var": post.output_noise_var, "consumers": len(taps.get(name, ())),
                       "calibration_rows": rows,
