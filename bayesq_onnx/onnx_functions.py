@@ -25,18 +25,21 @@ DOMAIN = "bayesq"
 DOMAIN_VERSION = 1
 _bq = onnxscript.values.Opset(DOMAIN, DOMAIN_VERSION)
 
-_UINT8, _UINT32, _INT64, _FLOAT = 2, 12, 7, 1
+_UINT8, _INT64, _FLOAT = 2, 7, 1
 
 
 @onnxscript.script(_bq, default_opset=op)
 def UnpackBits(packed, bits: int, shape: Sequence[int]):
-    """Unpack ``bits``-bit codes (3, 5, 6: widths with no ONNX dtype; :func:`bayesq_onnx.quant.packing.pack_bits`):
-    ``bits`` bytes hold 8 codes, code k in bits ``bits·k .. bits·k + bits − 1`` of the little-endian word.
+    """Unpack ``bits``-bit codes (:func:`bayesq_onnx.quant.packing.pack_bits`: ``bits`` bytes hold 8 codes, code k
+    in bits ``bits·k .. bits·k + bits − 1`` of the little-endian word; for 2 and 4 bits that is ONNX's own
+    UINT2/UINT4 packing, for 8 bits the bytes themselves).
 
-    Code k lies within the two bytes ``i = ⌊bits·k/8⌋`` and ``i + 1`` (``bits`` ≤ 8), so it is
-    ``((byte_i | byte_{i+1} << 8) >> (bits·k mod 8)) & (2^bits − 1)`` in uint32: no wider intermediate, which
-    keeps ORT's constant folding of large tensors small. Returns uint8 codes reshaped to ``shape`` (the
-    padding codes of the last word dropped).
+    Code k lies within the two bytes ``i = ⌊bits·k/8⌋`` and ``i + 1`` (``bits`` ≤ 8): with ``s = bits·k mod 8``
+    it is ``((byte_i >> s) | (byte_{i+1} << (8 − s))) & (2^bits − 1)``, all in uint8 (the left shift drops the
+    bits past the code; it is done as ``<< 1 << (7 − s)`` so that no shift reaches the width of the type).
+    Every intermediate is one byte per code, which keeps ORT's constant folding of large tensors small.
+    Returns uint8 codes reshaped to ``shape``: a static shape drops the padding codes of the last word; a
+    shape with −1 (rows gathered at run time, each a whole number of words) keeps every code.
     """
     width = op.Constant(value_int=bits)
     rows = op.Concat(op.Constant(value_ints=[-1]), op.Reshape(width, op.Constant(value_ints=[1])), axis=0)
@@ -45,16 +48,19 @@ def UnpackBits(packed, bits: int, shape: Sequence[int]):
     eight = op.Constant(value_int=8)
     low = op.Div(first_bit, eight)
     high = op.Min(op.Add(low, op.Constant(value_int=1)), op.Sub(width, op.Constant(value_int=1)))
-    word = op.BitwiseOr(op.Cast(op.Gather(byte_rows, low, axis=1), to=_UINT32),
-                        op.BitShift(op.Cast(op.Gather(byte_rows, high, axis=1), to=_UINT32),
-                                    op.Cast(eight, to=_UINT32), direction="LEFT"))
-    one = op.Cast(op.Constant(value_int=1), to=_UINT32)
-    mask = op.Sub(op.BitShift(one, op.Cast(width, to=_UINT32), direction="LEFT"), one)
-    codes = op.BitwiseAnd(op.BitShift(word, op.Cast(op.Mod(first_bit, eight), to=_UINT32), direction="RIGHT"), mask)
+    shift = op.Mod(first_bit, eight)
+    one = op.Cast(op.Constant(value_int=1), to=_UINT8)
+    from_low = op.BitShift(op.Gather(byte_rows, low, axis=1), op.Cast(shift, to=_UINT8), direction="RIGHT")
+    from_high = op.BitShift(op.BitShift(op.Gather(byte_rows, high, axis=1), one, direction="LEFT"),
+                            op.Cast(op.Sub(op.Constant(value_int=7), shift), to=_UINT8), direction="LEFT")
+    mask = op.BitShift(op.Cast(op.Constant(value_int=255), to=_UINT8), op.Cast(op.Sub(eight, width), to=_UINT8),
+                       direction="RIGHT")
+    codes = op.BitwiseAnd(op.BitwiseOr(from_low, from_high), mask)
     target = op.Constant(value_ints=shape)
+    flat = op.Reshape(codes, op.Constant(value_ints=[-1]))
     count = op.ReduceProd(target, keepdims=1)
-    flat = op.Slice(op.Reshape(codes, op.Constant(value_ints=[-1])), op.Constant(value_ints=[0]), count)
-    return op.Cast(op.Reshape(flat, target), to=_UINT8)
+    count = op.Where(op.Less(count, op.Constant(value_ints=[0])), op.Shape(flat), count)  # −1 in shape: all
+    return op.Reshape(op.Slice(flat, op.Constant(value_ints=[0]), count), target)
 
 
 @onnxscript.script(_bq, default_opset=op)
@@ -72,40 +78,84 @@ def CodebookLookup(codes, levels, grouped_shape: Sequence[int], pre_shape: Seque
 
 
 @onnxscript.script(_bq, default_opset=op)
-def DequantizeAffine(codes, scale, zero_point, grouped_shape: Sequence[int], shape: Sequence[int], precision: int):
-    """Decode a uniform weight with a zero point: ``W = reshape(round((q − z)·s), shape)``, the value
-    ``DequantizeLinear`` computes, in ops that ORT's default session constant-folds.
+def DequantizeAffine(codes, scale, zero_point, grouped_shape: Sequence[int], shape: Sequence[int]):
+    """Decode a uniform weight with a zero point: ``W = reshape((q − z)·s, shape)`` in float32, the value
+    ``DequantizeLinear`` computes with a float32 scale, in ops that ORT's default session constant-folds.
 
     ``codes`` (any integer dtype) are cast to float and reshaped to ``grouped_shape`` (the weight's shape,
     with the input-channel axis split into [groups, group_size] for blocked scales); ``scale`` and
-    ``zero_point`` are stored in a shape that broadcasts against it. The float32 product is rounded to the
-    scale's element type ``precision`` (as ``DequantizeLinear``'s output is) and returned as float.
+    ``zero_point`` are stored in a shape that broadcasts against it. With float16 scales the float32
+    product is exact (:func:`bayesq_onnx.quant.uniform.dequantize`), so nothing is rounded back.
     """
     q = op.Reshape(op.Cast(codes, to=_FLOAT), op.Constant(value_ints=grouped_shape))
     w = op.Mul(op.Sub(q, op.Cast(zero_point, to=_FLOAT)), op.Cast(scale, to=_FLOAT))
-    w = op.Cast(op.Cast(w, to=precision), to=_FLOAT)
     return op.Reshape(w, op.Constant(value_ints=shape))
 
 
 @onnxscript.script(_bq, default_opset=op)
-def DequantizeSymmetric(codes, scale, grouped_shape: Sequence[int], shape: Sequence[int], precision: int):
-    """:func:`DequantizeAffine` without a zero point (signed codes): ``W = reshape(round(q·s), shape)``."""
+def DequantizeSymmetric(codes, scale, grouped_shape: Sequence[int], shape: Sequence[int]):
+    """:func:`DequantizeAffine` without a zero point (signed codes): ``W = reshape(q·s, shape)``."""
     q = op.Reshape(op.Cast(codes, to=_FLOAT), op.Constant(value_ints=grouped_shape))
-    w = op.Mul(q, op.Cast(scale, to=_FLOAT))
-    w = op.Cast(op.Cast(w, to=precision), to=_FLOAT)
-    return op.Reshape(w, op.Constant(value_ints=shape))
+    return op.Reshape(op.Mul(q, op.Cast(scale, to=_FLOAT)), op.Constant(value_ints=shape))
+
+
+@onnxscript.script(_bq, default_opset=op)
+def GatheredShape(indices, row_shape: Sequence[int]):
+    """``indices``' shape followed by the row length ``row_shape[1]``: the shape ``Gather(W, indices)`` has."""
+    cols = op.Slice(op.Constant(value_ints=row_shape), op.Constant(value_ints=[1]), op.Constant(value_ints=[2]))
+    return op.Concat(op.Shape(indices), cols, axis=0)
+
+
+@onnxscript.script(_bq, default_opset=op)
+def GatherAffine(codes, indices, scale, zero_point, bits: int, row_shape: Sequence[int],
+                 grouped_shape: Sequence[int], side_shape: Sequence[int]):
+    """``Gather(W, indices)`` for a uniform table ``W`` stored with a zero point, decoding only the rows read:
+    the table stays packed in memory (folded at session start it would be held in float).
+
+    ``codes`` ``[rows, cols·bits/8]`` uint8 (:func:`UnpackBits`' packing, a whole number of words per row);
+    ``scale`` and ``zero_point`` ``[rows, groups]`` (or ``[rows]``: one group per row); ``row_shape`` =
+    ``[−1, cols]``, ``grouped_shape`` = ``[−1, groups, cols/groups]``, ``side_shape`` = ``[−1, groups, 1]``.
+    The gathered rows decode as :func:`DequantizeAffine` decodes the whole table: the same values, bit for bit.
+    """
+    q = UnpackBits(op.Gather(codes, indices, axis=0), bits=bits, shape=row_shape)
+    side = op.Constant(value_ints=side_shape)
+    s = op.Reshape(op.Gather(scale, indices, axis=0), side)
+    z = op.Reshape(op.Gather(op.Cast(zero_point, to=_FLOAT), indices, axis=0), side)
+    w = DequantizeAffine(q, s, z, grouped_shape=grouped_shape, shape=row_shape)
+    return op.Reshape(w, GatheredShape(indices, row_shape))
+
+
+@onnxscript.script(_bq, default_opset=op)
+def GatherCodebook(codes, indices, levels, bits: int, row_shape: Sequence[int]):
+    """``Gather(W, indices)`` for a table ``W`` with a codebook per row, decoding only the rows read:
+    ``W[i, c] = levels[i, 0, codes[i, c]]`` for each gathered row ``i`` (``codes`` packed as in
+    :func:`GatherAffine`, ``levels`` ``[rows, 1, 2^b]`` float16), the values :func:`CodebookLookup` gives."""
+    q = op.Cast(UnpackBits(op.Gather(codes, indices, axis=0), bits=bits, shape=row_shape), to=_INT64)
+    tables = op.Reshape(op.Gather(levels, indices, axis=0),
+                        op.Concat(op.Constant(value_ints=[-1]), op.Shape(levels, start=2, end=3), axis=0))
+    w = op.Cast(op.GatherElements(tables, q, axis=1), to=_FLOAT)
+    return op.Reshape(w, GatheredShape(indices, row_shape))
 
 
 FUNCTIONS = {"UnpackBits": UnpackBits, "CodebookLookup": CodebookLookup,
-             "DequantizeAffine": DequantizeAffine, "DequantizeSymmetric": DequantizeSymmetric}
+             "DequantizeAffine": DequantizeAffine, "DequantizeSymmetric": DequantizeSymmetric,
+             "GatherAffine": GatherAffine, "GatherCodebook": GatherCodebook,
+             "GatheredShape": GatheredShape}
+# the functions each one calls, added to a model with it
+CALLS = {"GatherAffine": ("UnpackBits", "DequantizeAffine", "GatheredShape"),
+         "GatherCodebook": ("UnpackBits", "GatheredShape")}
 
 
 def add_function(model: ir.Model, name: str) -> None:
-    """Add function ``name`` to the model (once), importing the model's own default-domain opset."""
+    """Add function ``name`` (and those it calls) to the model once, importing the model's own default-domain
+    opset."""
+    for callee in CALLS.get(name, ()):
+        add_function(model, callee)
     key = (DOMAIN, name, "")
     if key in model.functions:
         return
     fn = ir.serde.deserialize_function(FUNCTIONS[name].to_function_proto())
     fn.opset_imports[""] = model.opset_imports[""]
+    fn.opset_imports[DOMAIN] = DOMAIN_VERSION
     model.functions[key] = fn
     model.opset_imports[DOMAIN] = DOMAIN_VERSION

@@ -190,6 +190,34 @@ class QuantizedTensor:
             out["zero_point"] = _contiguous(zero.astype(np.int16).astype(zdtype))
         return out
 
+    def row_gatherable(self) -> bool:
+        """Whether the tensor can be stored as rows that a ``Gather`` reads and decodes one by one (an embedding
+        table read only by Gather stays packed in memory; :meth:`stored_rows`): a 2-D table in its stored
+        row order, rows of a whole number of packing words (cols divisible by 8), and a per-row side array
+        (uniform with a zero point per row or per group, a codebook per row, or FP16 values)."""
+        c, lay = self.candidate, self.layout
+        if len(lay.shape) != 2 or lay.perm != (0, 1) or lay.cols % 8:
+            return False
+        if c.family == "float":
+            return c.bits == 16
+        if c.family == "codebook":
+            return c.group_size == 1
+        return not c.per_tensor and not c.symmetric
+
+    def stored_rows(self) -> dict[str, np.ndarray]:
+        """:meth:`stored` for a :meth:`row_gatherable` tensor, with the codes as ``[rows, cols·bits/8]`` uint8:
+        each row's codes packed by :func:`~bayesq_onnx.quant.packing.pack_bits` (for 2 and 4 bits the same
+        bytes as the ONNX sub-byte types, for 8 bits the codes themselves). Same bytes as :meth:`stored`,
+        so the same :meth:`stored_bits`."""
+        out = self.stored()
+        if self.candidate.family != "float":
+            rows = packing.pack_bits(self.codes.astype(np.uint8), self.candidate.bits).reshape(self.layout.rows, -1)
+            if rows.nbytes != packing.stored_nbytes(out["codes"]):
+                raise ValueError(f"{self.name}: row-packed codes take {rows.nbytes} bytes, stored "
+                                 f"{packing.stored_nbytes(out['codes'])}")
+            out["codes"] = rows
+        return out
+
     def grouped_shape(self) -> list[int]:
         """Uniform: the weight's shape with its input-channel axis split into ``[groups, group_size]`` for
         per-group scales (the codes' shape in the arithmetic decode, against ``stored(broadcast=True)``

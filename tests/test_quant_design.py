@@ -92,7 +92,7 @@ def test_lowrank_feedback_lowers_the_lowrank_metric():
 
 def _reference_grid_distortion(g_w, g_lam, scale, zero, k, scale_dtype):
     q = (torch.round(g_w / scale[..., None]) + zero[..., None]).clamp_(k[0], k[-1])
-    err = ((q - zero[..., None]) * scale[..., None]).to(scale_dtype).float() - g_w
+    err = (q - zero[..., None]) * scale[..., None] - g_w  # the decoded value: exact (q − z)·s, no rounding
     return (g_lam * err * err).sum(-1)
 
 

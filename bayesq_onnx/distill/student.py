@@ -70,8 +70,7 @@ class QuantWeight(nn.Module):
 
     def forward(self) -> torch.Tensor:
         if self.family == "uniform":
-            w = self.qz * self.scale()[..., None]
-            w = (_fp16(w) if self.fp16 else w).reshape(self.layout.rows, self.layout.cols)
+            w = (self.qz * self.scale()[..., None]).reshape(self.layout.rows, self.layout.cols)
         elif self.family == "codebook":
             w = codebook.dequantize(self.codes, self.levels(), self.rows_per_table)
         else:

@@ -10,6 +10,13 @@
     codebook : codes -> bayesq.CodebookLookup(codes, levels)   (a table per row, per group of rows, or one)
     float16  : values -> Cast float        (float32 "kept" tensors are left untouched)
 
+A table read only by ``Gather`` (axis 0: an embedding) whose rows pack into whole words
+(``QuantizedTensor.row_gatherable``) is not decoded as a whole: each Gather becomes
+``bayesq.GatherAffine`` / ``bayesq.GatherCodebook`` (or Gather -> Cast for FP16) over the stored rows, which
+decodes only the rows it reads, on every call. ORT's constant folding would hold the whole table in float
+(and every intermediate of its decode while it folds); this way the table stays packed in memory, for the
+price of decoding a batch's rows (docs/results.md#memory).
+
 Both uniform forms compute the same numbers (``QuantizedTensor.dequantize()``) from the same stored bytes.
 ONNX Runtime's default session (no options) constant-folds every size-target decode into a plain float
 weight at session start, so a size artifact runs at FP32 speed as users load it; it keeps
@@ -60,7 +67,11 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
             if value is None or value.const_value is None or value.dtype != ir.DataType.FLOAT:
                 continue
             try:
-                self._rewrite(model, value, qt)
+                gathers = _table_gathers(value)
+                if gathers and qt.row_gatherable():
+                    self._rewrite_gathers(model, value, qt, gathers)
+                else:
+                    self._rewrite(model, value, qt)
             except Exception as exc:  # name the pass and the tensor (docs/design.md §6 debugging)
                 raise PassFailure(f"QuantizeWeightsPass failed on tensor {name!r}: {exc}") from exc
             modified = True
@@ -100,21 +111,21 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
                       pre_shape=list(lay.pre_shape), perm=list(lay.perm))
         else:
             codes = unpacked(stored["codes"], list(lay.shape))
-            dq_inputs = [codes, stored["scale"]] + ([stored["zero_point"]] if "zero_point" in stored else [])
+            scale = stored["scale"]
+            if cand.scale_dtype != "float32" and not arithmetic:  # a float32 scale: DequantizeLinear outputs float
+                scale = add("Cast", [scale], to=ir.DataType.FLOAT)
+            dq_inputs = [codes, scale] + ([stored["zero_point"]] if "zero_point" in stored else [])
             if arithmetic:  # (q - z)·s in ops ORT's default constant folding folds
                 fn = "DequantizeAffine" if "zero_point" in stored else "DequantizeSymmetric"
                 onnx_functions.add_function(model, fn)
-                precision = ir.DataType.FLOAT16 if cand.scale_dtype == "float16" else ir.DataType.FLOAT
                 out = add(fn, dq_inputs, domain=onnx_functions.DOMAIN, grouped_shape=qt.grouped_shape(),
-                          shape=list(lay.shape), precision=int(precision))
+                          shape=list(lay.shape))
             elif cand.per_tensor:  # scalar scale and zero point: per-tensor quantization, no axis
                 out = add("DequantizeLinear", dq_inputs)
             elif cand.group_size:
                 out = add("DequantizeLinear", dq_inputs, axis=lay.group_axis, block_size=cand.group_size)
             else:
                 out = add("DequantizeLinear", dq_inputs, axis=lay.row_axis)
-            if cand.scale_dtype != "float32" and not arithmetic:
-                out = add("Cast", [out], to=ir.DataType.FLOAT)
 
         # a weight that is also a graph output: the output becomes the decoded value (same name, same numbers)
         ir.convenience.replace_all_uses_with(value, out, replace_graph_outputs=True)
@@ -123,6 +134,36 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
         out.dtype = ir.DataType.FLOAT
         out.shape = ir.Shape(list(lay.shape))
         graph.insert_before(graph[0], nodes)
+
+    def _rewrite_gathers(self, model: ir.Model, value: ir.Value, qt: QuantizedTensor, gathers: list[ir.Node]) -> None:
+        """Store the table as rows and make each Gather reading it decode the rows it gathers."""
+        graph, name, cand, lay = model.graph, value.name, qt.candidate, qt.layout
+        stored = {role: self._initializer(graph, f"{name}.{role}", arr) for role, arr in qt.stored_rows().items()}
+        row_shape = [-1, lay.cols]
+        for i, gather in enumerate(gathers):
+            indices, out = gather.inputs[1], gather.outputs[0]
+            tag = f"{name}/Gather{i}"
+            if cand.family == "float":
+                rows = ir.node("Gather", [stored["values"], indices], attributes={"axis": 0}, name=f"{tag}/rows")
+                nodes = [rows, ir.node("Cast", rows.outputs, attributes={"to": ir.DataType.FLOAT}, name=tag)]
+            elif cand.family == "codebook":
+                onnx_functions.add_function(model, "GatherCodebook")
+                nodes = [ir.node("GatherCodebook", [stored["codes"], indices, stored["levels"]], domain=onnx_functions.DOMAIN,
+                                 attributes={"bits": cand.bits, "row_shape": row_shape}, name=tag)]
+            else:
+                onnx_functions.add_function(model, "GatherAffine")
+                groups = lay.cols // cand.group_size if cand.group_size else 1
+                nodes = [ir.node("GatherAffine", [stored["codes"], indices, stored["scale"], stored["zero_point"]],
+                                 domain=onnx_functions.DOMAIN, name=tag,
+                                 attributes={"bits": cand.bits, "row_shape": row_shape,
+                                             "grouped_shape": [-1, groups, lay.cols // groups],
+                                             "side_shape": [-1, groups, 1]})]
+            result = nodes[-1].outputs[0]
+            graph.insert_after(gather, nodes)
+            ir.convenience.replace_all_uses_with(out, result, replace_graph_outputs=True)
+            graph.remove(gather, safe=True)
+            result.name, result.dtype, result.shape = out.name, ir.DataType.FLOAT, out.shape
+        graph.initializers.pop(name)
 
     def _keeps_dequantize_linear(self, value: ir.Value) -> bool:
         """Whether a uniform weight stays behind DequantizeLinear: under ``cuda`` always; under ``speed`` where
@@ -144,3 +185,14 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
         v = ir.Value(name=name, const_value=ir.Tensor(array, name=name))
         graph.register_initializer(v)
         return v
+
+
+def _table_gathers(value: ir.Value) -> list[ir.Node]:
+    """The Gather nodes reading ``value`` as their table on axis 0, when those are all its uses (and it is no
+    graph output); otherwise none."""
+    uses = list(value.uses())
+    if not uses or value.is_graph_output():
+        return []
+    gathers = [node for node, index in uses
+               if node.op_type == "Gather" and node.domain == "" and index == 0 and node.attributes.get_int("axis", 0) == 0]
+    return gathers if len(gathers) == len(uses) else []

@@ -64,7 +64,7 @@ class UniformGrid:
         s, z = self._expand(rows, cols)
         lo, hi = uniform.code_range(self.bits, self.symmetric)
         q = (torch.round(w / s) + z).clamp(lo, hi)
-        return q.to(torch.int16), ((q - z) * s).to(self.scale_dtype).float()
+        return q.to(torch.int16), (q - z) * s
 
     def columns(self, cols: torch.Tensor) -> "_UniformColumns":
         """The grid of the listed columns (all rows), expanded once for column-by-column rounding."""
@@ -124,7 +124,7 @@ class _UniformColumns:
         """Codes and values of column ``j`` (``w [rows]``), exactly as :meth:`UniformGrid.quantize`."""
         s, z = (self.s, self.z) if self.scales is None else (self.scales[j], self.zeros[j])
         q = (torch.round(w / s) + z).clamp_(self.lo, self.hi)
-        return q, ((q - z) * s).to(self.scale_dtype).float()
+        return q, (q - z) * s
 
 
 @dataclass
@@ -209,12 +209,11 @@ def _point_distortions(g_w, g_lam, grids, k, scale_dtype) -> torch.Tensor:
 
 
 def _grid_distortion(g_w, g_lam, g_sd, scale, zero, k, scale_dtype, buffers=None) -> torch.Tensor:
-    """Σ λ·E[(Q(w) − w)²] per row/group for the uniform grids ``(k − z)·s`` (values rounded as stored);
+    """Σ λ·E[(Q(w) − w)²] per row/group for the uniform grids ``(k − z)·s``;
     ``g_sd = None`` is the point design (nearest-level error, no cell integrals).
 
     The point design works in place in two buffers shaped like ``g_w`` and computes, bit for bit, the
-    same ``λ·err·err`` as ``err = ((clamp(round(w/s) + z, lo, hi) − z)·s)`` rounded to the scale dtype,
-    minus ``w``: with integer-valued ``round(w/s)`` and ``z``, ``clamp(r + z, lo, hi) − z`` is exactly
+    same ``λ·err·err`` as ``err = (clamp(round(w/s) + z, lo, hi) − z)·s − w``: with integer-valued ``round(w/s)`` and ``z``, ``clamp(r + z, lo, hi) − z`` is exactly
     ``clamp(r, lo − z, hi − z)``."""
     if g_sd is None:
         err, tmp = buffers if buffers is not None else (torch.empty_like(g_w), torch.empty_like(g_w))
@@ -222,8 +221,6 @@ def _grid_distortion(g_w, g_lam, g_sd, scale, zero, k, scale_dtype, buffers=None
         torch.div(g_w, s, out=err).round_()
         torch.clamp(err, k[0] - z, k[-1] - z, out=err)
         err.mul_(s)
-        if scale_dtype != torch.float32:
-            err.copy_(err.to(scale_dtype))
         err.sub_(g_w)
         torch.mul(g_lam, err, out=tmp).mul_(err)
         return tmp.sum(-1)
@@ -235,7 +232,7 @@ def _grid_distortion(g_w, g_lam, g_sd, scale, zero, k, scale_dtype, buffers=None
     step = n if per_row <= _CHUNK_ELEMENTS else max(1, _CHUNK_ELEMENTS // (g_w.shape[1] * k.numel()))
     for r in range(0, g_w.shape[0], rows):
         sl = slice(r, r + rows)
-        levels = ((k - zero[sl][..., None]) * scale[sl][..., None]).to(scale_dtype).float()  # [r, G, K]
+        levels = (k - zero[sl][..., None]) * scale[sl][..., None]  # [r, G, K]
         for c in range(0, n, step):
             cs = slice(c, c + step)
             lv = levels[:, :, None, :].expand(*g_w[sl, :, cs].shape, k.numel())

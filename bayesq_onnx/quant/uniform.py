@@ -3,8 +3,8 @@
 Grid: a row (or a group of ``group_size`` consecutive columns of a row, or — ``group_size =`` :data:`TENSOR`
 — the whole tensor) gets a scale ``s`` and an integer zero point ``z``; codes ``q ∈ [0, 2^b − 1]``
 (asymmetric) or ``q ∈ [−2^(b−1), 2^(b−1) − 1]`` (symmetric, ``z = 0``) and the dequantized weight is
-``ŵ = (q − z)·s``, exactly what ONNX ``DequantizeLinear`` computes. Scales are rounded to their storage
-dtype *before* the codes are chosen, so ``ŵ`` is what the artifact holds, bit for bit.
+``ŵ = (q − z)·s``, exactly what ONNX ``DequantizeLinear`` computes with a float32 scale. Scales are rounded to
+their storage dtype *before* the codes are chosen, so ``ŵ`` is what the artifact decodes, bit for bit.
 """
 
 from __future__ import annotations
@@ -81,7 +81,10 @@ def quantize(
 def dequantize(
     codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int, scale_dtype: torch.dtype
 ) -> torch.Tensor:
-    """``ŵ = (q − z)·s``, rounded to the scale's dtype as ``DequantizeLinear`` outputs it; float32 result."""
+    """``ŵ = (q − z)·s``: one float32 multiply, which every decode form (the arithmetic one,
+    ``DequantizeLinear`` with its scale cast to float, ``MatMulNBits``) computes the same way. With float16
+    scales (11 significant bits) and ``|q − z| < 2^8`` the product is exact in float32 (at most 19 bits), so no
+    form rounds it to the scale's dtype. ``scale_dtype`` is the storage dtype the scales already hold."""
     g = grouped(codes.float(), group_size)
     w = (g - zero[..., None]) * scale[..., None]
-    return w.to(scale_dtype).to(torch.float32).reshape(codes.shape)
+    return w.reshape(codes.shape)
