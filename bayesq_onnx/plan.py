@@ -18,6 +18,9 @@ from .quant.layout import WeightLayout
 from .quant.uniform import TENSOR
 
 FAMILIES = ("uniform", "codebook", "float")
+NBITS = "nbits"
+KERNELS = ("", NBITS)
+NBITS_BITS = (2, 4, 8)  # the widths MatMulNBits's CPU kernel runs
 from .choices import CODE_BITS  # noqa: F401 (re-exported)
 _SCALE_DTYPES = {"float16": (np.float16, torch.float16), "float32": (np.float32, torch.float32)}
 
@@ -30,6 +33,11 @@ class Candidate:
     for ``codebook``, rows sharing one table (1 = a table per row). :data:`TENSOR` (both families): one
     scale and zero point, or one table, for the whole tensor. ``float`` keeps the weight in floating point
     at ``bits`` ∈ {16, 32}.
+
+    ``kernel``: ``""`` stores the weight for a decode in standard ops (folded at session start);
+    ``"nbits"`` (uniform 2/4/8-bit MatMul weights, blocks of a power of two ≥ 16 along the input) stores it
+    in the layout of ONNX Runtime's ``MatMulNBits``, which multiplies from the packed codes: the weight stays
+    compressed in memory (:meth:`QuantizedTensor.stored` says what that layout costs).
     """
 
     family: str
@@ -37,6 +45,7 @@ class Candidate:
     group_size: int = 0
     symmetric: bool = False
     scale_dtype: str = "float16"
+    kernel: str = ""
 
     def __post_init__(self):
         if self.family not in FAMILIES:
@@ -50,6 +59,10 @@ class Candidate:
             raise ValueError("a uniform grid needs group_size >= 0 input channels per scale (or TENSOR)")
         if self.scale_dtype not in _SCALE_DTYPES:
             raise ValueError(f"scale dtype must be one of {tuple(_SCALE_DTYPES)}")
+        if self.kernel not in KERNELS:
+            raise ValueError(f"unknown kernel {self.kernel!r}; expected one of {KERNELS}")
+        if self.kernel == NBITS and (self.family != "uniform" or self.bits not in NBITS_BITS or self.per_tensor):
+            raise ValueError("MatMulNBits stores uniform 2/4/8-bit codes per row or per group")
 
     @property
     def scale_torch_dtype(self) -> torch.dtype:
@@ -64,9 +77,18 @@ class Candidate:
         """Codebook: rows reading each table (all of them for a per-tensor table)."""
         return layout.rows if self.per_tensor else self.group_size
 
+    def block(self, layout: WeightLayout) -> int:
+        """Input channels sharing a scale: the group, or the whole row."""
+        return self.group_size or layout.cols
+
     def fits(self, layout: WeightLayout) -> bool:
         """Whether the candidate can store a weight of this layout: uniform groups must divide the input
-        channels, codebook row groups the rows; a per-tensor grid fits any layout."""
+        channels, codebook row groups the rows; a per-tensor grid fits any layout. ``nbits``: a MatMul B
+        ``[K, N]`` whose block is a power of two ≥ 16 dividing K."""
+        if self.kernel == NBITS:
+            block = self.block(layout)
+            return (len(layout.shape) == 2 and layout.perm == (1, 0) and block >= 16 and not block & (block - 1)
+                    and layout.cols % block == 0)
         if self.per_tensor:
             return True
         if self.family == "uniform" and self.group_size:
@@ -84,11 +106,13 @@ class Candidate:
             return f"codebook{self.bits}-{per}"
         per = "tensor" if self.per_tensor else "row" if self.group_size == 0 else f"g{self.group_size}"
         scale = "-s32" if self.scale_dtype == "float32" else ""
-        return f"{'int' if self.symmetric else 'uint'}{self.bits}-{per}{scale}"
+        kernel = f"-{self.kernel}" if self.kernel else ""
+        return f"{'int' if self.symmetric else 'uint'}{self.bits}-{per}{scale}{kernel}"
 
     def to_json(self) -> dict:
         return {"family": self.family, "bits": self.bits, "group_size": self.group_size,
-                "symmetric": self.symmetric, "scale_dtype": self.scale_dtype, "label": self.label}
+                "symmetric": self.symmetric, "scale_dtype": self.scale_dtype, "kernel": self.kernel,
+                "label": self.label}
 
 
 @dataclass
@@ -160,6 +184,8 @@ class QuantizedTensor:
         c, lay = self.candidate, self.layout
         if c.family == "float":
             return {"values": self.values.astype(np.float16 if c.bits == 16 else np.float32)}
+        if c.kernel == NBITS:
+            return self._stored_nbits()
         if c.family == "codebook":
             return {"codes": _store_codes(self.codes, c.bits, signed=False),
                     "levels": self.levels.astype(np.float16)[:, None, :]}
@@ -188,6 +214,25 @@ class QuantizedTensor:
         if not signed:
             zdtype = np.dtype(np.uint8) if packed else packing.code_dtype(c.bits, signed=False)
             out["zero_point"] = _contiguous(zero.astype(np.int16).astype(zdtype))
+        return out
+
+    def _stored_nbits(self) -> dict[str, np.ndarray]:
+        """``MatMulNBits``'s inputs for a MatMul B ``[K, N]``: ``codes`` ``[N, K/block, block·bits/8]`` uint8, each
+        block's codes packed from the lowest bits up; ``scale`` ``[N, K/block]``; ``zero_point`` (asymmetric)
+        ``[N, ⌈(K/block)·bits/8⌉]`` uint8, packed the same way with each row padded to whole bytes (the
+        padding is stored, so it is counted). Symmetric codes are stored offset by ``2^(bits−1)``, the zero
+        point MatMulNBits assumes when none is given."""
+        c, lay = self.candidate, self.layout
+        offset = 2 ** (c.bits - 1) if c.symmetric else 0
+        n_rows, n_blocks = lay.rows, lay.cols // c.block(lay)
+        codes = packing.pack_bits((self.codes.astype(np.int16) + offset).astype(np.uint8), c.bits)
+        out = {"codes": codes.reshape(n_rows, n_blocks, -1),
+               "scale": _contiguous(self.scale.astype(_SCALE_DTYPES[c.scale_dtype][0]).reshape(n_rows, n_blocks))}
+        if not c.symmetric:
+            per_byte = 8 // c.bits
+            padded = np.zeros((n_rows, -(-n_blocks // per_byte) * per_byte), np.uint8)
+            padded[:, :n_blocks] = self.zero.astype(np.int16).reshape(n_rows, n_blocks)
+            out["zero_point"] = packing.pack_bits(padded, c.bits)[: padded.size // per_byte].reshape(n_rows, -1)
         return out
 
     def row_gatherable(self) -> bool:
@@ -288,6 +333,8 @@ class Plan:
         for t in self.tensors.values():
             c = t.candidate
             if c.family == "float":
+                continue
+            if c.kernel:  # MatMulNBits (com.microsoft) reads uint8 arrays
                 continue
             if c.bits == 2:
                 opset = max(opset, 25)

@@ -73,7 +73,7 @@ def test_nearest_rounding_is_nearest_on_the_same_grid(analysed):
     _, _, weights, post = analysed
     compared = 0
     for w in weights.values():
-        cand = next(c for c in candidates.for_target(w, "size") if c.family == "uniform" and c.bits == 3)
+        cand = next(c for c in candidates.for_target(w, "size") if c.family == "uniform" and c.bits == 4)
         mu = canonical_mu(w)
         grid, dist = design_grid(w, post[w.name], cand, mu=mu)
         near = round_on_grid(w, post[w.name], cand, grid, dist, curvature="kfac", rounding="nearest")
@@ -108,8 +108,8 @@ def test_targets_restrict_candidates(analysed):
     speed = candidates.allowed(weights, target="speed")
     assert {"conv.weight", "proj.weight"} <= set(speed)  # both kinds below are checked
     for name, cands in speed.items():
-        if set(weights[name].consumers) == {"MatMul"}:  # the form ORT fuses into MatMulNBits
-            assert all(c.family == "uniform" and c.bits in (4, 8) and c.scale_dtype == "float32" for c in cands)
+        if set(weights[name].consumers) == {"MatMul"}:  # stored for MatMulNBits
+            assert all(c.family == "uniform" and c.bits in (4, 8) and c.kernel == "nbits" for c in cands)
         else:  # no DequantizeLinear that would run on every call: forms that fold at session start
             assert {c.family for c in cands} <= {"codebook", "float"}
     cuda = candidates.allowed(weights, target="cuda")
@@ -133,13 +133,14 @@ def test_keep_first_last_under_speed_keeps_the_fast_forms(analysed):
     for name in (order[0], order[-1]):
         (pin,) = allowed[name]
         if set(weights[name].consumers) == {"MatMul"}:
-            assert (pin.family, pin.bits, pin.scale_dtype) == ("uniform", 8, "float32")
+            assert (pin.family, pin.bits, pin.kernel) == ("uniform", 8, "nbits")
         else:
             assert pin == candidates.Candidate("float", 16)
-    # the tiny model's first and last layers are not MatMuls: the fused pin, and the size-mode pin, directly
-    assert candidates.pin_for(weights["proj.weight"], "speed") == candidates.Candidate("uniform", 8, 0,
-                                                                                      scale_dtype="float32")
-    assert candidates.pin_for(weights["proj.weight"], "size") == candidates.PIN
+    # the tiny model's first and last layers are not MatMuls: the MatMulNBits pin (size and speed alike) directly
+    nbits8 = candidates.nbits_candidates(weights["proj.weight"], (8,))[0]
+    assert nbits8.kernel == "nbits" and nbits8.bits == 8
+    assert candidates.pin_for(weights["proj.weight"], "speed") == candidates.pin_for(weights["proj.weight"], "size") == nbits8
+    assert candidates.pin_for(weights["conv.weight"], "size") == candidates.PIN
 
 
 def test_overrides(tmp_path, analysed):

@@ -1,16 +1,22 @@
 """Which candidates each weight may take (docs/design.md §3.5): per target, pins, and a user override file.
 
 Targets:
-* ``size`` — everything the rewrite stores exactly: uniform 2/3/4/5/6/8-bit per row and per group of 128 input
-  channels, per-row codebooks of 2/3/4 bits, and FP16. The 5- and 6-bit widths give the knapsack steps
-  between 4 and 8 bits: without them a layer that needs more than 4 bits pays for 8. Decodes are standard-op
-  functions that ORT's default session constant-folds at session start (FP32 speed).
-* ``speed`` — MatMul weights only as uniform 4/8-bit blocks with float32 scales: the
-  DequantizeLinear → MatMul form ONNX Runtime fuses into ``MatMulNBits`` (faster inference). Every other
-  weight (Conv, Gemm) only in forms that still fold at session start: codebooks and FP16. A speed artifact
-  runs with ORT's QDQ handling on (the fusion needs it), and then ORT neither fuses a DequantizeLinear
-  into Conv or into Gemm with ``transB=1`` (the usual export of ``nn.Linear`` as Gemm) nor constant-folds
-  it: it would dequantize on every call (measured on digits-resnet: 2.5× FP32 latency).
+* ``size`` — the smallest file that loads in no more memory than the FP32 model. A weight only MatMul reads
+  takes uniform 2/4/8-bit codes per block of 128 input channels (or per row, for a power-of-two row) in the
+  layout of ONNX Runtime's ``MatMulNBits`` (``uint4-g128-nbits``), which multiplies from the packed codes at
+  FP32 accuracy and speed, or FP16. Every other weight (Conv, Gemm, embedding tables) takes everything the
+  rewrite stores exactly: uniform 2/3/4/5/6/8-bit per row and per group of 128 input channels, per-row
+  codebooks of 2/3/4 bits, and FP16. Their decodes are standard-op functions that ORT's default session
+  constant-folds at session start (FP32 speed); a table only Gather reads is decoded row by row as it is read
+  and stays packed. The 5- and 6-bit widths give the knapsack steps between 4 and 8 bits. They are not
+  offered on MatMul weights because a folded decode holds the weight in float, and ORT's folding holds every
+  intermediate of every decode until it ends: on MiniLM that made the 12 MB artifact peak at 7× the FP32
+  model's memory (docs/results.md#memory says what leaving them out costs in fidelity).
+* ``speed`` — MatMul weights only as uniform 4/8-bit ``MatMulNBits`` blocks, run with 8-bit activations
+  (``accuracy_level`` 4: faster inference). Every other weight (Conv, Gemm) only in forms that still fold at
+  session start: codebooks and FP16. ORT neither fuses a DequantizeLinear into Conv or into Gemm with
+  ``transB=1`` (the usual export of ``nn.Linear`` as Gemm) nor, with its QDQ handling on, constant-folds it:
+  it would dequantize on every call (measured on digits-resnet: 2.5× FP32 latency).
 * ``cuda`` — dtypes the CUDA execution provider runs natively: uniform 4/8-bit (per row, per 128) and FP16.
 
 Weights with short rows (fewer than :data:`SHORT_ROW` columns: depthwise kernels, stems, 1×1 convolutions
@@ -32,7 +38,7 @@ from pathlib import Path
 
 from ..choices import CODE_BITS, TARGETS
 from ..errors import UserError
-from ..plan import TENSOR, Candidate, QuantizedTensor
+from ..plan import KERNELS, NBITS, NBITS_BITS, TENSOR, Candidate, QuantizedTensor
 from ..quant.layout import WeightLayout
 from ..weights import WeightInfo, graph_order
 
@@ -45,7 +51,8 @@ PIN = Candidate("uniform", 8)
 # per-row side information is a few percent of the code and the per-row range is worth it; those weights
 # get the per-row and per-128 forms only.
 SHORT_ROW = 64
-SHARED_ROWS = (8, 32)  # rows per shared codebook table, besides one table for the whole tensor
+SHARED_ROWS = (8, 32)
+NBITS_GROUPS = (32, 64, GROUP)  # MatMulNBits blocks offered besides whole rows  # rows per shared codebook table, besides one table for the whole tensor
 UNIFORM_BITS = CODE_BITS  # uniform code widths under `size` (`cuda`: the natively run 4 and 8)
 CODEBOOK_BITS = (2, 3, 4)  # codebook widths: 2^b float16 levels per table, so wider tables cost more than they buy
 
@@ -56,8 +63,11 @@ def _label_table() -> dict[str, Candidate]:
         for group in (0, 32, 64, 128, TENSOR):
             for sym in (False, True):
                 for sdt in ("float16", "float32"):
-                    c = Candidate("uniform", bits, group, symmetric=sym, scale_dtype=sdt)
-                    table[c.label] = c
+                    for kernel in KERNELS:
+                        if kernel == NBITS and (bits not in NBITS_BITS or group == TENSOR):
+                            continue
+                        c = Candidate("uniform", bits, group, symmetric=sym, scale_dtype=sdt, kernel=kernel)
+                        table[c.label] = c
         for rows in (1, 2, 4, 8, 16, 32, TENSOR):
             c = Candidate("codebook", bits, rows)
             table[c.label] = c
@@ -72,7 +82,7 @@ LABELS = _label_table()
 
 def parse(label: str) -> Candidate:
     """Candidate for a label such as ``uint4-g128``, ``int8-row``, ``uint4-g128-s32``, ``uint4-tensor``,
-    ``codebook3-row``, ``codebook3-8rows``, ``codebook3-tensor``, ``fp16``."""
+    ``uint4-g128-nbits``, ``codebook3-row``, ``codebook3-8rows``, ``codebook3-tensor``, ``fp16``."""
     try:
         return LABELS[label]
     except KeyError:
@@ -87,16 +97,29 @@ def for_target(weight: WeightInfo, target: str) -> list[Candidate]:
     shared = short_row_candidates(weight.layout, target)
     if target == "speed":
         if _fused_matmul(weight):
-            groups = [GROUP] if fits else []
-            return [Candidate("uniform", b, g, scale_dtype="float32") for b in (4, 8) for g in groups] or \
-                   [Candidate("uniform", 8, 0, scale_dtype="float32")]
+            return nbits_candidates(weight, (4, 8)) or [Candidate("uniform", 8, 0, scale_dtype="float32")]
         return [Candidate("codebook", b, 1) for b in CODEBOOK_BITS] + [Candidate("float", 16)]
     if target == "cuda":
         out = [Candidate("uniform", b, g) for b in (4, 8) for g in ([0, GROUP] if fits else [0])]
         return out + shared + [Candidate("float", 16)]
+    if nbits := nbits_candidates(weight, NBITS_BITS):
+        # a MatMul weight stays compressed in memory: a decode would be folded into a float copy at session
+        # start, and ORT's folding holds every intermediate of every decode until it ends (docs/results.md#memory)
+        return nbits + [Candidate("float", 16)]
     out = [Candidate("uniform", b, g) for b in UNIFORM_BITS for g in ([0, GROUP] if fits else [0])]
     out += [Candidate("codebook", b, 1) for b in CODEBOOK_BITS]
     return out + shared + [Candidate("float", 16)]
+
+
+def nbits_candidates(weight: WeightInfo, widths: tuple[int, ...]) -> list[Candidate]:
+    """``MatMulNBits`` forms of a weight only MatMul reads (none otherwise): uniform ``widths``-bit codes per
+    block of :data:`NBITS_GROUPS` input channels, and per row where the row length is itself a power of two
+    ≥ 16. The smaller blocks give the knapsack steps between the widths (4-bit codes cost 4.16, 4.31 and
+    4.63 bits in blocks of 128, 64 and 32) where the 5/6-bit widths have no MatMulNBits form."""
+    if not _fused_matmul(weight):
+        return []
+    cands = [Candidate("uniform", b, g, kernel=NBITS) for b in widths for g in (0, *NBITS_GROUPS)]
+    return [c for c in cands if c.fits(weight.layout)]
 
 
 def short_row_candidates(layout: WeightLayout, target: str) -> list[Candidate]:
@@ -116,13 +139,15 @@ def short_row_candidates(layout: WeightLayout, target: str) -> list[Candidate]:
 
 
 def _fused_matmul(weight: WeightInfo) -> bool:
-    """Whether ORT fuses this weight's DequantizeLinear into ``MatMulNBits`` (only MatMul consumers)."""
+    """Whether only MatMul reads this weight (``MatMulNBits`` can replace every reader)."""
     return bool(weight.consumers) and all(op == "MatMul" for op in weight.consumers)
 
 
 def pin_for(weight: WeightInfo, target: str) -> Candidate:
-    """What ``keep_first_last`` keeps a layer at: 8-bit per row, in the form the target runs fast
-    (speed: float32 scales on a MatMul, which ORT fuses; FP16 on anything else, which folds)."""
+    """What ``keep_first_last`` keeps a layer at: 8-bit, in the form the target runs (a MatMul weight as
+    ``MatMulNBits`` where it fits; under speed, FP16 for any other weight, which folds)."""
+    if target != "cuda" and (nbits := nbits_candidates(weight, (8,))):
+        return nbits[0]
     if target == "speed":
         return Candidate("uniform", 8, 0, scale_dtype="float32") if _fused_matmul(weight) else Candidate("float", 16)
     return PIN
@@ -164,7 +189,8 @@ def allowed(weights: dict[str, WeightInfo], *, target: str = "size", keep_first_
         if not matched:
             raise UserError(f"override pattern {pattern!r} matches no quantized tensor")
         for name in matched:
-            usable = [c for c in cands if c.fits(weights[name].layout)]
+            usable = [c for c in cands if c.fits(weights[name].layout)
+                      and (c.kernel != NBITS or _fused_matmul(weights[name]))]
             if not usable:
                 raise UserError(f"override {pattern!r}: none of {[c.label for c in cands]} fits {name} "
                                 f"({weights[name].layout.rows} rows × {weights[name].layout.in_channels} inputs)")
