@@ -287,8 +287,9 @@ def test_for_target_offers_shared_grids_only_for_short_rows():
     assert groups == {1, 8, TENSOR}
     assert {c.group_size for c in candidates.for_target(_info("Conv", (8, 1, 5, 5)), "size")
             if c.family == "codebook"} == {1, TENSOR}
-    # rows of SHORT_ROW and more (every MiniLM weight: 384+) get only the per-row and per-128 forms
-    for info in (_info("MatMul", (384, 384)), _info("MatMul", (384, 1536)), _info("MatMul", (1536, 384)),
+    # rows of SHORT_ROW and more (every MiniLM weight: 384+) get only the per-row and per-128 forms (MatMul
+    # weights take the MatMulNBits forms instead: tests/test_memory_forms.py)
+    for info in (_info("Gemm", (384, 384)), _info("Gemm", (384, 1536)), _info("Gather", (1536, 384)),
                  _info("Gemm", (10, 64), trans_b=True), _info("Conv", (16, 8, 3, 3))):
         assert info.layout.cols >= candidates.SHORT_ROW
         fits = info.layout.in_channels % candidates.GROUP == 0
