@@ -180,6 +180,7 @@ def compile(ctx, model, recipe, config_file, quiet, verbose, **options):
     """Quantize MODEL (default: minilm, bundled) and validate it in ONNX Runtime."""
     from .pipeline import compile_model
     from .progress import Reporter
+    from .report import memory_summary
 
     # only what the user typed overrides the recipe and the file; the option defaults shown in --help-all
     # are the dataclass's own
@@ -194,7 +195,8 @@ def compile(ctx, model, recipe, config_file, quiet, verbose, **options):
     interval = f" (95% CI {h['ci95'][0]:.4f}–{h['ci95'][1]:.4f}, {h['items']} items)" if "ci95" in h else ""
     click.echo(f"{result.artifact}: {r['bits']['all_in']:.3f} bits/weight all-in, "
                f"{r['sizes']['artifact_bytes'] / 1e6:.2f} MB ({r['sizes']['smaller_x']:.1f}x smaller), "
-               f"{h['metric']} {h['value']:.4f}{interval}, latency x{r['latency']['ratio']:.2f} vs FP32")
+               f"{h['metric']} {h['value']:.4f}{interval}, latency x{r['latency']['ratio']:.2f}"
+               f"{memory_summary(r.get('memory', {}))} vs FP32")
     for warning in r.get("warnings", []):
         click.echo(f"warning: {wording(warning)}", err=True)
 

@@ -25,7 +25,7 @@ DOMAIN = "bayesq"
 DOMAIN_VERSION = 1
 _bq = onnxscript.values.Opset(DOMAIN, DOMAIN_VERSION)
 
-_UINT8, _INT64, _FLOAT = 2, 7, 1
+_UINT8, _INT32, _FLOAT = 2, 6, 1
 
 
 @onnxscript.script(_bq, default_opset=op)
@@ -64,13 +64,14 @@ def UnpackBits(packed, bits: int, shape: Sequence[int]):
 
 
 @onnxscript.script(_bq, default_opset=op)
-def CodebookLookup(codes, levels, grouped_shape: Sequence[int], pre_shape: Sequence[int], perm: Sequence[int]):
+def CodebookLookup(codes, levels, pre_shape: Sequence[int], perm: Sequence[int]):
     """Decode a codebook weight: ``W = transpose(reshape(levels[table(r), codes[r, c]], pre_shape), perm)``.
 
-    ``codes`` (any integer dtype) reshape to ``grouped_shape = [n_tables, rows_per_table, cols]``;
-    ``levels`` is ``[n_tables, 1, 2^b]`` float16, broadcast over the rows of its table.
+    ``codes`` (any integer dtype) ``[n_tables, rows_per_table, cols]``; ``levels`` ``[n_tables, 1, 2^b]``
+    float16, broadcast over the rows of its table. Indices are int32 and the lookup, reshape and transpose
+    run in float16 before the one cast to float: the intermediates ORT's constant folding holds are small.
     """
-    idx = op.Reshape(op.Cast(codes, to=_INT64), op.Constant(value_ints=grouped_shape))
+    idx = op.Cast(codes, to=_INT32)
     table_shape = op.Concat(op.Shape(idx, start=0, end=2), op.Shape(levels, start=2, end=3), axis=0)
     w = op.GatherElements(op.Expand(levels, table_shape), idx, axis=2)
     w = op.Transpose(op.Reshape(w, op.Constant(value_ints=pre_shape)), perm=perm)
@@ -78,25 +79,22 @@ def CodebookLookup(codes, levels, grouped_shape: Sequence[int], pre_shape: Seque
 
 
 @onnxscript.script(_bq, default_opset=op)
-def DequantizeAffine(codes, scale, zero_point, grouped_shape: Sequence[int], shape: Sequence[int]):
-    """Decode a uniform weight with a zero point: ``W = reshape((q − z)·s, shape)`` in float32, the value
-    ``DequantizeLinear`` computes with a float32 scale, in ops that ORT's default session constant-folds.
+def DequantizeAffine(codes, scale, zero_point):
+    """Decode a uniform weight with a zero point: ``W = (q − z)·s`` in float32, the value ``DequantizeLinear``
+    computes with a float32 scale, in ops that ORT's default session constant-folds.
 
-    ``codes`` (any integer dtype) are cast to float and reshaped to ``grouped_shape`` (the weight's shape,
-    with the input-channel axis split into [groups, group_size] for blocked scales); ``scale`` and
-    ``zero_point`` are stored in a shape that broadcasts against it. With float16 scales the float32
+    ``codes`` (any integer dtype) come in the weight's shape, its input-channel axis split into
+    ``[groups, group_size]`` for blocked scales (the caller reshapes the result back); ``scale`` and
+    ``zero_point`` are stored in a shape that broadcasts against them. With float16 scales the float32
     product is exact (:func:`bayesq_onnx.quant.uniform.dequantize`), so nothing is rounded back.
     """
-    q = op.Reshape(op.Cast(codes, to=_FLOAT), op.Constant(value_ints=grouped_shape))
-    w = op.Mul(op.Sub(q, op.Cast(zero_point, to=_FLOAT)), op.Cast(scale, to=_FLOAT))
-    return op.Reshape(w, op.Constant(value_ints=shape))
+    return op.Mul(op.Sub(op.Cast(codes, to=_FLOAT), op.Cast(zero_point, to=_FLOAT)), op.Cast(scale, to=_FLOAT))
 
 
 @onnxscript.script(_bq, default_opset=op)
-def DequantizeSymmetric(codes, scale, grouped_shape: Sequence[int], shape: Sequence[int]):
-    """:func:`DequantizeAffine` without a zero point (signed codes): ``W = reshape(q·s, shape)``."""
-    q = op.Reshape(op.Cast(codes, to=_FLOAT), op.Constant(value_ints=grouped_shape))
-    return op.Reshape(op.Mul(q, op.Cast(scale, to=_FLOAT)), op.Constant(value_ints=shape))
+def DequantizeSymmetric(codes, scale):
+    """:func:`DequantizeAffine` without a zero point (signed codes): ``W = q·s``."""
+    return op.Mul(op.Cast(codes, to=_FLOAT), op.Cast(scale, to=_FLOAT))
 
 
 @onnxscript.script(_bq, default_opset=op)
@@ -117,12 +115,11 @@ def GatherAffine(codes, indices, scale, zero_point, bits: int, row_shape: Sequen
     ``[−1, cols]``, ``grouped_shape`` = ``[−1, groups, cols/groups]``, ``side_shape`` = ``[−1, groups, 1]``.
     The gathered rows decode as :func:`DequantizeAffine` decodes the whole table: the same values, bit for bit.
     """
-    q = UnpackBits(op.Gather(codes, indices, axis=0), bits=bits, shape=row_shape)
+    q = UnpackBits(op.Gather(codes, indices, axis=0), bits=bits, shape=grouped_shape)
     side = op.Constant(value_ints=side_shape)
     s = op.Reshape(op.Gather(scale, indices, axis=0), side)
     z = op.Reshape(op.Gather(op.Cast(zero_point, to=_FLOAT), indices, axis=0), side)
-    w = DequantizeAffine(q, s, z, grouped_shape=grouped_shape, shape=row_shape)
-    return op.Reshape(w, GatheredShape(indices, row_shape))
+    return op.Reshape(DequantizeAffine(q, s, z), GatheredShape(indices, row_shape))
 
 
 @onnxscript.script(_bq, default_opset=op)
@@ -130,7 +127,7 @@ def GatherCodebook(codes, indices, levels, bits: int, row_shape: Sequence[int]):
     """``Gather(W, indices)`` for a table ``W`` with a codebook per row, decoding only the rows read:
     ``W[i, c] = levels[i, 0, codes[i, c]]`` for each gathered row ``i`` (``codes`` packed as in
     :func:`GatherAffine`, ``levels`` ``[rows, 1, 2^b]`` float16), the values :func:`CodebookLookup` gives."""
-    q = op.Cast(UnpackBits(op.Gather(codes, indices, axis=0), bits=bits, shape=row_shape), to=_INT64)
+    q = op.Cast(UnpackBits(op.Gather(codes, indices, axis=0), bits=bits, shape=row_shape), to=_INT32)
     tables = op.Reshape(op.Gather(levels, indices, axis=0),
                         op.Concat(op.Constant(value_ints=[-1]), op.Shape(levels, start=2, end=3), axis=0))
     w = op.Cast(op.GatherElements(tables, q, axis=1), to=_FLOAT)

@@ -175,11 +175,13 @@ class QuantizedTensor:
         no zero point for symmetric 2/4/8-bit). codebook: canonical ``codes`` (3/5/6-bit packed), ``levels``
         ``[n_tables, 1, 2^b]``.
 
-        ``broadcast=True`` (the arithmetic decode of size-target artifacts): the same arrays, same bytes in
-        the same order, with uniform ``scale`` and ``zero_point`` shaped to broadcast against the weight:
-        per row, size-1 axes except the row axis; per group, the blocked shape with a size-1 axis inserted
-        after the input-channel axis (against the codes reshaped by :meth:`grouped_shape`). Only the dims
-        differ, so :meth:`stored_bits` is the same for both.
+        ``broadcast=True`` (the standard-op decodes, which ORT folds at session start): the same arrays, same
+        bytes in the same order, shaped for a decode with no reshape it can avoid (every reshape ORT folds is
+        a copy it holds until folding ends): natively stored uniform codes in :meth:`grouped_shape`, with
+        ``scale`` and ``zero_point`` shaped to broadcast against them (per row, size-1 axes except the row
+        axis; per group, the blocked shape with a size-1 axis inserted after the input-channel axis);
+        natively stored codebook codes as ``[n_tables, rows_per_table, cols]``. Only the dims differ, so
+        :meth:`stored_bits` is the same for both.
         """
         c, lay = self.candidate, self.layout
         if c.family == "float":
@@ -187,14 +189,19 @@ class QuantizedTensor:
         if c.kernel == NBITS:
             return self._stored_nbits()
         if c.family == "codebook":
-            return {"codes": _store_codes(self.codes, c.bits, signed=False),
-                    "levels": self.levels.astype(np.float16)[:, None, :]}
+            codes = _store_codes(self.codes, c.bits, signed=False)
+            if broadcast and not packing.is_packed(c.bits):
+                per = c.rows_per_table(lay)
+                codes = codes.reshape(lay.rows // per, per, lay.cols)
+            return {"codes": codes, "levels": self.levels.astype(np.float16)[:, None, :]}
         packed = packing.is_packed(c.bits)
         # bit-packed codes are unpacked to uint8 in-graph, so signed packed grids are stored shifted by 2^(b−1)
         offset = 2 ** (c.bits - 1) if (packed and c.symmetric) else 0
         signed = c.symmetric and not packed
         codes = lay.from_canonical(self.codes.astype(np.int16) + offset)
         out = {"codes": _store_codes(codes, c.bits, signed=signed)}
+        if broadcast and not packed:
+            out["codes"] = out["codes"].reshape(self.grouped_shape())
         scale, zero = self.scale, self.zero + offset
         if c.per_tensor:
             scale, zero = scale.reshape(()), zero.reshape(())

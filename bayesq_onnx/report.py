@@ -56,7 +56,7 @@ def tensor_bytes(t: onnx.TensorProto) -> int:
 
 def to_markdown(report: dict) -> str:
     """report.md: one section after the other, each a list of lines from the report's own figures."""
-    lines = [*_summary(report), *_metrics(report), *_latency(report)]
+    lines = [*_summary(report), *_metrics(report), *_latency(report), *_memory(report)]
     if "search" in report:
         lines += _search(report["search"])
     if "propagation" in report["plan"]["settings"]:
@@ -112,6 +112,40 @@ def _latency(report: dict) -> list[str]:
             *[f"| {key} | {lat[key]['median_ms']:.2f} | {lat[key]['p90_ms']:.2f} | "
               f"{report['session_start_s'][key]:.3f} |" for key in ("fp32", "quantized")],
             "", f"Latency ratio quantized / FP32 (median): **{lat['ratio']:.3f}**", ""]
+
+
+def memory_summary(memory: dict) -> str:
+    """``", memory x0.65 peak / x0.65 resident"`` for the CLI's last line (nothing when it was not measured)."""
+    ratio = memory.get("ratio")
+    if not ratio or ratio.get("peak") is None:
+        return ""
+    resident = f" / x{ratio['resident']:.2f} resident" if ratio.get("resident") is not None else ""
+    return f", memory x{ratio['peak']:.2f} peak{resident}"
+
+
+def _memory(report: dict) -> list[str]:
+    mem = report.get("memory")
+    if not mem:
+        return []
+    lines = ["## Memory at load (a fresh process: ONNX Runtime session, then one run)", ""]
+    if "error" in mem:
+        return lines + [f"Not measured: {mem['error']}", ""]
+
+    def mb(x) -> str:
+        return "—" if x is None else f"{x:.1f}"
+
+    lines += [f"Feed {mem['feed']}, {', '.join(mem['providers'])}. Whole-process figures from /proc/self/status "
+              "(the baseline is the process before its session).", "",
+              "| model | baseline MB | peak at session start MB | peak MB | resident after the run MB | session start s |",
+              "|---|---|---|---|---|---|"]
+    for key in ("fp32", "quantized"):
+        m = mem[key]
+        lines.append(f"| {key} | {mb(m['baseline']['resident_mb'])} | {mb(m['after_start']['peak_mb'])} | "
+                     f"{mb(m['after_run']['peak_mb'])} | {mb(m['after_run']['resident_mb'])} | {m['session_start_s']:.3f} |")
+    r = mem["ratio"]
+    resident = "—" if r["resident"] is None else f"{r['resident']:.3f}"
+    return lines + ["", f"Quantized / FP32: peak **{r['peak']:.3f}**, resident **{resident}**, "
+                        f"session start **{r['session_start']:.3f}**", ""]
 
 
 def _search(sr: dict) -> list[str]:

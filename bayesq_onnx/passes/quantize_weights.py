@@ -1,27 +1,30 @@
 """QuantizeWeightsPass: replace each planned weight initializer by its stored form and a decode subgraph.
 
-    uniform, size target (the default)
+    uniform, MatMulNBits candidates (``kernel="nbits"``: MatMul weights under the size and speed targets)
+               : every MatMul reading the weight becomes com.microsoft.MatMulNBits(A, codes, scale[, zero_point]),
+                 which multiplies from the packed codes: the weight is never held in float
+    uniform, size target (the rest)
                : codes [-> bayesq.UnpackBits] -> bayesq.DequantizeAffine(codes, scale, zero_point)
-                 (symmetric 2/4/8-bit: bayesq.DequantizeSymmetric(codes, scale)): Cast -> Reshape -> Sub -> Mul
-                 -> rounded to the scale's dtype -> float, scales stored in a shape that broadcasts
-    uniform, cuda target, and speed target where every consumer is a MatMul (ORT fuses it: MatMulNBits)
-               : codes [-> bayesq.UnpackBits] -> DequantizeLinear(axis | block_size | scalar scale: per tensor)
-                 [-> Cast float]
+                 (symmetric 2/4/8-bit: bayesq.DequantizeSymmetric(codes, scale)): Cast -> Sub -> Mul on the codes
+                 stored in the weight's shape (blocked: input channels split into [groups, group_size],
+                 then one Reshape back), scales stored in a shape that broadcasts
+    uniform, cuda target, and speed target where every consumer is a MatMul and no MatMulNBits form fits
+               : codes [-> bayesq.UnpackBits] -> DequantizeLinear(axis | block_size | scalar scale: per tensor),
+                 its scale cast to float
     codebook : codes -> bayesq.CodebookLookup(codes, levels)   (a table per row, per group of rows, or one)
     float16  : values -> Cast float        (float32 "kept" tensors are left untouched)
 
 A table read only by ``Gather`` (axis 0: an embedding) whose rows pack into whole words
 (``QuantizedTensor.row_gatherable``) is not decoded as a whole: each Gather becomes
 ``bayesq.GatherAffine`` / ``bayesq.GatherCodebook`` (or Gather -> Cast for FP16) over the stored rows, which
-decodes only the rows it reads, on every call. ORT's constant folding would hold the whole table in float
-(and every intermediate of its decode while it folds); this way the table stays packed in memory, for the
-price of decoding a batch's rows (docs/results.md#memory).
+decodes only the rows it reads, on every call: the table stays packed in memory.
 
-Both uniform forms compute the same numbers (``QuantizedTensor.dequantize()``) from the same stored bytes.
-ONNX Runtime's default session (no options) constant-folds every size-target decode into a plain float
-weight at session start, so a size artifact runs at FP32 speed as users load it; it keeps
-``DequantizeLinear`` unfolded (QDQ handling), which the speed target needs (the DequantizeLinear -> MatMul
-pattern becomes ``MatMulNBits``) and the CUDA execution provider runs natively.
+Every form computes the same numbers (``QuantizedTensor.dequantize()``) from the same stored bytes. ONNX
+Runtime's default session (no options) constant-folds the standard-op decodes into plain float weights at
+session start, so a size artifact runs at FP32 speed as users load it; its folding holds every
+intermediate of every decode until it ends, which is why the decodes avoid the reshapes and wide
+intermediates they can and why MatMul weights and tables are not folded at all (docs/results.md#memory).
+ORT keeps ``DequantizeLinear`` unfolded (QDQ handling), which the CUDA execution provider runs natively.
 
 The decoded value keeps the weight's name, so consumers read exactly what they read before. A weight
 that is no longer an initializer has been rewritten already: running the pass twice changes nothing.
@@ -87,7 +90,7 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
             raise ValueError(f"plan shape {qt.layout.shape} != initializer shape {tuple(value.shape)}")
         arithmetic = cand.family == "uniform" and not self._keeps_dequantize_linear(value)
         stored = {role: self._initializer(graph, f"{name}.{role}", arr)
-                  for role, arr in qt.stored(broadcast=arithmetic).items()}
+                  for role, arr in qt.stored(broadcast=arithmetic or cand.family == "codebook").items()}
         nodes: list[ir.Node] = []
 
         def add(op_type, inputs, domain="", **attributes) -> ir.Value:
@@ -107,14 +110,13 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
         if cand.family == "float":
             out = add("Cast", [stored["values"]], to=ir.DataType.FLOAT)
         elif cand.family == "codebook":
-            codes = unpacked(stored["codes"], [lay.rows, lay.cols])  # codebook codes are stored canonical
+            per = cand.rows_per_table(lay)  # codebook codes are stored canonical, rows grouped by table
+            codes = unpacked(stored["codes"], [lay.rows // per, per, lay.cols])
             onnx_functions.add_function(model, "CodebookLookup")
-            per = cand.rows_per_table(lay)
             out = add("CodebookLookup", [codes, stored["levels"]], domain=onnx_functions.DOMAIN,
-                      grouped_shape=[lay.rows // per, per, lay.cols],
                       pre_shape=list(lay.pre_shape), perm=list(lay.perm))
         else:
-            codes = unpacked(stored["codes"], list(lay.shape))
+            codes = unpacked(stored["codes"], qt.grouped_shape() if arithmetic else list(lay.shape))
             scale = stored["scale"]
             if cand.scale_dtype != "float32" and not arithmetic:  # a float32 scale: DequantizeLinear outputs float
                 scale = add("Cast", [scale], to=ir.DataType.FLOAT)
@@ -122,8 +124,9 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
             if arithmetic:  # (q - z)·s in ops ORT's default constant folding folds
                 fn = "DequantizeAffine" if "zero_point" in stored else "DequantizeSymmetric"
                 onnx_functions.add_function(model, fn)
-                out = add(fn, dq_inputs, domain=onnx_functions.DOMAIN, grouped_shape=qt.grouped_shape(),
-                          shape=list(lay.shape))
+                out = add(fn, dq_inputs, domain=onnx_functions.DOMAIN)
+                if qt.grouped_shape() != list(lay.shape):  # blocks: back to the weight's shape
+                    out = add("Reshape", [out, add("Constant", [], value_ints=list(lay.shape))])
             elif cand.per_tensor:  # scalar scale and zero point: per-tensor quantization, no axis
                 out = add("DequantizeLinear", dq_inputs)
             elif cand.group_size:

@@ -11,6 +11,7 @@ from ..models.base import ModelBundle
 from ..models.metrics import bootstrap_interval
 from ..progress import Reporter
 from .latency import latency_versus_fp32
+from .load_memory import LoadProbeFailed, load_versus_fp32
 from .session import make_session, run_batches, session_config_for
 
 
@@ -34,7 +35,9 @@ def validate(bundle: ModelBundle, fp_path: Path, q_path: Path, providers: list[s
              reference: np.ndarray | None = None) -> dict:
     """Fidelity of the artifact (and of ``undistilled``) against the FP32 outputs on the evaluation set
     (``reference``, when a budget search already computed them) with the headline's bootstrap interval,
-    latency, session start; the artifact's sessions take ``target``'s session settings."""
+    latency, session start, and the memory of loading each model in a fresh process
+    (:func:`~bayesq_onnx.runtime.load_memory.load_versus_fp32`, on the latency feed); the artifact's sessions
+    take ``target``'s session settings."""
     fp_session, fp_start = make_session(fp_path, providers)
     q_session, q_start = make_session(q_path, providers, session_config_for(target))
     if reference is None:
@@ -46,8 +49,13 @@ def validate(bundle: ModelBundle, fp_path: Path, q_path: Path, providers: list[s
     ci95 = bootstrap_interval(bundle.metric, reference, candidate, headline, seed=seed)
     latency = latency_versus_fp32(fp_session, q_session, bundle.latency_feed, providers[0],
                                   runs=latency_runs, warmup=latency_warmup)
+    try:
+        memory = load_versus_fp32(fp_path, q_path, bundle.latency_feed, providers, session_config_for(target))
+    except LoadProbeFailed as exc:  # a measurement that could not be made is reported, not fatal
+        rep.note(f"[yellow]memory at load not measured: {exc}[/]")
+        memory = {"error": str(exc)}
     out = {"fidelity": fidelity, "ci95": ci95, "items": int(len(reference)), "latency": latency,
-           "session_start_s": {"fp32": fp_start, "quantized": q_start}}
+           "session_start_s": {"fp32": fp_start, "quantized": q_start}, "memory": memory}
     if undistilled is not None:  # the same plan before distillation, on the same evaluation set
         session, _ = make_session(undistilled, providers, session_config_for(target))
         out["undistilled_fidelity"] = bundle.metric(
