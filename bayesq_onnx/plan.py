@@ -245,13 +245,16 @@ class QuantizedTensor:
     def row_gatherable(self) -> bool:
         """Whether the tensor can be stored as rows that a ``Gather`` reads and decodes one by one (an embedding
         table read only by Gather stays packed in memory; :meth:`stored_rows`): a 2-D table in its stored
-        row order, rows of a whole number of packing words (cols divisible by 8), and a per-row side array
+        row order, rows of a whole number of packing words (cols divisible by 8), codes of at most 6 bits
+        (``bayesq.UnpackWords`` reads a word of 8 codes as one 48-bit integer), and a per-row side array
         (uniform with a zero point per row or per group, a codebook per row, or FP16 values)."""
         c, lay = self.candidate, self.layout
         if len(lay.shape) != 2 or lay.perm != (0, 1) or lay.cols % 8:
             return False
         if c.family == "float":
             return c.bits == 16
+        if c.bits > 6:
+            return False
         if c.family == "codebook":
             return c.group_size == 1
         return not c.per_tensor and not c.symmetric

@@ -68,3 +68,19 @@ def test_distill_benchmark_case_on_digits(tmp_path):
                                             ("budget", 2.5, "2.5"), ("budget", 3.0, "3"), ("steps", 126, "126")])
 def test_distill_table_formatting(key, value, want):
     assert distill_bench._fmt(key, value) == want
+
+
+@pytest.mark.slow
+def test_memory_benchmark_on_digits(tmp_path, monkeypatch):
+    """benchmarks/memory.py: the FP32 row, a fresh compile measured against it, and a peer that quantizes
+    nothing on a conv net as a row with the reason."""
+    import memory as memory_bench
+
+    monkeypatch.setattr(sys, "argv", ["memory.py", "--model", "digits-resnet", "--targets", "size",
+                                      "--peers", "ort-rtn b4 bs32 acc0", "--out", str(tmp_path)])
+    memory_bench.main()
+    rows = list(csv.DictReader(open(tmp_path / "memory_digits-resnet.csv")))
+    assert [r["artifact"] for r in rows][0] == "fp32" and rows[1]["artifact"].startswith("bayesq size")
+    assert float(rows[1]["peak MB"]) > 40 and 0.5 < float(rows[1]["peak ×FP32"]) < 2
+    assert "quantized none" in rows[2]["note"]
+    assert (tmp_path / "memory_digits-resnet.png").stat().st_size > 0

@@ -127,7 +127,7 @@ def test_override_refuses_matmul_nbits_on_other_readers(tmp_path):
     assert candidates.parse("uint4-g128-nbits") == Candidate("uniform", 4, 128, kernel=NBITS)
 
 
-@pytest.mark.parametrize("label", ["uint3-row", "uint4-g32", "uint8-row", "uint5-g32", "codebook3-row", "fp16"])
+@pytest.mark.parametrize("label", ["uint2-row", "uint3-row", "uint4-g32", "uint5-g32", "uint6-row", "codebook3-row", "fp16"])
 def test_gathered_rows_decode_exactly_for_any_index_shape(label):
     """Rows decoded as Gather reads them equal the decoded table's rows, negative and repeated indices too."""
     proto = embedding_model()
@@ -177,3 +177,10 @@ def test_a_model_that_cannot_load_is_one_clear_error(tmp_path):
     bad.write_bytes(b"not a model")
     with pytest.raises(LoadProbeFailed, match="bad.onnx"):
         measure_load(bad, {"x": np.ones((1, 2), np.float32)}, ["CPUExecutionProvider"])
+
+
+def test_8_bit_tables_are_folded_not_gathered():
+    """8-bit codes are left to the folded decode: a word of eight 8-bit codes is a 64-bit integer, past the
+    2^53 that ORT's int64 ReduceSum (in bayesq.UnpackWords) keeps exact."""
+    plan = plan_all(embedding_model(), candidates.parse("uint8-row"))
+    assert not plan.tensors["e"].row_gatherable()
