@@ -38,8 +38,7 @@ def UnpackBits(packed, bits: int, shape: Sequence[int]):
     it is ``((byte_i >> s) | (byte_{i+1} << (8 − s))) & (2^bits − 1)``, all in uint8 (the left shift drops the
     bits past the code; it is done as ``<< 1 << (7 − s)`` so that no shift reaches the width of the type).
     Every intermediate is one byte per code, which keeps ORT's constant folding of large tensors small.
-    Returns uint8 codes reshaped to ``shape``: a static shape drops the padding codes of the last word; a
-    shape with −1 (rows gathered at run time, each a whole number of words) keeps every code.
+    Returns uint8 codes reshaped to ``shape``, the padding codes of the last word dropped.
     """
     width = op.Constant(value_int=bits)
     rows = op.Concat(op.Constant(value_ints=[-1]), op.Reshape(width, op.Constant(value_ints=[1])), axis=0)
@@ -59,7 +58,6 @@ def UnpackBits(packed, bits: int, shape: Sequence[int]):
     target = op.Constant(value_ints=shape)
     flat = op.Reshape(codes, op.Constant(value_ints=[-1]))
     count = op.ReduceProd(target, keepdims=1)
-    count = op.Where(op.Less(count, op.Constant(value_ints=[0])), op.Shape(flat), count)  # −1 in shape: all
     return op.Reshape(op.Slice(flat, op.Constant(value_ints=[0]), count), target)
 
 

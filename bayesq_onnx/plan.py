@@ -83,12 +83,11 @@ class Candidate:
 
     def fits(self, layout: WeightLayout) -> bool:
         """Whether the candidate can store a weight of this layout: uniform groups must divide the input
-        channels, codebook row groups the rows; a per-tensor grid fits any layout. ``nbits``: a MatMul B
-        ``[K, N]`` whose block is a power of two ≥ 16 dividing K."""
+        channels, codebook row groups the rows; a per-tensor grid fits any layout. ``nbits``: a 2-D weight
+        (rows = N outputs, cols = K inputs) whose block is a power of two ≥ 16 dividing K."""
         if self.kernel == NBITS:
             block = self.block(layout)
-            return (len(layout.shape) == 2 and layout.perm == (1, 0) and block >= 16 and not block & (block - 1)
-                    and layout.cols % block == 0)
+            return len(layout.shape) == 2 and block >= 16 and not block & (block - 1) and layout.cols % block == 0
         if self.per_tensor:
             return True
         if self.family == "uniform" and self.group_size:

@@ -15,13 +15,19 @@ from .weight_inputs import LINEAR_WEIGHT_INPUT
 
 @dataclass
 class WeightInfo:
-    """A quantizable initializer: its values (original layout), layout and consumer op types."""
+    """A quantizable initializer: its values (original layout), layout and consumer op types.
+
+    ``matmul_nbits``: every op reading it can become ONNX Runtime's ``MatMulNBits`` (a MatMul reading it as
+    B, or a Gemm ``A·W(ᵀ) + bias`` with ``alpha`` 1 and a bias of one value per output or none), so it can
+    stay packed in memory.
+    """
 
     name: str
     layout: WeightLayout
     array: np.ndarray
     consumers: tuple[str, ...]
     first_use: int = 0  # index of its first consumer in graph order (first/last layer pins)
+    matmul_nbits: bool = False
 
     @property
     def size(self) -> int:

@@ -7,6 +7,7 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 import torch
+from onnx.reference.op_run import OpRun
 
 from bayesq_onnx.passes.collect_weights import CollectWeightsPass
 from bayesq_onnx.passes.quantize_weights import QuantizeWeightsPass
@@ -96,3 +97,28 @@ def fit_parameters(module: torch.nn.Module, batches: list[dict[str, torch.Tensor
         if op.name in fitted and op.parameter not in out:
             out[op.parameter] = fitted[op.name]
     return out
+
+
+class MatMulNBits(OpRun):
+    """``com.microsoft.MatMulNBits`` as ONNX Runtime documents it: ``Y = A · dequantize(B)ᵀ`` with ``B``
+    ``[N, K/block, block·bits/8]`` uint8, each block's codes packed from the lowest bits of each byte up;
+    ``dequantize = (q − zero_point)·scale`` per block, ``scales`` ``[N, K/block]``, ``zero_points`` packed the
+    same way per row (default ``2^(bits−1)``); ``bias`` ``[N]`` added."""
+
+    op_domain = "com.microsoft"
+
+    def _run(self, a, b, scales, zero_points=None, g_idx=None, bias=None, K=None, N=None, bits=None,
+             block_size=None, accuracy_level=None, weight_prepacked=None):
+        def unpack(packed: np.ndarray) -> np.ndarray:  # [..., n bytes] -> [..., n·8/bits] codes
+            shifts = np.arange(0, 8, bits, dtype=np.uint8)
+            return ((packed[..., None] >> shifts) & (2**bits - 1)).reshape(*packed.shape[:-1], -1)
+
+        n_blocks = K // block_size
+        q = unpack(b).reshape(N, n_blocks, block_size).astype(np.float32)
+        if zero_points is None:
+            z = np.full((N, n_blocks), 2 ** (bits - 1), np.float32)
+        else:
+            z = unpack(zero_points)[:, :n_blocks].astype(np.float32)
+        w = ((q - z[..., None]) * scales.reshape(N, n_blocks, 1)).reshape(N, K)
+        y = np.matmul(a, w.T) + (0 if bias is None else bias)
+        return (y.astype(a.dtype),)

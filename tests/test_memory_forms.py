@@ -35,12 +35,12 @@ NBITS_CANDIDATES = [Candidate("uniform", b, g, symmetric=s, scale_dtype=d, kerne
 
 
 def _plan(proto: onnx.ModelProto, cand: Candidate) -> Plan:
-    """``cand`` on every weight it fits (the MatMul ones), its standard-op twin on the rest."""
+    """``cand`` on every weight it fits that MatMulNBits can read, its standard-op per-row twin on the rest."""
     model = ir.serde.deserialize_model(proto)
     collect = CollectWeightsPass(scope="all", min_size=1)
     collect(model)
     twin = dataclasses.replace(cand, kernel="", group_size=0)
-    return Plan("test", {n: fit_minmax(w, cand if cand.fits(w.layout) and w.consumers == ("MatMul",) else twin)
+    return Plan("test", {n: fit_minmax(w, cand if cand.fits(w.layout) and w.matmul_nbits else twin)
                          for n, w in collect.weights.items()})
 
 
@@ -50,12 +50,13 @@ def _float_initializers(path) -> list[list[int]]:
 
 @pytest.mark.parametrize("cand", NBITS_CANDIDATES, ids=lambda c: c.label)
 def test_matmul_nbits_computes_the_plan_and_stays_packed(cand, tmp_path):
-    proto = linear_model()  # MatMul w1 [64, 48], Gemm w2 (transB)
+    proto = linear_model()  # MatMul w1 [64, 48], then Gemm(r, w2 [32, 48], b2, transB=1): A·W2ᵀ + bias
     plan = _plan(proto, cand)
     assert plan.tensors["w1"].candidate == cand
     model, flags = rewrite(proto, plan)
     assert flags[1] is True
-    assert [n.op_type for n in model.graph if n.op_type.startswith("MatMul")] == ["MatMulNBits"]
+    packed = [n.op_type for n in model.graph if n.op_type in ("MatMul", "Gemm", "MatMulNBits")]
+    assert packed == ["MatMulNBits", "MatMulNBits" if plan.tensors["w2"].candidate.kernel else "Gemm"]
     q = ir.serde.serialize_model(model)
     onnx.checker.check_model(q, full_check=True)
     feed = {"x": np.random.default_rng(1).normal(size=(3, 64)).astype(np.float32)}
@@ -82,6 +83,41 @@ def test_matmul_nbits_reads_a_batch_of_sequences():
     np.testing.assert_allclose(run(model, feed), run(reference_model(proto, plan), feed), rtol=1e-5, atol=1e-6)
 
 
+def _gemm_model(trans_b: int, bias_shape: tuple[int, ...] | None, alpha: float = 1.0) -> onnx.ModelProto:
+    rng = np.random.default_rng(0)
+    w = rng.normal(0, 0.1, (32, 64) if trans_b else (64, 32)).astype(np.float32)
+    inits = [numpy_helper.from_array(w, "w")]
+    inputs = ["x", "w"]
+    if bias_shape is not None:
+        inits.append(numpy_helper.from_array(rng.normal(0, 0.1, bias_shape).astype(np.float32), "c"))
+        inputs.append("c")
+    graph = helper.make_graph([helper.make_node("Gemm", inputs, ["y"], transB=trans_b, alpha=alpha)], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 32])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)], ir_version=10)
+
+
+@pytest.mark.parametrize("trans_b,bias_shape", [(1, (32,)), (0, (32,)), (1, None)])
+def test_gemm_with_a_bias_per_output_becomes_matmul_nbits(trans_b, bias_shape):
+    proto = _gemm_model(trans_b, bias_shape)
+    plan = _plan(proto, Candidate("uniform", 4, 32, kernel=NBITS))
+    assert plan.tensors["w"].candidate.kernel == NBITS
+    model, _ = rewrite(proto, plan)
+    assert [n.op_type for n in model.graph if n.op_type != "Cast"] == ["MatMulNBits"]
+    feed = {"x": np.random.default_rng(1).normal(size=(5, 64)).astype(np.float32)}
+    np.testing.assert_allclose(run(model, feed), run(reference_model(proto, plan), feed), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("bias_shape,alpha", [((1, 32), 1.0), ((32,), 2.0)])
+def test_other_gemms_keep_their_weight_decoded(bias_shape, alpha):
+    """A bias that is not one value per output, or a scaled product, has no MatMulNBits form."""
+    model = ir.serde.deserialize_model(_gemm_model(1, bias_shape, alpha))
+    collect = CollectWeightsPass(scope="all", min_size=1)
+    collect(model)
+    assert collect.weights["w"].matmul_nbits is False
+    assert not candidates.nbits_candidates(collect.weights["w"], (4,))
+
+
 def test_nbits_zero_points_pad_each_row_to_whole_bytes_and_count_it():
     """K = 48 in blocks of 16: three 4-bit zero points per row take two bytes (MatMulNBits's layout), and
     the plan counts the padding nibble: the file and the budget agree."""
@@ -100,7 +136,8 @@ def test_nbits_zero_points_pad_each_row_to_whole_bytes_and_count_it():
 
 
 def _info(op: str, shape: tuple[int, ...], consumers: tuple[str, ...]) -> WeightInfo:
-    return WeightInfo("w", WeightLayout.for_consumer(op, shape), np.zeros(shape, np.float32), consumers)
+    return WeightInfo("w", WeightLayout.for_consumer(op, shape), np.zeros(shape, np.float32), consumers,
+                      matmul_nbits=set(consumers) == {"MatMul"})
 
 
 def test_size_target_offers_matmul_weights_only_forms_kept_packed():

@@ -3,7 +3,7 @@ implementation of the operator specs) and agrees with ONNX Runtime: the graphs a
 functions (``bayesq.UnpackBits``, ``bayesq.CodebookLookup``, ``bayesq.DequantizeAffine``,
 ``bayesq.DequantizeSymmetric``, ``bayesq.GatherAffine``, ``bayesq.GatherCodebook``) included, not something
 only ORT accepts. The one ONNX Runtime operator an artifact uses, ``com.microsoft.MatMulNBits`` (MatMul
-weights that stay packed in memory), runs here from :class:`MatMulNBits`, written from the operator's
+weights that stay packed in memory), runs here from :class:`helpers.MatMulNBits`, written from the operator's
 documentation in ONNX Runtime, not from our packing code: it checks that the stored layout is the documented one.
 
 The max |ORT − reference| of every case is printed in a table at the end of the module (and recorded as the
@@ -19,12 +19,11 @@ import onnx
 import onnx_ir as ir
 import pytest
 from onnx.reference import ReferenceEvaluator
-from onnx.reference.op_run import OpRun
 from onnx.reference.ops import op_gather_elements
 
 from bayesq_onnx.config import CompileConfig
 from bayesq_onnx.pipeline import compile_model
-from helpers import plan_all, rewrite, run
+from helpers import MatMulNBits, plan_all, rewrite, run
 from test_rewrite import CANDIDATES, MODELS  # the same family × bits × granularity grid as the rewrite tests
 from tiny_torch import tiny_bundle
 
@@ -39,30 +38,6 @@ def _gather_elements_spec(data: np.ndarray, axis: int, indices: np.ndarray) -> n
     """GatherElements exactly as the ONNX spec states it (negative indices count from the end)."""
     indices = np.where(indices < 0, indices + data.shape[axis], indices)
     return np.take_along_axis(data, indices, axis=axis)
-
-
-class MatMulNBits(OpRun):
-    """``com.microsoft.MatMulNBits`` as ONNX Runtime documents it: ``Y = A · dequantize(B)ᵀ`` with ``B``
-    ``[N, K/block, block·bits/8]`` uint8, each block's codes packed from the lowest bits of each byte up;
-    ``dequantize = (q − zero_point)·scale`` per block, ``scales`` ``[N, K/block]``, ``zero_points`` packed the
-    same way per row (default ``2^(bits−1)``)."""
-
-    op_domain = "com.microsoft"
-
-    def _run(self, a, b, scales, zero_points=None, g_idx=None, bias=None, K=None, N=None, bits=None,
-             block_size=None, accuracy_level=None, weight_prepacked=None):
-        def unpack(packed: np.ndarray) -> np.ndarray:  # [..., n bytes] -> [..., n·8/bits] codes
-            shifts = np.arange(0, 8, bits, dtype=np.uint8)
-            return ((packed[..., None] >> shifts) & (2**bits - 1)).reshape(*packed.shape[:-1], -1)
-
-        n_blocks = K // block_size
-        q = unpack(b).reshape(N, n_blocks, block_size).astype(np.float32)
-        if zero_points is None:
-            z = np.full((N, n_blocks), 2 ** (bits - 1), np.float32)
-        else:
-            z = unpack(zero_points)[:, :n_blocks].astype(np.float32)
-        w = ((q - z[..., None]) * scales.reshape(N, n_blocks, 1)).reshape(N, K)
-        return (np.matmul(a, w.T).astype(a.dtype),)
 
 
 @pytest.fixture(scope="module")

@@ -269,7 +269,8 @@ def test_distill_student_starts_at_the_shared_grid():
 # ---- which weights are offered the shared grids ----------------------------------------------------------
 
 def _info(op: str, shape: tuple[int, ...], trans_b: bool = False) -> WeightInfo:
-    return WeightInfo("w", WeightLayout.for_consumer(op, shape, trans_b=trans_b), np.zeros(shape, np.float32), (op,))
+    return WeightInfo("w", WeightLayout.for_consumer(op, shape, trans_b=trans_b), np.zeros(shape, np.float32), (op,),
+                      matmul_nbits=op == "MatMul")
 
 
 def test_for_target_offers_shared_grids_only_for_short_rows():
@@ -347,6 +348,8 @@ def test_compiled_short_row_model_is_accounted_by_inspect(tmp_path):
     accounting from the file alone."""
     from onnx.reference import ReferenceEvaluator
 
+    from helpers import MatMulNBits
+
     from bayesq_onnx.config import CompileConfig
     from bayesq_onnx.inspection import inspect_artifact
     from bayesq_onnx.pipeline import compile_model
@@ -366,7 +369,7 @@ def test_compiled_short_row_model_is_accounted_by_inspect(tmp_path):
         assert t["family"] in ("uniform", "codebook", "float") and t["bits"] is not None
     model = result.artifact.read_bytes()
     feed = bundle.evaluation[0]
-    np.testing.assert_allclose(run(model, feed), ReferenceEvaluator(model).run(None, feed)[0], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(run(model, feed), ReferenceEvaluator(model, new_ops=[MatMulNBits]).run(None, feed)[0], rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("target", candidates.TARGETS)

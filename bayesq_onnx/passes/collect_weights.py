@@ -64,7 +64,8 @@ class CollectWeightsPass(ir.passes.PassBase):
                 self.skipped[name] = f"read by {', '.join(sorted(set(ops)))}: outside `scope` {self.scope}"
                 continue
             first = min(position.get(id(node), 0) for node, _ in value.uses())
-            self.weights[name] = WeightInfo(name, layout, value.const_value.numpy(), ops, first)
+            self.weights[name] = WeightInfo(name, layout, value.const_value.numpy(), ops, first,
+                                            matmul_nbits=all(matmul_nbits_reader(n, i) for n, i in value.uses()))
         return ir.passes.PassResult(model, modified=False)
 
     @staticmethod
@@ -85,3 +86,22 @@ class CollectWeightsPass(ir.passes.PassBase):
         # Prefer a linear consumer's rows (output channels) over a Gather's (vocabulary entries).
         linear = [lay for lay, op in zip(layouts, ops) if op in LINEAR_WEIGHT_INPUT]
         return (linear or layouts)[0], ops
+
+
+def matmul_nbits_reader(node: ir.Node, index: int) -> bool:
+    """Whether ``node`` reading a 2-D weight at input ``index`` can become ``MatMulNBits(A, W, ..., bias)``:
+    a MatMul reading it as B, or a Gemm reading it as B with ``transA`` 0, ``alpha`` 1 and, if it has a C,
+    ``beta`` 1 and C a constant of shape ``[N]`` (MatMulNBits adds a bias of one value per output)."""
+    if node.domain not in ("", "ai.onnx") or index != 1:
+        return False
+    if node.op_type == "MatMul":
+        return True
+    if node.op_type != "Gemm" or node.attributes.get_int("transA", 0) or node.attributes.get_float("alpha", 1.0) != 1.0:
+        return False
+    bias = node.inputs[2] if len(node.inputs) > 2 else None
+    if bias is None:
+        return True
+    weight = node.inputs[1]
+    n = weight.shape[0] if node.attributes.get_int("transB", 0) else weight.shape[1]
+    return (node.attributes.get_float("beta", 1.0) == 1.0 and bias.const_value is not None
+            and tuple(bias.shape) == (n,))

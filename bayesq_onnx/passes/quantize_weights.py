@@ -1,7 +1,8 @@
 """QuantizeWeightsPass: replace each planned weight initializer by its stored form and a decode subgraph.
 
-    uniform, MatMulNBits candidates (``kernel="nbits"``: MatMul weights under the size and speed targets)
-               : every MatMul reading the weight becomes com.microsoft.MatMulNBits(A, codes, scale[, zero_point]),
+    uniform, MatMulNBits candidates (``kernel="nbits"``: MatMul weights, and Gemm weights of the form
+               A·W + bias, under the size and speed targets)
+               : every reader becomes com.microsoft.MatMulNBits(A, codes, scale[, zero_point][, bias]),
                  which multiplies from the packed codes: the weight is never held in float
     uniform, size target (the rest)
                : codes [-> bayesq.UnpackBits] -> bayesq.DequantizeAffine(codes, scale, zero_point)
@@ -38,6 +39,7 @@ from .. import onnx_functions
 from ..choices import TARGETS
 from ..errors import PassFailure
 from ..plan import NBITS, Plan, QuantizedTensor
+from .collect_weights import matmul_nbits_reader
 from ..quant import packing
 from ..weight_inputs import WEIGHT_INPUT
 
@@ -143,13 +145,13 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
         graph.insert_before(graph[0], nodes)
 
     def _rewrite_matmuls(self, model: ir.Model, value: ir.Value, qt: QuantizedTensor) -> None:
-        """Store a MatMul weight in ``MatMulNBits``'s layout and make every MatMul reading it a MatMulNBits: the
-        weight stays packed in memory. ``accuracy_level`` 0 (float32 activations, the FP32 model's numbers up
-        to summation order), 4 under the speed target (8-bit activations, faster)."""
+        """Store the weight in ``MatMulNBits``'s layout and make every MatMul (or ``A·W + bias`` Gemm) reading it
+        a MatMulNBits: the weight stays packed in memory. ``accuracy_level`` 0 (float32 activations, the FP32
+        model's numbers up to summation order), 4 under the speed target (8-bit activations, faster)."""
         graph, name, cand, lay = model.graph, value.name, qt.candidate, qt.layout
         uses = list(value.uses())
-        if value.is_graph_output() or any(n.op_type != "MatMul" or n.domain != "" or i != 1 for n, i in uses):
-            raise ValueError("a MatMulNBits weight must be read only by MatMul, as its second input")
+        if value.is_graph_output() or not all(matmul_nbits_reader(node, i) for node, i in uses):
+            raise ValueError("a MatMulNBits weight must be read only by MatMul, or Gemm as A·W + bias")
         stored = {role: self._initializer(graph, f"{name}.{role}", arr) for role, arr in qt.stored().items()}
         scale = stored["scale"]
         if cand.scale_dtype != "float32":  # MatMulNBits takes scales of A's type; folded at session start
@@ -158,13 +160,17 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
             scale = cast.outputs[0]
         attributes = {"K": lay.cols, "N": lay.rows, "bits": cand.bits, "block_size": cand.block(lay),
                       "accuracy_level": 4 if self.target == "speed" else 0}
-        for i, (matmul, _) in enumerate(uses):
-            inputs = [matmul.inputs[0], stored["codes"], scale] + ([stored["zero_point"]] if "zero_point" in stored else [])
+        for i, (reader, _) in enumerate(uses):
+            bias = reader.inputs[2] if reader.op_type == "Gemm" and len(reader.inputs) > 2 else None
+            inputs = [reader.inputs[0], stored["codes"], scale, stored.get("zero_point")]
+            inputs += [None, bias] if bias is not None else []  # MatMulNBits's inputs 4 (g_idx) and 5 (bias)
+            while inputs[-1] is None:
+                inputs.pop()
             node = ir.node("MatMulNBits", inputs, attributes=attributes, domain=MS_DOMAIN, name=f"{name}/MatMulNBits{i}")
-            out = matmul.outputs[0]
-            graph.insert_after(matmul, node)
+            out = reader.outputs[0]
+            graph.insert_after(reader, node)
             ir.convenience.replace_all_uses_with(out, node.outputs[0], replace_graph_outputs=True)
-            graph.remove(matmul, safe=True)
+            graph.remove(reader, safe=True)
             node.outputs[0].name, node.outputs[0].type, node.outputs[0].shape = out.name, out.type, out.shape
         graph.initializers.pop(name)
         model.opset_imports[MS_DOMAIN] = 1

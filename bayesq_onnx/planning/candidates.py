@@ -1,8 +1,8 @@
 """Which candidates each weight may take (docs/design.md §3.5): per target, pins, and a user override file.
 
 Targets:
-* ``size`` — the smallest file that loads in no more memory than the FP32 model. A weight only MatMul reads
-  takes uniform 2/4/8-bit codes per block of 128 input channels (or per row, for a power-of-two row) in the
+* ``size`` — the smallest file that loads in no more memory than the FP32 model. A weight only MatMul (or a
+  Gemm of the form ``A·W + bias``) reads takes uniform 2/4/8-bit codes per block of 128 input channels (or per row, for a power-of-two row) in the
   layout of ONNX Runtime's ``MatMulNBits`` (``uint4-g128-nbits``), which multiplies from the packed codes at
   FP32 accuracy and speed, or FP16. Every other weight (Conv, Gemm, embedding tables) takes everything the
   rewrite stores exactly: uniform 2/3/4/5/6/8-bit per row and per group of 128 input channels, per-row
@@ -12,7 +12,7 @@ Targets:
   offered on MatMul weights because a folded decode holds the weight in float, and ORT's folding holds every
   intermediate of every decode until it ends: on MiniLM that made the 12 MB artifact peak at 7× the FP32
   model's memory (docs/results.md#memory says what leaving them out costs in fidelity).
-* ``speed`` — MatMul weights only as uniform 4/8-bit ``MatMulNBits`` blocks, run with 8-bit activations
+* ``speed`` — MatMul (and such Gemm) weights only as uniform 4/8-bit ``MatMulNBits`` blocks, run with 8-bit activations
   (``accuracy_level`` 4: faster inference). Every other weight (Conv, Gemm) only in forms that still fold at
   session start: codebooks and FP16. ORT neither fuses a DequantizeLinear into Conv or into Gemm with
   ``transB=1`` (the usual export of ``nn.Linear`` as Gemm) nor, with its QDQ handling on, constant-folds it:
@@ -96,8 +96,10 @@ def for_target(weight: WeightInfo, target: str) -> list[Candidate]:
     fits = weight.layout.in_channels % GROUP == 0
     shared = short_row_candidates(weight.layout, target)
     if target == "speed":
-        if _fused_matmul(weight):
-            return nbits_candidates(weight, (4, 8)) or [Candidate("uniform", 8, 0, scale_dtype="float32")]
+        if nbits := nbits_candidates(weight, (4, 8)):
+            return nbits
+        if _only_matmul(weight):  # ORT fuses DequantizeLinear -> MatMul into MatMulNBits itself
+            return [Candidate("uniform", 8, 0, scale_dtype="float32")]
         return [Candidate("codebook", b, 1) for b in CODEBOOK_BITS] + [Candidate("float", 16)]
     if target == "cuda":
         out = [Candidate("uniform", b, g) for b in (4, 8) for g in ([0, GROUP] if fits else [0])]
@@ -112,11 +114,11 @@ def for_target(weight: WeightInfo, target: str) -> list[Candidate]:
 
 
 def nbits_candidates(weight: WeightInfo, widths: tuple[int, ...]) -> list[Candidate]:
-    """``MatMulNBits`` forms of a weight only MatMul reads (none otherwise): uniform ``widths``-bit codes per
+    """``MatMulNBits`` forms of a weight every reader of which can be a MatMulNBits (none otherwise): uniform ``widths``-bit codes per
     block of :data:`NBITS_GROUPS` input channels, and per row where the row length is itself a power of two
     ≥ 16. The smaller blocks give the knapsack steps between the widths (4-bit codes cost 4.16, 4.31 and
     4.63 bits in blocks of 128, 64 and 32) where the 5/6-bit widths have no MatMulNBits form."""
-    if not _fused_matmul(weight):
+    if not weight.matmul_nbits:
         return []
     cands = [Candidate("uniform", b, g, kernel=NBITS) for b in widths for g in (0, *NBITS_GROUPS)]
     return [c for c in cands if c.fits(weight.layout)]
@@ -138,8 +140,8 @@ def short_row_candidates(layout: WeightLayout, target: str) -> list[Candidate]:
             + [Candidate("codebook", b, g) for g in groups for b in CODEBOOK_BITS])
 
 
-def _fused_matmul(weight: WeightInfo) -> bool:
-    """Whether only MatMul reads this weight (``MatMulNBits`` can replace every reader)."""
+def _only_matmul(weight: WeightInfo) -> bool:
+    """Whether only MatMul reads this weight (ORT fuses DequantizeLinear -> MatMul into MatMulNBits)."""
     return bool(weight.consumers) and all(op == "MatMul" for op in weight.consumers)
 
 
@@ -149,7 +151,7 @@ def pin_for(weight: WeightInfo, target: str) -> Candidate:
     if target != "cuda" and (nbits := nbits_candidates(weight, (8,))):
         return nbits[0]
     if target == "speed":
-        return Candidate("uniform", 8, 0, scale_dtype="float32") if _fused_matmul(weight) else Candidate("float", 16)
+        return Candidate("uniform", 8, 0, scale_dtype="float32") if _only_matmul(weight) else Candidate("float", 16)
     return PIN
 
 
@@ -190,7 +192,7 @@ def allowed(weights: dict[str, WeightInfo], *, target: str = "size", keep_first_
             raise UserError(f"override pattern {pattern!r} matches no quantized tensor")
         for name in matched:
             usable = [c for c in cands if c.fits(weights[name].layout)
-                      and (c.kernel != NBITS or _fused_matmul(weights[name]))]
+                      and (c.kernel != NBITS or weights[name].matmul_nbits)]
             if not usable:
                 raise UserError(f"override {pattern!r}: none of {[c.label for c in cands]} fits {name} "
                                 f"({weights[name].layout.rows} rows × {weights[name].layout.in_channels} inputs)")
