@@ -14,8 +14,8 @@ FISHERS = ("true", "empirical")
 TEACHERS = ("posterior", "fp")
 SCOPES = ("linear", "all")           # linear: Conv/Gemm/MatMul weights; all: also Gather embedding tables
 CODE_BITS = (2, 3, 4, 5, 6, 8)       # the code widths of the quantizer families (3/5/6 bit-packed)
-TARGETS = ("size", "speed", "cuda")  # which candidates each op may take (planning/candidates.py)
+TARGETS = ("size", "fold", "speed", "cuda")  # which candidates each op may take (planning/candidates.py)
 # the narrowest code any candidate of a target stores (planning.candidates.for_target): a budget below it fails
 # before a model loads
-LEAST_CODE_BITS = {"size": 2, "speed": 2, "cuda": 4}
+LEAST_CODE_BITS = {"size": 2, "fold": 2, "speed": 2, "cuda": 4}
 PROVIDERS = ("auto", "cpu", "cuda")  # ONNX Runtime execution provider for validation

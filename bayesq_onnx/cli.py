@@ -100,8 +100,9 @@ def _config_defaults(command: click.Command) -> click.Command:
 @click.option("--weights", type=click.Path(path_type=Path),
               help="torchvision:/module: a state dict file (.pt/.pth/.safetensors).")
 @click.option("--target", type=click.Choice(TARGETS), show_default=True,
-              help="size (smallest file, decodes fold at load), speed (MatMulNBits-fusable MatMul weights), "
-                   "cuda (4/8-bit and FP16 only).")
+              help="size (small file, loads in less memory than FP32: MatMul weights stay packed), fold (every "
+                   "width on every weight, decoded to float at load: most fidelity per bit, more memory), speed "
+                   "(MatMulNBits with 8-bit activations), cuda (4/8-bit and FP16 only).")
 @click.option("--max-drop", type=float,
               help="bayesq: instead of --bits, the least budget whose validated headline metric drops by at "
                    "most this (its units: 0.003 = 0.3 points of top-1, 0.01 of cosine).")

@@ -12,6 +12,9 @@ Targets:
   offered on MatMul weights because a folded decode holds the weight in float, and ORT's folding holds every
   intermediate of every decode until it ends: on MiniLM that made the 12 MB artifact peak at 7× the FP32
   model's memory (docs/results.md#memory says what leaving them out costs in fidelity).
+* ``fold`` — what ``size`` offers Conv weights, on every weight: the most fidelity per stored bit (MatMul
+  weights keep the 3/5/6-bit widths and codebooks), every weight decoded into float at session start, which
+  loads in more memory than the FP32 model (MiniLM at 4.0 bits: see docs/results.md#memory).
 * ``speed`` — MatMul (and such Gemm) weights only as uniform 4/8-bit ``MatMulNBits`` blocks, run with 8-bit activations
   (``accuracy_level`` 4: faster inference). Every other weight (Conv, Gemm) only in forms that still fold at
   session start: codebooks and FP16. ORT neither fuses a DequantizeLinear into Conv or into Gemm with
@@ -104,7 +107,7 @@ def for_target(weight: WeightInfo, target: str) -> list[Candidate]:
     if target == "cuda":
         out = [Candidate("uniform", b, g) for b in (4, 8) for g in ([0, GROUP] if fits else [0])]
         return out + shared + [Candidate("float", 16)]
-    if nbits := nbits_candidates(weight, NBITS_BITS):
+    if target == "size" and (nbits := nbits_candidates(weight, NBITS_BITS)):
         # a MatMul weight stays compressed in memory: a decode would be folded into a float copy at session
         # start, and ORT's folding holds every intermediate of every decode until it ends (docs/results.md#memory)
         return nbits + [Candidate("float", 16)]
@@ -148,7 +151,7 @@ def _only_matmul(weight: WeightInfo) -> bool:
 def pin_for(weight: WeightInfo, target: str) -> Candidate:
     """What ``keep_first_last`` keeps a layer at: 8-bit, in the form the target runs (a MatMul weight as
     ``MatMulNBits`` where it fits; under speed, FP16 for any other weight, which folds)."""
-    if target != "cuda" and (nbits := nbits_candidates(weight, (8,))):
+    if target in ("size", "speed") and (nbits := nbits_candidates(weight, (8,))):
         return nbits[0]
     if target == "speed":
         return Candidate("uniform", 8, 0, scale_dtype="float32") if _only_matmul(weight) else Candidate("float", 16)
