@@ -8,7 +8,7 @@ run of the model's latency batch, against the FP32 model (issue 28). Ours and th
 Rows (each artifact measured by bayesq_onnx/runtime/load_probe.py in a process of its own):
 
 * ``fp32``: the model's FP32 export;
-* ``bayesq <target>``: ``bayesq compile MODEL --bits B --target T`` (size and speed; one fresh compile each);
+* ``bayesq <target>``: ``bayesq compile MODEL --bits B --target T`` (size, fold and speed; one fresh compile each);
 * ``ort-rtn b4 bs32/bs128``: ONNX Runtime's own ``MatMulNBitsQuantizer`` (4-bit blocks, MatMul weights only,
   float compute), ``ort-static int8``: ``quantize_static`` QDQ per channel (activations quantized too),
   ``nncf int4_asym g128``: NNCF in its own venv (``bash benchmarks/setup_nncf.sh``); a peer that cannot run
@@ -59,7 +59,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="minilm")
     ap.add_argument("--bits", type=float, default=4.0)
-    ap.add_argument("--targets", nargs="+", default=["size", "speed"])
+    ap.add_argument("--targets", nargs="+", default=["size", "fold", "speed"])
     ap.add_argument("--peers", nargs="*", default=[p.label for p in PEERS], help="peer labels to run")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = ap.parse_args()

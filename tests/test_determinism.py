@@ -15,7 +15,7 @@ from pathlib import Path
 TESTS = Path(__file__).resolve().parent
 
 # Measurements, not properties of the artifact: they differ between any two runs.
-MEASURED = {"timings_s", "latency", "session_start_s"}
+MEASURED = {"timings_s", "latency", "session_start_s", "memory"}
 
 
 def _start(out: Path, hash_seed: int) -> subprocess.Popen:
