@@ -159,7 +159,7 @@ class QuantizedTensor:
             return self.values.astype(np.float16 if c.bits == 16 else np.float32).astype(np.float32)
         if c.family == "uniform":
             w2 = uniform.dequantize(torch.from_numpy(self.codes), torch.from_numpy(self.scale),
-                                    torch.from_numpy(self.zero), c.group_size, c.scale_torch_dtype)
+                                    torch.from_numpy(self.zero), c.group_size)
         else:
             w2 = codebook.dequantize(torch.from_numpy(self.codes), torch.from_numpy(self.levels),
                                      c.rows_per_table(self.layout))
@@ -261,8 +261,8 @@ class QuantizedTensor:
     def stored_rows(self) -> dict[str, np.ndarray]:
         """:meth:`stored` for a :meth:`row_gatherable` tensor, with the codes as ``[rows, cols·bits/8]`` uint8:
         each row's codes packed by :func:`~bayesq_onnx.quant.packing.pack_bits` (for 2 and 4 bits the same
-        bytes as the ONNX sub-byte types, for 8 bits the codes themselves). Same bytes as :meth:`stored`,
-        so the same :meth:`stored_bits`."""
+        bytes as the ONNX sub-byte types). Same number of bytes as :meth:`stored`, so the same
+        :meth:`stored_bits`."""
         out = self.stored()
         if self.candidate.family != "float":
             rows = packing.pack_bits(self.codes.astype(np.uint8), self.candidate.bits).reshape(self.layout.rows, -1)

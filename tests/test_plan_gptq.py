@@ -44,7 +44,7 @@ def _textbook_gptq(w: torch.Tensor, h: torch.Tensor, grid: UniformGrid, damp: fl
 
 def _grid(w2, bits, group=0):
     scale, zero = uniform.minmax_params(w2, bits, group, symmetric=False, scale_dtype=torch.float16)
-    return UniformGrid(scale, zero, bits, group, False, torch.float16)
+    return UniformGrid(scale, zero, bits, group, False)
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])

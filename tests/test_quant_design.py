@@ -24,7 +24,7 @@ def test_clipping_search_never_loses_to_minmax(bits, group):
     grid, d = design.fit_uniform(w, lam, bits, group, temperature=0.0)
     s, z = uniform.minmax_params(w, bits, group, symmetric=False, scale_dtype=torch.float16)
     codes = uniform.quantize(w, s, z, bits, group, symmetric=False)
-    err = uniform.grouped((uniform.dequantize(codes, s, z, group, torch.float16) - w) ** 2 * lam, group).sum(-1)
+    err = uniform.grouped((uniform.dequantize(codes, s, z, group) - w) ** 2 * lam, group).sum(-1)
     assert torch.all(d <= err * (1 + 1e-5) + 1e-9)
     # the reported objective is what the grid really achieves (point design)
     _, values = grid.quantize(w, slice(0, 16), slice(0, 64))
@@ -61,7 +61,7 @@ def test_gptq_lowers_the_hessian_weighted_error():
     loss = lambda v: float(torch.einsum("ri,ij,rj->", v - w, h, v - w))  # noqa: E731
     assert loss(fed) < 0.85 * loss(near)
     # the codes are on the grid and decode to the returned values
-    torch.testing.assert_close(uniform.dequantize(codes, grid.scale, grid.zero, 0, torch.float16), fed)
+    torch.testing.assert_close(uniform.dequantize(codes, grid.scale, grid.zero, 0), fed)
 
 
 def test_gptq_act_order_and_groups_decode_consistently():
@@ -71,7 +71,7 @@ def test_gptq_act_order_and_groups_decode_consistently():
     w = torch.randn(8, 32, generator=g)
     grid, _ = design.fit_uniform(w, torch.ones_like(w), 4, 8, temperature=0.0)
     codes, values = feedback.gptq_round(w, h, grid, act_order=True, block=8)
-    dq = uniform.dequantize(codes, grid.scale, grid.zero, 8, torch.float16)
+    dq = uniform.dequantize(codes, grid.scale, grid.zero, 8)
     torch.testing.assert_close(dq, values)
 
 
@@ -90,7 +90,7 @@ def test_lowrank_feedback_lowers_the_lowrank_metric():
 
 # ---- the vectorized grid and Lloyd paths against the straightforward code (bit for bit) ----------------
 
-def _reference_grid_distortion(g_w, g_lam, scale, zero, k, scale_dtype):
+def _reference_grid_distortion(g_w, g_lam, scale, zero, k):
     q = (torch.round(g_w / scale[..., None]) + zero[..., None]).clamp_(k[0], k[-1])
     err = (q - zero[..., None]) * scale[..., None] - g_w  # the decoded value: exact (q − z)·s, no rounding
     return (g_lam * err * err).sum(-1)
@@ -109,8 +109,8 @@ def test_point_grid_distortion_is_bit_identical(bits, symmetric, scale_dtype):
         g_w, g_lam = uniform.grouped(w, group), uniform.grouped(lam, group)
         for ratio in design.CLIP_RATIOS:
             s, z = uniform.minmax_params(w * ratio, bits, group, symmetric=symmetric, scale_dtype=scale_dtype)
-            want = _reference_grid_distortion(g_w, g_lam, s, z, k, scale_dtype)
-            assert torch.equal(design._grid_distortion(g_w, g_lam, None, s, z, k, scale_dtype), want)
+            want = _reference_grid_distortion(g_w, g_lam, s, z, k)
+            assert torch.equal(design._grid_distortion(g_w, g_lam, None, s, z, k), want)
 
 
 def _reference_fit_uniform(w2, lam, bits, group_size, symmetric, scale_dtype):
@@ -127,7 +127,7 @@ def _reference_fit_uniform(w2, lam, bits, group_size, symmetric, scale_dtype):
         else:
             scale = uniform.round_scale(ratio * (top - bottom) / (hi - lo), scale_dtype)
             zero = torch.round(-ratio * bottom / scale).clamp(lo, hi)
-        d = _reference_grid_distortion(g_w, g_lam, scale, zero, k, scale_dtype)
+        d = _reference_grid_distortion(g_w, g_lam, scale, zero, k)
         better = d < best_d
         best_d, best_s, best_z = torch.where(better, d, best_d), torch.where(better, scale, best_s), torch.where(better, zero, best_z)
     return best_s, best_z, best_d

@@ -79,7 +79,7 @@ def test_uniform_grid_properties(bits, group, symmetric, seed):
     codes = uniform.quantize(w, scale, zero, bits, group, symmetric=symmetric)
     lo, hi = uniform.code_range(bits, symmetric)
     assert codes.min() >= lo and codes.max() <= hi
-    w_hat = uniform.dequantize(codes, scale, zero, group, torch.float32)
+    w_hat = uniform.dequantize(codes, scale, zero, group)
     step = uniform.grouped(torch.ones_like(w), group) * scale[..., None]
     err = (uniform.grouped(w, group) - uniform.grouped(w_hat, group)).abs()
     # asymmetric min-max covers the whole range: round-to-nearest error is at most half a step, plus the
@@ -88,7 +88,7 @@ def test_uniform_grid_properties(bits, group, symmetric, seed):
         assert torch.all(err <= step / 2 + (2**bits - 1) * step * 2.0**-11 + 1e-7)
     # zero is exactly representable
     zero_hat = uniform.dequantize(zero.round().to(torch.int16).repeat_interleave(
-        32 if group == 0 else group, dim=1), scale, zero, group, torch.float32)
+        32 if group == 0 else group, dim=1), scale, zero, group)
     assert torch.all(zero_hat == 0)
 
 
@@ -98,7 +98,7 @@ def test_uniform_beats_nothing_and_improves_with_bits():
     for bits in (2, 3, 4, 8):
         s, z = uniform.minmax_params(w, bits, 0, symmetric=False, scale_dtype=torch.float32)
         q = uniform.quantize(w, s, z, bits, 0, symmetric=False)
-        errs.append(float(((uniform.dequantize(q, s, z, 0, torch.float32) - w) ** 2).mean()))
+        errs.append(float(((uniform.dequantize(q, s, z, 0) - w) ** 2).mean()))
     assert errs == sorted(errs, reverse=True) and errs[-1] < 1e-4 < errs[0]
 
 

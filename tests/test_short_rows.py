@@ -192,7 +192,7 @@ def test_per_tensor_fit_never_loses_to_minmax(seed, bits, symmetric):
     assert grid.scale.shape == d.shape == (1, 1)
     s, z = uniform.minmax_params(w, bits, TENSOR, symmetric=symmetric, scale_dtype=torch.float16)
     codes = uniform.quantize(w, s, z, bits, TENSOR, symmetric=symmetric)
-    naive = float(((uniform.dequantize(codes, s, z, TENSOR, torch.float16) - w) ** 2 * lam).sum())
+    naive = float(((uniform.dequantize(codes, s, z, TENSOR) - w) ** 2 * lam).sum())
     assert float(d) <= naive * (1 + 1e-5) + 1e-9
     # the reported objective is what the grid achieves, and it is the search over the tensor as one row
     _, values = grid.quantize(w, slice(0, 24), slice(0, 9))

@@ -39,9 +39,9 @@ from .. import onnx_functions
 from ..choices import TARGETS
 from ..errors import PassFailure
 from ..plan import NBITS, Plan, QuantizedTensor
-from .collect_weights import matmul_nbits_reader
 from ..quant import packing
 from ..weight_inputs import WEIGHT_INPUT
+from .collect_weights import matmul_nbits_reader
 
 MS_DOMAIN = "com.microsoft"  # ONNX Runtime's own operators (MatMulNBits), built into every ORT package
 
@@ -74,10 +74,9 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
             if value is None or value.const_value is None or value.dtype != ir.DataType.FLOAT:
                 continue
             try:
-                gathers = _table_gathers(value)
                 if qt.candidate.kernel == NBITS:
                     self._rewrite_matmuls(model, value, qt)
-                elif gathers and qt.row_gatherable():
+                elif qt.row_gatherable() and (gathers := _table_gathers(value)):
                     self._rewrite_gathers(model, value, qt, gathers)
                 else:
                     self._rewrite(model, value, qt)

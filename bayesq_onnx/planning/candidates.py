@@ -1,25 +1,27 @@
 """Which candidates each weight may take (docs/design.md §3.5): per target, pins, and a user override file.
 
 Targets:
-* ``size`` — the smallest file that loads in no more memory than the FP32 model. A weight only MatMul (or a
-  Gemm of the form ``A·W + bias``) reads takes uniform 2/4/8-bit codes per block of 128 input channels (or per row, for a power-of-two row) in the
-  layout of ONNX Runtime's ``MatMulNBits`` (``uint4-g128-nbits``), which multiplies from the packed codes at
-  FP32 accuracy and speed, or FP16. Every other weight (Conv, Gemm, embedding tables) takes everything the
-  rewrite stores exactly: uniform 2/3/4/5/6/8-bit per row and per group of 128 input channels, per-row
-  codebooks of 2/3/4 bits, and FP16. Their decodes are standard-op functions that ORT's default session
-  constant-folds at session start (FP32 speed); a table only Gather reads is decoded row by row as it is read
-  and stays packed. The 5- and 6-bit widths give the knapsack steps between 4 and 8 bits. They are not
-  offered on MatMul weights because a folded decode holds the weight in float, and ORT's folding holds every
-  intermediate of every decode until it ends: on MiniLM that made the 12 MB artifact peak at 7× the FP32
-  model's memory (docs/results.md#memory says what leaving them out costs in fidelity).
+* ``size`` — a small file that loads in less memory than the FP32 model where MatMul weights and tables
+  dominate. A weight only MatMul (or a Gemm of the form ``A·W + bias``) reads takes uniform 2/4/8-bit codes
+  per block of 32, 64 or 128 input channels (or per row, for a power-of-two row) in the layout of ONNX
+  Runtime's ``MatMulNBits`` (``uint4-g32-nbits``), which multiplies from the packed codes in float, or FP16.
+  Every other weight (Conv, Gemm, embedding tables) takes everything the rewrite stores exactly: uniform
+  2/3/4/5/6/8-bit per row and per group of 128 input channels, per-row codebooks of 2/3/4 bits, and FP16.
+  Their decodes are standard-op functions that ORT's default session constant-folds at session start (FP32
+  speed); a table only Gather reads is decoded row by row as it is read and stays packed. The 5- and 6-bit
+  widths give the knapsack steps between 4 and 8 bits. They are not offered on MatMul weights because a
+  folded decode holds the weight in float, and ORT's folding holds every intermediate of every decode until
+  it ends: on MiniLM that made the 12 MB artifact peak at 7× the FP32 model's memory (docs/results.md#memory
+  says what leaving them out costs in fidelity).
 * ``fold`` — what ``size`` offers Conv weights, on every weight: the most fidelity per stored bit (MatMul
   weights keep the 3/5/6-bit widths and codebooks), every weight decoded into float at session start, which
   loads in more memory than the FP32 model (MiniLM at 4.0 bits: see docs/results.md#memory).
-* ``speed`` — MatMul (and such Gemm) weights only as uniform 4/8-bit ``MatMulNBits`` blocks, run with 8-bit activations
-  (``accuracy_level`` 4: faster inference). Every other weight (Conv, Gemm) only in forms that still fold at
-  session start: codebooks and FP16. ORT neither fuses a DequantizeLinear into Conv or into Gemm with
-  ``transB=1`` (the usual export of ``nn.Linear`` as Gemm) nor, with its QDQ handling on, constant-folds it:
-  it would dequantize on every call (measured on digits-resnet: 2.5× FP32 latency).
+* ``speed`` — MatMul (and such Gemm) weights only as uniform 4/8-bit ``MatMulNBits`` blocks, run with
+  8-bit activations (``accuracy_level`` 4: faster on CPUs with fast int8 dot products). Every other weight
+  (Conv, Gemm) only in forms that still fold at session start: codebooks and FP16. ORT neither fuses a
+  DequantizeLinear into Conv or into Gemm with ``transB=1`` (the usual export of ``nn.Linear`` as Gemm)
+  nor, with its QDQ handling on, constant-folds it: it would dequantize on every call (measured on
+  digits-resnet: 2.5× FP32 latency).
 * ``cuda`` — dtypes the CUDA execution provider runs natively: uniform 4/8-bit (per row, per 128) and FP16.
 
 Weights with short rows (fewer than :data:`SHORT_ROW` columns: depthwise kernels, stems, 1×1 convolutions
@@ -54,8 +56,8 @@ PIN = Candidate("uniform", 8)
 # per-row side information is a few percent of the code and the per-row range is worth it; those weights
 # get the per-row and per-128 forms only.
 SHORT_ROW = 64
-SHARED_ROWS = (8, 32)
-NBITS_GROUPS = (32, 64, GROUP)  # MatMulNBits blocks offered besides whole rows  # rows per shared codebook table, besides one table for the whole tensor
+SHARED_ROWS = (8, 32)  # rows per shared codebook table, besides one table for the whole tensor
+NBITS_GROUPS = (32, 64, GROUP)  # MatMulNBits blocks offered besides whole rows
 UNIFORM_BITS = CODE_BITS  # uniform code widths under `size` (`cuda`: the natively run 4 and 8)
 CODEBOOK_BITS = (2, 3, 4)  # codebook widths: 2^b float16 levels per table, so wider tables cost more than they buy
 
@@ -117,10 +119,11 @@ def for_target(weight: WeightInfo, target: str) -> list[Candidate]:
 
 
 def nbits_candidates(weight: WeightInfo, widths: tuple[int, ...]) -> list[Candidate]:
-    """``MatMulNBits`` forms of a weight every reader of which can be a MatMulNBits (none otherwise): uniform ``widths``-bit codes per
-    block of :data:`NBITS_GROUPS` input channels, and per row where the row length is itself a power of two
-    ≥ 16. The smaller blocks give the knapsack steps between the widths (4-bit codes cost 4.16, 4.31 and
-    4.63 bits in blocks of 128, 64 and 32) where the 5/6-bit widths have no MatMulNBits form."""
+    """``MatMulNBits`` forms of a weight every reader of which can be a MatMulNBits (none otherwise): uniform
+    ``widths``-bit codes per block of :data:`NBITS_GROUPS` input channels, and per row where the row length
+    is itself a power of two ≥ 16. The smaller blocks give the knapsack steps between the widths (4-bit
+    codes cost 4.16, 4.31 and 4.63 bits in blocks of 128, 64 and 32) where the 5/6-bit widths have no
+    MatMulNBits form."""
     if not weight.matmul_nbits:
         return []
     cands = [Candidate("uniform", b, g, kernel=NBITS) for b in widths for g in (0, *NBITS_GROUPS)]

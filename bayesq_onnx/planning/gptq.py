@@ -107,7 +107,7 @@ class PlanGPTQ:
         w2 = canonical_mu(weight)
         scale, zero = uniform.minmax_params(w2, cand.bits, cand.group_size, symmetric=False,
                                             scale_dtype=cand.scale_torch_dtype)
-        grid = UniformGrid(scale, zero, cand.bits, cand.group_size, False, cand.scale_torch_dtype)
+        grid = UniformGrid(scale, zero, cand.bits, cand.group_size, False)
         post = self.posteriors.get(weight.name)
         # GPTQ's H as published: the measured second moment, without the posterior's diagonal prior
         hessian = None if post is None or post.A is None else \

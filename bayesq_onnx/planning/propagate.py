@@ -206,7 +206,7 @@ def grid_of(qt: QuantizedTensor):
     c = qt.candidate
     if c.family == "uniform":
         return UniformGrid(torch.from_numpy(qt.scale.astype(np.float32)), torch.from_numpy(qt.zero.astype(np.float32)),
-                           c.bits, c.group_size, c.symmetric, c.scale_torch_dtype)
+                           c.bits, c.group_size, c.symmetric)
     return CodebookGrid(torch.from_numpy(qt.levels.astype(np.float32)), c.rows_per_table(qt.layout))
 
 

@@ -57,7 +57,6 @@ class UniformGrid:
     bits: int
     group_size: int
     symmetric: bool
-    scale_dtype: torch.dtype
 
     def quantize(self, w: torch.Tensor, rows: slice, cols: slice) -> tuple[torch.Tensor, torch.Tensor]:
         """Nearest codes and their values for the sub-block ``w = W[rows, cols]``."""
@@ -71,10 +70,10 @@ class UniformGrid:
         lo, hi = uniform.code_range(self.bits, self.symmetric)
         if self.group_size in (0, uniform.TENSOR):  # per tensor: s, z [1] broadcast over the rows
             s, z = self.scale[:, 0].contiguous(), self.zero[:, 0].contiguous()
-            return _UniformColumns(None, None, s, z, lo, hi, self.scale_dtype)
+            return _UniformColumns(None, None, s, z, lo, hi)
         idx = cols // self.group_size
         return _UniformColumns(self.scale[:, idx].T.contiguous(), self.zero[:, idx].T.contiguous(), None, None,
-                               lo, hi, self.scale_dtype)
+                               lo, hi)
 
     def _expand(self, rows: slice, cols: slice):
         if self.group_size == uniform.TENSOR:
@@ -118,7 +117,6 @@ class _UniformColumns:
     z: torch.Tensor | None
     lo: int
     hi: int
-    scale_dtype: torch.dtype
 
     def quantize(self, j: int, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Codes and values of column ``j`` (``w [rows]``), exactly as :meth:`UniformGrid.quantize`."""
@@ -180,18 +178,18 @@ def fit_uniform(w2: torch.Tensor, lam: torch.Tensor, bits: int, group_size: int,
             zero = torch.round(-ratio * bottom / scale).clamp(lo_code, hi_code)
         grids.append((scale, zero))
     if soft:
-        dists = [_grid_distortion(g_w, g_lam, g_sd, scale, zero, k, scale_dtype) for scale, zero in grids]
+        dists = [_grid_distortion(g_w, g_lam, g_sd, scale, zero, k) for scale, zero in grids]
     else:
-        dists = _point_distortions(g_w, g_lam, grids, k, scale_dtype)
+        dists = _point_distortions(g_w, g_lam, grids, k)
     for (scale, zero), d in zip(grids, dists):
         better = d < best_d
         best_d = torch.where(better, d, best_d)
         best_s = torch.where(better, scale, best_s)
         best_z = torch.where(better, zero, best_z)
-    return UniformGrid(best_s, best_z, bits, group_size, symmetric, scale_dtype), best_d
+    return UniformGrid(best_s, best_z, bits, group_size, symmetric), best_d
 
 
-def _point_distortions(g_w, g_lam, grids, k, scale_dtype) -> torch.Tensor:
+def _point_distortions(g_w, g_lam, grids, k) -> torch.Tensor:
     """Point-design :func:`_grid_distortion` of every ``(scale, zero)`` in ``grids``, ``[len(grids), R, G]``.
 
     Blocks of rows (about ``_POINT_CHUNK`` weights) go through all the grids while they are in cache,
@@ -203,18 +201,18 @@ def _point_distortions(g_w, g_lam, grids, k, scale_dtype) -> torch.Tensor:
         sl = slice(r, min(r + step, g_w.shape[0]))
         n = sl.stop - sl.start
         for i, (scale, zero) in enumerate(grids):
-            out[i, sl] = _grid_distortion(g_w[sl], g_lam[sl], None, scale[sl], zero[sl], k, scale_dtype,
+            out[i, sl] = _grid_distortion(g_w[sl], g_lam[sl], None, scale[sl], zero[sl], k,
                                           (buffers[0][:n], buffers[1][:n]))
     return out
 
 
-def _grid_distortion(g_w, g_lam, g_sd, scale, zero, k, scale_dtype, buffers=None) -> torch.Tensor:
+def _grid_distortion(g_w, g_lam, g_sd, scale, zero, k, buffers=None) -> torch.Tensor:
     """Σ λ·E[(Q(w) − w)²] per row/group for the uniform grids ``(k − z)·s``;
     ``g_sd = None`` is the point design (nearest-level error, no cell integrals).
 
     The point design works in place in two buffers shaped like ``g_w`` and computes, bit for bit, the
-    same ``λ·err·err`` as ``err = (clamp(round(w/s) + z, lo, hi) − z)·s − w``: with integer-valued ``round(w/s)`` and ``z``, ``clamp(r + z, lo, hi) − z`` is exactly
-    ``clamp(r, lo − z, hi − z)``."""
+    same ``λ·err·err`` as ``err = (clamp(round(w/s) + z, lo, hi) − z)·s − w``: with integer-valued
+    ``round(w/s)`` and ``z``, ``clamp(r + z, lo, hi) − z`` is exactly ``clamp(r, lo − z, hi − z)``."""
     if g_sd is None:
         err, tmp = buffers if buffers is not None else (torch.empty_like(g_w), torch.empty_like(g_w))
         s, z = scale[..., None], zero[..., None]

@@ -78,13 +78,11 @@ def quantize(
     return q.clamp(lo, hi).to(torch.int16).reshape(w2.shape)
 
 
-def dequantize(
-    codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int, scale_dtype: torch.dtype
-) -> torch.Tensor:
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int) -> torch.Tensor:
     """``ŵ = (q − z)·s``: one float32 multiply, which every decode form (the arithmetic one,
     ``DequantizeLinear`` with its scale cast to float, ``MatMulNBits``) computes the same way. With float16
     scales (11 significant bits) and ``|q − z| < 2^8`` the product is exact in float32 (at most 19 bits), so no
-    form rounds it to the scale's dtype. ``scale_dtype`` is the storage dtype the scales already hold."""
+    form rounds it to the scale's dtype."""
     g = grouped(codes.float(), group_size)
     w = (g - zero[..., None]) * scale[..., None]
     return w.reshape(codes.shape)
