@@ -211,9 +211,15 @@ class QuantizedTensor:
             scale, zero = lay.from_canonical(scale, last), lay.from_canonical(zero, last)
         if broadcast and not c.per_tensor:
             if c.group_size == 0:
+                # per row: [rows] unflattened over the row axes (several for an Einsum weight), in their
+                # original order, size 1 along the others
+                axes = lay.row_axes
+                order = tuple(int(i) for i in np.argsort(axes))
                 dims = [1] * len(lay.shape)
-                dims[lay.row_axis] = lay.rows
-                scale, zero = scale.reshape(dims), zero.reshape(dims)
+                for axis in axes:
+                    dims[axis] = lay.shape[axis]
+                scale, zero = (a.reshape([lay.shape[x] for x in axes]).transpose(order).reshape(dims)
+                               for a in (scale, zero))
             else:
                 scale, zero = np.expand_dims(scale, lay.group_axis + 1), np.expand_dims(zero, lay.group_axis + 1)
         out["scale"] = _contiguous(scale.astype(_SCALE_DTYPES[c.scale_dtype][0]))

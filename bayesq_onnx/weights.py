@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from .quant.layout import WeightLayout
-from .weight_inputs import LINEAR_WEIGHT_INPUT
+from .weight_inputs import LINEAR_OPS
 
 
 @dataclass
@@ -19,7 +19,11 @@ class WeightInfo:
 
     ``matmul_nbits``: every op reading it can become ONNX Runtime's ``MatMulNBits`` (a MatMul reading it as
     B, or a Gemm ``A·W(ᵀ) + bias`` with ``alpha`` 1 and a bias of one value per output or none), so it can
-    stay packed in memory.
+    stay packed in memory (only when it reads the initializer itself: a weight read through a chain of
+    layout ops is decoded as a whole, and the chain runs on the decoded tensor).
+
+    ``consumers``: the op type of each reader: the op reading it, or for a read through layout ops
+    (``chained``), the linear op at the chain's end.
     """
 
     name: str
@@ -28,6 +32,7 @@ class WeightInfo:
     consumers: tuple[str, ...]
     first_use: int = 0  # index of its first consumer in graph order (first/last layer pins)
     matmul_nbits: bool = False
+    chained: bool = False  # some reader reaches it through layout-only ops (Slice, Concat, Transpose, ...)
 
     @property
     def size(self) -> int:
@@ -36,7 +41,7 @@ class WeightInfo:
     @property
     def in_linear_scope(self) -> bool:
         """Whether scope ``linear`` quantizes it: a linear op reads it (not only Gather, as a table)."""
-        return any(op in LINEAR_WEIGHT_INPUT for op in self.consumers)
+        return any(op in LINEAR_OPS for op in self.consumers)
 
 
 def graph_order(weights: dict[str, WeightInfo]) -> list[str]:

@@ -27,7 +27,9 @@ intermediate of every decode until it ends, which is why the decodes avoid the r
 intermediates they can and why MatMul weights and tables are not folded at all (docs/results.md#memory).
 ORT keeps ``DequantizeLinear`` unfolded (QDQ handling), which the CUDA execution provider runs natively.
 
-The decoded value keeps the weight's name, so consumers read exactly what they read before. A weight
+The decoded value keeps the weight's name, so consumers read exactly what they read before: a weight read
+through layout ops (Slice/Concat into a GRU, a Transpose into a MatMul) has the chain run on its decoded
+tensor; such a weight never takes the MatMulNBits or row-Gather forms, which need the initializer itself. A weight
 that is no longer an initializer has been rewritten already: running the pass twice changes nothing.
 """
 
@@ -89,7 +91,10 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
         graph, name, cand = model.graph, value.name, qt.candidate
         if tuple(int(d) for d in value.shape) != qt.layout.shape:
             raise ValueError(f"plan shape {qt.layout.shape} != initializer shape {tuple(value.shape)}")
-        arithmetic = cand.family == "uniform" and not self._keeps_dequantize_linear(value)
+        # DequantizeLinear scales per row along one axis: rows over several axes (an Einsum weight) take the
+        # arithmetic decode, which broadcasts a scale over any axes
+        one_axis = qt.layout.row_dims == 1 or cand.per_tensor or bool(cand.group_size)
+        arithmetic = cand.family == "uniform" and not (one_axis and self._keeps_dequantize_linear(value))
         stored = {role: self._initializer(graph, f"{name}.{role}", arr)
                   for role, arr in qt.stored(broadcast=arithmetic or cand.family == "codebook").items()}
         nodes: list[ir.Node] = []
