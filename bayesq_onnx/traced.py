@@ -49,8 +49,8 @@ class WeightOp:
 
     ``kind``: ``linear`` (``x @ Wᵀ`` over the last axis; ``transposed`` when the op's weight tensor is
     ``[in, out]``, as for ``mm``/``matmul``/``addmm``), ``conv`` (1-D/2-D, any ``groups``), ``embedding``
-    (``W[ids]``) or ``generic`` (any other op: transposed and 3-D convolutions; the analysis takes per-item
-    vector-Jacobian products for it). ``item_axis``: the activation axis that indexes calibration items, or
+    (``W[ids]``) or ``generic`` (any other op: transposed and 3-D convolutions, an einsum with one constant
+    operand, a matmul ``W @ x``; the analysis takes per-item vector-Jacobian products for it). ``item_axis``: the activation axis that indexes calibration items, or
     ``None`` when the exporter merged it with other axes (the analysis then treats rows as items).
     ``parameter``: the parameter's name when the weight is a bare parameter.
     """
@@ -63,6 +63,30 @@ class WeightOp:
     item_axis: int | None = 0
     parameter: str | None = None
     numel: int | None = None        # the weight's size, when the program records its shape
+    weight_index: int = 1           # einsum: the weight's place in the operand list; ``W @ x`` matmul: 0
+    out_item_axis: int | None = None  # the output's item axis where it differs from the activation's (einsum)
+
+    def operands(self, args: tuple):
+        """``(activation, weight)`` of one call of this op with ``args``."""
+        if self.target == aten.einsum.default:
+            ops = args[1]
+            return ops[1 - self.weight_index], ops[self.weight_index]
+        if self.target in _LINEAR and self.weight_index == 0:
+            return args[1], args[0]
+        return operands(self.target, args)
+
+    def call(self, x: torch.Tensor, w: torch.Tensor, args: tuple) -> torch.Tensor:
+        """The op on activation ``x`` and weight ``w``, its other arguments as in ``args``."""
+        if self.target == aten.einsum.default:
+            pair = [w, x] if self.weight_index == 0 else [x, w]
+            return self.target(args[0], pair)
+        if self.target in _LINEAR and self.weight_index == 0:
+            return self.target(w, x, *args[2:])
+        if self.target == aten.embedding.default:
+            return self.target(w, x, *args[2:])
+        if self.target == aten.addmm.default:
+            return self.target(args[0], x, w, *args[3:])
+        return self.target(x, w, *args[2:])
 
 
 def export_program(module: torch.nn.Module, example: tuple[torch.Tensor, ...], dynamic_shapes) -> fx.GraphModule:
@@ -237,6 +261,9 @@ def remove_taps(program: fx.GraphModule, taps: list[fx.Node]) -> None:
 
 def _classify(node: fx.Node, constant: dict, batch) -> WeightOp | None:
     t = node.target
+    if t == aten.einsum.default or (t in (aten.mm.default, aten.matmul.default) and len(node.args) >= 2
+                                     and _is_const(node.args[0], constant) and not _is_const(node.args[1], constant)):
+        return _classify_generic(node, t, constant, batch)
     if t not in _LINEAR and t not in _CONV and t not in _GENERIC and t not in (aten.embedding.default, aten.addmm.default):
         return None
     if len(node.args) < 2 or (t == aten.addmm.default and len(node.args) < 3):
@@ -253,6 +280,50 @@ def _classify(node: fx.Node, constant: dict, batch) -> WeightOp | None:
             numel *= d
     op = _classify_kind(node, t, x, shape, parameter, batch)
     return None if op is None else dataclasses.replace(op, numel=numel)
+
+
+def _is_const(a, constant: dict) -> bool:
+    return isinstance(a, fx.Node) and constant.get(a, False)
+
+
+def _classify_generic(node: fx.Node, t, constant: dict, batch) -> WeightOp | None:
+    """A two-operand einsum with one constant operand, or a matmul ``W @ x`` (constant first): a ``generic``
+    op (per-item vector-Jacobian products) whose weight is the constant operand."""
+    if t == aten.einsum.default:
+        pair = node.args[1] if len(node.args) > 1 else None
+        if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+            return None
+        flags = [_is_const(a, constant) for a in pair]
+        if flags.count(True) != 1 or not all(isinstance(a, fx.Node) for a in pair):
+            return None
+        index = flags.index(True)
+        x, w = pair[1 - index], pair[index]
+        equation = str(node.args[0]).replace(" ", "")
+        lhs, _, out = equation.partition("->")
+        terms = lhs.split(",")
+        item = _item_axis(x, batch)
+        if "." in equation or len(terms) != 2 or not out or item is None or item >= len(terms[1 - index]) \
+                or terms[1 - index][item] not in out:
+            return None
+        out_axis = out.index(terms[1 - index][item])
+        op = WeightOp(node.name, "generic", t, item_axis=item, parameter=w.target if w.op == "get_attr" else None,
+                      weight_index=index, out_item_axis=out_axis)
+        return dataclasses.replace(op, numel=_numel(_shape(w)))
+    else:
+        index, x, w = 0, node.args[1], node.args[0]
+        if _shape(w) is not None and len(_shape(w)) != 2:
+            return None
+    return WeightOp(node.name, "generic", t, item_axis=_item_axis(x, batch),
+                    parameter=w.target if w.op == "get_attr" else None, numel=_numel(_shape(w)), weight_index=index)
+
+
+def _numel(shape) -> int | None:
+    if shape is None or not all(isinstance(d, int) for d in shape):
+        return None
+    n = 1
+    for d in shape:
+        n *= d
+    return n
 
 
 def _classify_kind(node: fx.Node, t, x: fx.Node, shape, parameter, batch) -> WeightOp | None:

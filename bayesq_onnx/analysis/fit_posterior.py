@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..bayes.laplace import CalibrationData, LaplaceOptions, fit_laplace
+from ..bayes.laplace import CalibrationData, LaplaceOptions, fit_laplace, fit_parameter_fisher
 from ..errors import UserError
 from ..export import traced_program
 from ..traced import weight_ops
@@ -72,8 +72,8 @@ def _row_scales(a2: torch.Tensor, f2: torch.Tensor, rtol: float, amax: float) ->
 
 
 # ONNX consumer -> the program op kinds whose weight it can hold
-_KINDS = {"MatMul": {"linear"}, "Gemm": {"linear"}, "Conv": {"conv", "generic"}, "ConvTranspose": {"generic"},
-          "Gather": {"embedding"}}
+_KINDS = {"MatMul": {"linear", "generic"}, "Gemm": {"linear"}, "Conv": {"conv", "generic"},
+          "ConvTranspose": {"generic"}, "Einsum": {"generic"}, "Gather": {"embedding"}}
 
 
 class FitLaplacePosterior:
@@ -110,7 +110,36 @@ class FitLaplacePosterior:
                 self.unbound.append(name)
                 continue
             out[name] = _canonical(name, [(layers[bnd.op], bnd) for bnd in found], w.layout)
+        if self.unbound:
+            self._fit_parameters(program, data, weights, out)
         return out
+
+    def _fit_parameters(self, program, data: CalibrationData, weights: dict[str, WeightInfo],
+                        out: dict[str, WeightPosterior]) -> None:
+        """The unbound weights that hold a parameter of the program (as is, transposed or per-channel scaled):
+        their diagonal Laplace posterior by whole-program autograd (:func:`fit_parameter_fisher`); what is
+        left stays in ``unbound``."""
+        params = dict(program.named_parameters())
+        bound: dict[str, OpBinding] = {}
+        for name in self.unbound:
+            w = weights[name]
+            for pname, p in params.items():
+                if p.numel() == w.size and p.is_floating_point() and pname not in {b.op for b in bound.values()} \
+                        and (bnd := bind_weight(w.array, p.detach().float(), pname)):
+                    bound[name] = bnd
+                    break
+        if not bound:
+            return
+        fitted = fit_parameter_fisher(program, sorted({b.op for b in bound.values()}), data, self.options,
+                                      progress=(lambda b: self.progress(b, 1)) if self.progress else None)
+        for name, bnd in bound.items():
+            post = _canonical(name, [(fitted[bnd.op], bnd)], weights[name].layout)
+            post.info["posterior"] = (f"Laplace (diagonal {self.options.fisher} Fisher of parameter {bnd.op} by "
+                                      "whole-model autograd, one backward per item: no traced op reads it alone"
+                                      + (", transposed" if bnd.transposed else "")
+                                      + (", × per-channel scale" if bnd.scale is not None else "") + ")")
+            out[name] = post
+        self.unbound = [n for n in self.unbound if n not in bound]
 
 
 def _canonical(name: str, fits: list, layout: WeightLayout) -> WeightPosterior:
@@ -155,4 +184,4 @@ def _column_order(param_shape, binding: OpBinding, layout: WeightLayout) -> torc
     per_row = torch.arange(int(np.prod(param_shape[1:]))).reshape(1, *param_shape[1:])
     one_row = per_row.T if binding.transposed else per_row
     shape = (1,) + tuple(layout.shape[1:]) if not binding.transposed else tuple(layout.shape[:-1]) + (1,)
-    return WeightLayout(shape, layout.perm).to_canonical(one_row.reshape(shape))[0]
+    return WeightLayout(shape, layout.perm, layout.row_dims).to_canonical(one_row.reshape(shape))[0]

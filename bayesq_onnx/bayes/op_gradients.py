@@ -58,14 +58,15 @@ def vjp_per_item(op: WeightOp, weight: torch.Tensor, args: tuple, x: torch.Tenso
     """Per-item gradient of an op with no closed form, called with ``args``: ``∂⟨op(x_i, W), δ_i⟩/∂W`` for
     each item ``i``, flattened in the frame ``[B, out, numel/out]``."""
     axis = op.item_axis or 0
-    w0, rest = args[1], args[2:]
+    out_axis = op.out_item_axis if op.out_item_axis is not None else axis
+    _, w0 = op.operands(args)
     grads = []
     with torch.enable_grad():
         w = w0.detach().float().requires_grad_()
         for i in range(x.shape[axis]):
             xi = x.narrow(axis, i, 1).float()
-            out = op.target(xi, w, *rest)
-            grads.append(torch.autograd.grad(out, w, d.narrow(axis, i, 1).float())[0])
+            out = op.call(xi, w, args)
+            grads.append(torch.autograd.grad(out, w, d.narrow(out_axis, i, 1).float())[0])
     g = torch.stack(grads)
     return g.reshape(g.shape[0], weight.shape[0], -1)
 
