@@ -15,6 +15,7 @@ Pure torch: nothing here knows about ONNX.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -224,3 +225,52 @@ def common_scale(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
     ratios = [float(lap.double().mean() / lw.double().mean()) for lap, lw in pairs
               if float(lw.double().mean()) > 0 and float(lap.double().mean()) > 0]
     return float(torch.tensor(ratios, dtype=torch.float64).median()) if ratios else 1.0
+
+
+def conv_patches_nd(x: torch.Tensor, kernel: tuple[int, ...], *, strides: tuple[int, ...], pads: tuple[int, ...],
+                    dilations: tuple[int, ...], groups: int = 1) -> torch.Tensor:
+    """Input patches of a convolution of any spatial rank as rows ``[B·L, groups, k… · C/groups]``, columns
+    ordered as :func:`conv_patches` orders them (kernel taps first, input channel within the group last).
+    ``pads`` follows ONNX (all begins, then all ends); a negative pad crops. Built from ``Tensor.unfold``
+    along each spatial axis (a window of ``d·(k−1)+1`` taken every ``stride``, then every ``d``-th tap)."""
+    nd = len(kernel)
+    if x.dim() != nd + 2:
+        raise ValueError(f"a {nd}-D kernel needs a {nd + 2}-D input, got {tuple(x.shape)}")
+    spec = []
+    for i in reversed(range(nd)):  # F.pad: last axis first
+        spec += [int(pads[i]), int(pads[nd + i])]
+    x = F.pad(x, spec)
+    for i, (k, s, d) in enumerate(zip(kernel, strides, dilations)):
+        x = x.unfold(2 + i, d * (k - 1) + 1, s)
+        if d > 1:
+            x = x[..., ::d]
+    b, c = x.shape[0], x.shape[1]
+    length = math.prod(x.shape[2:2 + nd])
+    taps = math.prod(kernel)
+    # [B, C, L…, k…] -> [B, L, g, taps, C/g]
+    x = x.reshape(b, groups, c // groups, length, taps).permute(0, 3, 1, 4, 2)
+    return x.reshape(b * length, groups, taps * (c // groups))
+
+
+def conv_transpose_patches(x: torch.Tensor, kernel: tuple[int, ...], *, strides: tuple[int, ...],
+                           pads: tuple[int, ...], dilations: tuple[int, ...],
+                           output_padding: tuple[int, ...]) -> torch.Tensor:
+    """The patches a transposed convolution multiplies its weight by, as rows ``[B·L, k… · C]`` in the
+    canonical column order of a ConvTranspose weight (taps, then input channel; ``WeightLayout.for_consumer``).
+
+    ``ConvTranspose(x, W)`` is the direct convolution, stride 1 and the same dilation ``d``, of ``x``
+    upsampled by its strides (``s − 1`` zeros between neighbours) and padded by ``d·(k−1) − pad`` at each
+    end (plus ``output_padding`` at the end), with the kernel flipped: output ``o`` reads the upsampled input
+    at ``o + t·d`` through tap ``k − 1 − t`` of ``W``. So ``y[o, j] = Σ_{t,i} patch_o[t, i] · W[i, j, k−1−t]``,
+    and the patch columns, their taps reversed, are the weight's canonical columns; ``E[patch patchᵀ]`` is
+    exactly the input factor of the layer-wise likelihood (per output channel, each in its own group).
+    """
+    nd = len(kernel)
+    b, c, *spatial = x.shape
+    up = x.new_zeros((b, c, *[(n - 1) * s + 1 for n, s in zip(spatial, strides)]))
+    up[(slice(None), slice(None), *[slice(None, None, s) for s in strides])] = x
+    full = [d * (k - 1) for k, d in zip(kernel, dilations)]
+    pad = [f - p for f, p in zip(full, pads[:nd])] + [f - p + o for f, p, o in zip(full, pads[nd:], output_padding)]
+    p = conv_patches_nd(up, kernel, strides=(1,) * nd, pads=tuple(pad), dilations=dilations)[:, 0]
+    p = p.reshape(p.shape[0], *kernel, c).flip(tuple(range(1, nd + 1)))
+    return p.reshape(p.shape[0], -1)

@@ -181,7 +181,14 @@ def einsum_layout(node: ir.Node, index: int, shape: tuple[int, ...]) -> WeightLa
     repeated letter, an axis summed away on its own, no output axis or no contracted axis."""
     if len(node.inputs) != 2 or _is_constant(node.inputs[1 - index]):
         return None
-    equation = node.attributes.get_string("equation", "").replace(" ", "")
+    split = einsum_split(node.attributes.get_string("equation", ""), index, len(shape))
+    return None if split is None else WeightLayout.from_axes(tuple(shape), *split)
+
+
+def einsum_split(equation: str, index: int, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+    """``(row axes, column axes)`` of operand ``index`` (of rank ``rank``) of a two-operand ``equation``
+    (:func:`einsum_layout`), or ``None``."""
+    equation = equation.replace(" ", "")
     lhs, arrow, out = equation.partition("->")
     terms = lhs.split(",")
     if len(terms) != 2 or "." in equation:
@@ -189,13 +196,13 @@ def einsum_layout(node: ir.Node, index: int, shape: tuple[int, ...]) -> WeightLa
     if not arrow:  # implicit output: the letters that appear once, in alphabetical order
         out = "".join(sorted(c for c in set(lhs) if c.isalpha() and lhs.count(c) == 1))
     mine, other = terms[index], terms[1 - index]
-    if len(mine) != len(shape) or len(set(mine)) != len(mine):
+    if len(mine) != rank or len(set(mine)) != len(mine):
         return None
     rows = tuple(i for i, c in enumerate(mine) if c in out)
     cols = tuple(i for i, c in enumerate(mine) if c not in out and c in other)
-    if not rows or not cols or len(rows) + len(cols) != len(shape):
+    if not rows or not cols or len(rows) + len(cols) != rank:
         return None
-    return WeightLayout.from_axes(tuple(shape), rows, cols)
+    return rows, cols
 
 
 def _is_constant(value: ir.Value | None) -> bool:
