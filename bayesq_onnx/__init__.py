@@ -6,7 +6,8 @@ fields); the ``bayesq`` command line runs the same pipeline.
 """
 
 __version__ = "0.1.0"
-__all__ = ["compile", "CompileConfig", "CompileResult", "build_config", "__version__"]
+__all__ = ["compile", "CompileConfig", "CompileResult", "build_config", "BayesQWarning", "VerdictFailure",
+           "__version__"]
 
 
 def __getattr__(name):
@@ -19,6 +20,10 @@ def __getattr__(name):
         from . import config
 
         return getattr(config, name)
+    if name in ("BayesQWarning", "VerdictFailure"):
+        from . import errors
+
+        return getattr(errors, name)
     if name == "CompileResult":
         from .pipeline import CompileResult
 

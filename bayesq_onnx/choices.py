@@ -14,6 +14,8 @@ FISHERS = ("true", "empirical")
 TEACHERS = ("posterior", "fp")
 SCOPES = ("linear", "all")           # linear: Conv/Gemm/MatMul weights; all: also Gather embedding tables
 CODE_BITS = (2, 3, 4, 5, 6, 8)       # the code widths of the quantizer families (3/5/6 bit-packed)
+FLOORS = ("gptq", "none")  # bayesq: the plan it must beat to ship (planning/floor.py)
+FAIL_ON = ("degraded", "collapsed")  # verdicts `fail_on` can stop at (bayesq_onnx/verdict.py)
 TARGETS = ("size", "fold", "speed", "cuda")  # which candidates each op may take (planning/candidates.py)
 # the narrowest code any candidate of a target stores (planning.candidates.for_target): a budget below it fails
 # before a model loads

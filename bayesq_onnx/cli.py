@@ -9,8 +9,8 @@ from pathlib import Path
 
 import click
 
-from .choices import (CURVATURES, FISHERS, FIXED_FAMILIES, GPTQ_MIXES, METHODS, PROPAGATIONS, PROVIDERS, RISKS, ROUNDINGS,
-                      SCOPES, TARGETS, TEACHERS)
+from .choices import (CURVATURES, FAIL_ON, FISHERS, FIXED_FAMILIES, FLOORS, GPTQ_MIXES, METHODS, PROPAGATIONS,
+                      PROVIDERS, RISKS, ROUNDINGS, SCOPES, TARGETS, TEACHERS)
 from .config import RECIPES, CompileConfig, build_config
 from .errors import BayesQError, UserError, in_words_of
 
@@ -114,6 +114,9 @@ def _config_defaults(command: click.Command) -> click.Command:
 @_advanced("-v", "--verbose", is_flag=True, help="Also print each pass's outcome and each tensor's choice.")
 @_advanced("--scope", type=click.Choice(SCOPES), show_default=True,
            help="all: Conv/Gemm/MatMul weights and Gather embedding tables; linear: without the tables.")
+@_advanced("--floor", type=click.Choice(FLOORS), show_default=True,
+           help="bayesq: also plan GPTQ at the same all-in budget and ship whichever does better on held-out "
+                "calibration batches (gptq), or ship bayesq's plan unchecked (none).")
 @_advanced("--keep-first-last", is_flag=True, help="bayesq: pin the first and last quantized layers to 8-bit "
            "(speed: FP16 where not a MatMul).")
 @_advanced("--overrides", type=click.Path(path_type=Path),
@@ -174,6 +177,9 @@ def _config_defaults(command: click.Command) -> click.Command:
 @_advanced("--latency-warmup", type=int, show_default=True, help="Untimed runs before timing.")
 @_advanced("--latency-batch", type=int, show_default=True, help="Batch size for latency.")
 @_advanced("--latency-seq", type=int, show_default=True, help="Sequence length for latency.")
+@_advanced("--fail-on", type=click.Choice(FAIL_ON),
+           help="Exit with code 3 (artifact and report written) when the verdict is this or worse: for CI "
+                "pipelines (docs/reliability.md#verdict).")
 @_advanced("--verify-each", is_flag=True, help="Run onnx.checker after every pass.")
 @_advanced("--dump-dir", type=click.Path(path_type=Path), help="Save the model after every pass.")
 @click.pass_context
@@ -182,6 +188,7 @@ def compile(ctx, model, recipe, config_file, quiet, verbose, **options):
     from .pipeline import compile_model
     from .progress import Reporter
     from .report import memory_summary
+    from .verdict import at_least
 
     # only what the user typed overrides the recipe and the file; the option defaults shown in --help-all
     # are the dataclass's own
@@ -200,6 +207,12 @@ def compile(ctx, model, recipe, config_file, quiet, verbose, **options):
                f"{memory_summary(r.get('memory', {}))} vs FP32")
     for warning in r.get("warnings", []):
         click.echo(f"warning: {wording(warning)}", err=True)
+    verdict = r.get("verdict", {})
+    click.echo(f"{verdict.get('line', 'verdict: not measured')}")
+    if config.fail_on and at_least(verdict.get("verdict", ""), config.fail_on):
+        click.echo(f"failed: the verdict is {verdict['verdict']} and --fail-on is {config.fail_on}; the artifact "
+                   f"and its report are in {result.artifact.parent}", err=True)
+        sys.exit(3)
 
 
 @main.command()

@@ -10,8 +10,9 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from .choices import (CODE_BITS, CURVATURES, DEFAULT_METHOD, FISHERS, FIXED_FAMILIES, GPTQ_MIXES,
-                      LEAST_CODE_BITS, METHODS, PROPAGATIONS, PROVIDERS, RISKS, ROUNDINGS, SCOPES, TARGETS, TEACHERS)
+from .choices import (CODE_BITS, CURVATURES, DEFAULT_METHOD, FAIL_ON, FISHERS, FIXED_FAMILIES, FLOORS,
+                      GPTQ_MIXES, LEAST_CODE_BITS, METHODS, PROPAGATIONS, PROVIDERS, RISKS, ROUNDINGS, SCOPES,
+                      TARGETS, TEACHERS)
 from .errors import UserError
 
 
@@ -45,6 +46,7 @@ class CompileConfig:
     propagate: str = "none"      # bayesq*: re-round codes in graph order on the partly quantized model's inputs
     gptq_mix: str = "knapsack"   # gptq at a fractional budget: which layers get the wider codes
     target: str = "size"         # bayesq: size | speed | cuda (which candidates each op may take)
+    floor: str = "gptq"          # bayesq: also plan GPTQ at the budget, ship the better on held-out calibration
     keep_first_last: bool = False  # bayesq: pin the first and last quantized layers to 8-bit
     overrides: Path | None = None  # bayesq: JSON/YAML file, tensor-name pattern -> allowed candidate labels
     risk: str = "closed"         # bayesq: closed-form proxy or Monte Carlo on calibration data
@@ -65,6 +67,7 @@ class CompileConfig:
     latency_warmup: int = 3
     latency_batch: int = 8
     latency_seq: int = 128
+    fail_on: str | None = None   # degraded | collapsed: a verdict this bad fails the compile (CLI exit 3)
     verify_each: bool = False
     dump_dir: Path | None = None
     extra: dict = field(default_factory=dict, compare=False)
@@ -107,6 +110,10 @@ class CompileConfig:
             raise UserError(f"unknown teacher {self.teacher!r}; choose one of {', '.join(TEACHERS)}")
         if self.distill_steps < 1 or self.teacher_samples < 1 or not self.distill_lr > 0:
             raise UserError("`distill_steps` and `teacher_samples` must be at least 1, `distill_lr` > 0")
+        if self.floor not in FLOORS:
+            raise UserError(f"unknown floor {self.floor!r}; choose one of {', '.join(FLOORS)}")
+        if self.fail_on is not None and self.fail_on not in FAIL_ON:
+            raise UserError(f"unknown fail_on {self.fail_on!r}; choose one of {', '.join(FAIL_ON)}")
         if self.scope not in SCOPES:
             raise UserError(f"unknown scope {self.scope!r}; choose one of {', '.join(SCOPES)}")
         if self.provider not in PROVIDERS:

@@ -25,3 +25,17 @@ class UserError(BayesQError):
 
 class PassFailure(BayesQError):
     """A compile pass failed; the message names the pass and the tensor."""
+
+
+class VerdictFailure(BayesQError):
+    """The validated artifact is at least as bad as `fail_on` allows (the CLI exits 3); the artifact and its
+    report are written, ``result`` holds them."""
+
+    def __init__(self, message: str, result=None):
+        super().__init__(message)
+        self.result = result
+
+
+class BayesQWarning(UserWarning):
+    """What a compile warns about (the verdict when it does not hold, weights left in float, a model with
+    no pretrained weights), raised through Python's ``warnings`` by :func:`bayesq_onnx.compile`."""

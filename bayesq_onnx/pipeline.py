@@ -7,6 +7,7 @@ function; this file only wires them together and records what happened for the r
 
 from __future__ import annotations
 
+import dataclasses
 import platform
 import tempfile
 import time
@@ -35,10 +36,13 @@ from .passes.upgrade_opset import UpgradeOpsetPass
 from .plan import Plan
 from .planning import candidates
 from .planning.budget_search import search_budget
+from .planning.floor import gptq_at_budget, held_out_split, ship_the_better
 from .planning.methods import PlannerInputs, planner_for
 from .planning.propagate import PropagateErrors
+from .planning.rtn import PlanRoundToNearest
 from .progress import Reporter
-from .report import bits_plot, collapse_warning, file_accounting, to_json_bytes, to_markdown
+from .report import (bits_plot, file_accounting, float_left_warnings, to_json_bytes, to_markdown,
+                     verdict_advice)
 from .runtime.memory import release_freed_memory
 from .runtime.session import make_session, resolve_providers, run_batches, session_config_for
 from .runtime.validation import check_export, validate
@@ -95,24 +99,28 @@ def compile_model(config: CompileConfig, reporter: Reporter | None = None,
             _run(collect, fp_model, config, rep)
             weights = collect.weights
             if not weights:
-                raise UserError(f"model {config.model!r} has no weights in scope {config.scope!r} to quantize")
+                raise UserError(f"model {bundle.name!r} has no weights in scope {config.scope!r} to quantize")
+        float_sizes = _float_sizes(fp_model)
         fp_model = None  # its weights are extracted; each rewrite starts again from fp_bytes
         allowed = None
         if config.method == "bayesq":
             allowed = candidates.allowed(weights, target=config.target, keep_first_last=config.keep_first_last,
                                          overrides=overrides)
             candidates.check_budget(config.bits, weights, allowed)  # before the expensive analysis
+        # the floor compares plans on calibration batches no fit has seen (planning/floor.py)
+        floor_on = config.floor == "gptq" and config.method == "bayesq" and config.max_drop is None
+        fit = _fit_part(bundle, floor_on)
         posteriors, posterior_sources = None, {}
         if config.method != "rtn":
             with rep.stage(_analysis_title(config, bundle)):
-                posteriors = _fit_posteriors(config, bundle, fp_bytes, weights, rep)
+                posteriors = _fit_posteriors(config, fit, fp_bytes, weights, rep)
                 posterior_sources = {n: p.info.get("posterior", "") for n, p in sorted(posteriors.items())}
             release_freed_memory()
 
         # ---- plan: one candidate per weight, with the exact values to store -------------------------
         search, reference = None, None
         with rep.stage(f"plan ({config.method})"):
-            planner = planner_for(config, PlannerInputs(weights, posteriors, allowed, bundle, bindings, rep.track))
+            planner = planner_for(config, PlannerInputs(weights, posteriors, allowed, fit, bindings, rep.track))
             plan = planner(weights) if config.max_drop is None else None
         release_freed_memory()
         if config.max_drop is not None:  # accuracy target: the least budget that validates within it
@@ -123,17 +131,22 @@ def compile_model(config: CompileConfig, reporter: Reporter | None = None,
         if config.propagate != "none":  # bayesq and bayesq-fixed (config.validate)
             # codes again, layer by layer, on the inputs the partly quantized model gives (grids and bits fixed)
             with rep.stage(f"propagate errors ({config.propagate})"):
-                plan = PropagateErrors(onnx.load_from_string(fp_bytes), bundle.calibration, mode=config.propagate,
+                plan = PropagateErrors(onnx.load_from_string(fp_bytes), fit.calibration, mode=config.propagate,
                                        posteriors=posteriors, act_order=config.act_order,
                                        progress=rep.track)(plan, weights)
             release_freed_memory()
+        floor = None
+        if floor_on and len(fit.calibration) < len(bundle.calibration):
+            with rep.stage("floor: GPTQ at the same budget"):
+                plan, floor = _floor(plan, weights, posteriors, bundle, bundle.calibration[len(fit.calibration):],
+                                     fp_path, fp_bytes, providers, config, rep)
         for name, t in sorted(plan.tensors.items()):
             rep.debug(f"  {name}: {t.candidate.label}, {t.stored_bits() / t.n_weights:.3f} bits all-in")
 
         # ---- optional: distill the plan toward the teacher (codes fixed: the budget does not move) -------
         distilled, distill_section, undistilled = None, None, None
         if config.distill:
-            distilled, skipped = _distill(config, bundle, plan, bindings, posteriors, rep)
+            distilled, skipped = _distill(config, fit, plan, bindings, posteriors, rep)
             if distilled is not None:
                 plan, undistilled = distilled.plan, plan
             else:
@@ -147,6 +160,10 @@ def compile_model(config: CompileConfig, reporter: Reporter | None = None,
             if undistilled is not None:  # the same plan undistilled: the report's "before" figure
                 undistilled_path = Path(tmp) / "undistilled.onnx"
                 undistilled_path.write_bytes(_rewrite(fp_bytes, undistilled, config, rep))
+            # the verdict's reference: the same weights rounded to 8 bits per channel (bayesq_onnx/verdict.py)
+            eight_bit_path = Path(tmp) / "reference-8bit.onnx"
+            eight_bit_path.write_bytes(_rewrite(
+                fp_bytes, PlanRoundToNearest(8)({n: weights[n] for n in plan.tensors}), config, rep))
         q_path = Path(tmp) / "model.onnx"
         q_path.write_bytes(q_bytes)
 
@@ -154,17 +171,23 @@ def compile_model(config: CompileConfig, reporter: Reporter | None = None,
         # the posteriors, the planner's tables, the FP32 bytes and the extracted weights are done with: free
         # them before ORT holds two sessions
         fp_size, left_in_float = len(fp_bytes), collect.skipped
+        left_share = {n: float_sizes.get(n, 0) / max(1, sum(float_sizes.values())) for n in left_in_float}
+        left_warnings = float_left_warnings(left_in_float, left_share)
+        for warning in left_warnings:
+            rep.note(f"[yellow]warning: {warning}[/]")
+        warnings += left_warnings
         linear = [n for n in plan.tensors if weights[n].in_linear_scope]
         posteriors = planner = fp_bytes = weights = collect = None  # the FP32 file on disk is what ORT reads
         release_freed_memory()
         with rep.stage("validate in ONNX Runtime") as outcome:
             validation = validate(bundle, fp_path, q_path, providers, rep, target=config.target, seed=config.seed,
                                   latency_runs=config.latency_runs, latency_warmup=config.latency_warmup,
-                                  undistilled=undistilled_path, reference=reference)
-            collapse = collapse_warning(validation["fidelity"], plan.all_in_bits)
-            if collapse:
-                outcome.warn(collapse)
-                warnings.append(collapse)
+                                  undistilled=undistilled_path, reference=reference, eight_bit=eight_bit_path)
+            verdict = validation["verdict"]
+            if verdict["verdict"] != "holds":
+                advice = verdict_advice(verdict, plan.all_in_bits)
+                outcome.warn(advice)
+                warnings.append(advice)
         if distilled is not None:
             distill_section = _distill_report(distilled, validation, bundle, q_path)
 
@@ -184,6 +207,8 @@ def compile_model(config: CompileConfig, reporter: Reporter | None = None,
         "sizes": {"fp32_bytes": fp_size, "artifact_bytes": len(q_bytes), "smaller_x": fp_size / len(q_bytes),
                   **accounting},
         "fidelity": validation["fidelity"],
+        "verdict": validation["verdict"],
+        "reference_8bit": validation["reference_8bit"],
         "headline": {"metric": headline, "value": validation["fidelity"][headline],
                      "ci95": list(validation["ci95"]), "items": validation["items"]},
         "latency": validation["latency"],
@@ -193,8 +218,10 @@ def compile_model(config: CompileConfig, reporter: Reporter | None = None,
                      "artifact_session_config": session_config_for(config.target)},
         "plan": plan.to_json(),
         "left_in_float": left_in_float,
+        "left_in_float_share": left_share,
         "posterior_sources": posterior_sources,
         **({"search": search} if search is not None else {}),
+        **({"floor": floor} if floor is not None else {}),
         **({"distill": distill_section} if distill_section is not None else {}),
         "warnings": warnings,
         "timings_s": dict(rep.timings),
@@ -205,6 +232,42 @@ def compile_model(config: CompileConfig, reporter: Reporter | None = None,
             artifact.MODEL: q_bytes, artifact.REPORT_JSON: to_json_bytes(report),
             artifact.REPORT_MD: to_markdown(report).encode(), artifact.BITS_PNG: bits_plot(plan)})
     return CompileResult(files[artifact.MODEL], report, plan)
+
+
+def _fit_part(bundle: ModelBundle, hold_out: bool) -> ModelBundle:
+    """The bundle the fits and the planner see: without the floor's held-out calibration batches."""
+    if not hold_out:
+        return bundle
+    batches, held = held_out_split(bundle.calibration)
+    if not held:
+        return bundle
+    targets = bundle.calibration_targets[:len(batches)] if bundle.calibration_targets is not None else None
+    return dataclasses.replace(bundle, calibration=batches, calibration_targets=targets)
+
+
+def _floor(plan: Plan, weights: dict[str, WeightInfo], posteriors: dict, bundle: ModelBundle, held: list,
+           fp_path: Path, fp_bytes: bytes, providers: list[str], config: CompileConfig,
+           rep: Reporter) -> tuple[Plan, dict]:
+    """``plan`` or GPTQ's at the same all-in budget, whichever does better on the ``held`` calibration
+    batches in ONNX Runtime (:func:`~bayesq_onnx.planning.floor.ship_the_better`), and what was compared."""
+    budget = plan.settings.get("budget", config.bits)
+    gptq = gptq_at_budget(budget, weights, posteriors, progress=lambda names: rep.track(names, "GPTQ layers"))
+    if gptq is None:
+        return plan, {"skipped": f"GPTQ's code widths cannot meet {budget:g} all-in bits here, or the posterior "
+                                 "has no input second moments (`curvature` kfac has them)"}
+    session, _ = make_session(fp_path, providers)
+    reference = run_batches(session, held)
+
+    def run(candidate: Plan) -> np.ndarray:
+        path = fp_path.with_name(f"floor-{candidate.method}.onnx")
+        path.write_bytes(_rewrite(fp_bytes, candidate, config, rep))
+        return run_batches(make_session(path, providers, session_config_for(config.target))[0], held)
+
+    shipped, section = ship_the_better(plan, gptq, reference, run, bundle.likelihood == "categorical")
+    b, g = section["bayesq"]["score"], section["gptq"]["score"]
+    rep.note(f"  floor on {section['items']} held-out calibration items ({section['score']}, lower is better): "
+             f"bayesq {b:.4g}, GPTQ {g:.4g} → shipping {shipped.method}'s plan")
+    return shipped, section
 
 
 def _analysis_title(config: CompileConfig, bundle: ModelBundle) -> str:
@@ -313,6 +376,13 @@ def _check_source_supports(config: CompileConfig, bundle: ModelBundle) -> None:
     if config.fisher != "true":
         raise UserError("`fisher` empirical needs a PyTorch model and labels; an ONNX input uses the layer-wise "
                         "likelihood on activations: drop `fisher`")
+
+
+def _float_sizes(model: ir.Model) -> dict[str, int]:
+    """Values held by each floating-point initializer: the denominator of "share of the model's weights"."""
+    return {name: int(np.prod(value.shape)) for name, value in model.graph.initializers.items()
+            if value.dtype in (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE, ir.DataType.BFLOAT16)
+            and value.shape is not None}
 
 
 def _check_finite(model: ir.Model) -> None:

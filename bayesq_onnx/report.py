@@ -56,7 +56,7 @@ def tensor_bytes(t: onnx.TensorProto) -> int:
 
 def to_markdown(report: dict) -> str:
     """report.md: one section after the other, each a list of lines from the report's own figures."""
-    lines = [*_summary(report), *_metrics(report), *_latency(report), *_memory(report)]
+    lines = [*_summary(report), *_verdict(report), *_metrics(report), *_latency(report), *_memory(report)]
     if "search" in report:
         lines += _search(report["search"])
     if "propagation" in report["plan"]["settings"]:
@@ -88,6 +88,27 @@ def _summary(report: dict) -> list[str]:
         if "max_abs_diff" in report["export"] else f"- input: {report['export']['source']}",
         "",
     ]
+
+
+def _verdict(report: dict) -> list[str]:
+    v = report.get("verdict")
+    if not v:
+        return []
+    lines = ["## Verdict", "", f"**{v['verdict']}**: {v['line'].split(' — ', 1)[-1]}", ""]
+    if v.get("loss") is not None:
+        lines += ["| | " + v["measure"] + " | loss (0 = FP32, 1 = chance) |", "|---|---|---|",
+                  f"| artifact | {v['value']:.4f} | {v['loss']:.4f} |"]
+        if "reference_8bit" in v:
+            lines.append(f"| 8-bit reference | {v['reference_8bit']['value']:.4f} | {v['reference_8bit']['loss']:.4f} |")
+        lines += [f"| FP32 | {v['fp32']:.4f} | 0 |", f"| chance (another item's FP32 output) | {v['chance']:.4f} | 1 |",
+                  "", "Rule (docs/reliability.md#verdict): collapsed at loss ≥ "
+                  f"{v['collapse_loss']}, holds at loss ≤ {v['hold_loss']:.3f} (0.05, or twice the 8-bit "
+                  "reference's loss), degraded between.", ""]
+    if report.get("reference_8bit"):
+        lines += ["The 8-bit reference's figures against FP32:", "", "| metric | value |", "|---|---|",
+                  *[f"| {k} | {x:.4f} |" if isinstance(x, float) else f"| {k} | {x} |"
+                    for k, x in report["reference_8bit"].items()], ""]
+    return lines
 
 
 def _metrics(report: dict) -> list[str]:
@@ -222,17 +243,18 @@ def to_json_bytes(report: dict) -> bytes:
     return (json.dumps(report, indent=2, sort_keys=False) + "\n").encode()
 
 
-# Below these the artifact no longer behaves like the model it came from, whatever the budget bought.
-COLLAPSE_FLOORS = {"agreement": 0.9, "argmax_agreement": 0.9, "top1_agreement": 0.9, "cosine_mean": 0.9,
-                   "logit_cosine_mean": 0.9}
+def verdict_advice(verdict: dict, bits: float) -> str:
+    """The warning for a verdict that does not hold (bayesq_onnx/verdict.py): its figures and what to try."""
+    what = {"collapsed": "do not deploy it",
+            "degraded": "check it on your task before deploying",
+            "unjudged": "give evaluation items on which the model's outputs differ"}[verdict["verdict"]]
+    fix = "" if verdict["verdict"] == "unjudged" else "; try more bits, or `max_drop` to find the budget that holds"
+    return f"{verdict['line']} at {bits:.3f} bits/weight: {what}{fix}"
 
 
-def collapse_warning(fidelity: dict, bits: float) -> str | None:
-    """One line saying the validated fidelity collapsed (any figure of :data:`COLLAPSE_FLOORS` under its
-    floor) and what to try, or ``None``."""
-    low = [f"{k} {fidelity[k]:.3f} < {floor}" for k, floor in COLLAPSE_FLOORS.items()
-           if isinstance(fidelity.get(k), float) and fidelity[k] < floor]
-    if not low:
-        return None
-    return (f"the quantized model's fidelity collapsed ({', '.join(low)}) at {bits:.3f} bits/weight: "
-            f"do not deploy it; try more bits, or `max_drop` to find the budget that holds")
+def float_left_warnings(left_in_float: dict[str, str], share: dict[str, float]) -> list[str]:
+    """One line per float tensor of at least the quantized size that stays in float for a reason other than
+    the user's `scope`: the tensor, what reads it, and the share of the model's weights it leaves unquantized."""
+    return [f"{name} stays in float ({share.get(name, 0.0):.1%} of the model's weights): {why}"
+            for name, why in sorted(left_in_float.items()) if "outside `scope`" not in why]
+

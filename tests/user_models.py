@@ -27,6 +27,18 @@ def mlp() -> torch.nn.Module:
     return torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.Linear(128, 10))
 
 
+def deep_tanh() -> torch.nn.Module:
+    """Twelve tanh layers with orthogonal weights of gain 1.5 (the chaotic regime: small weight errors grow
+    layer by layer), so that 2-bit rounding collapses it while 8-bit holds."""
+    torch.manual_seed(0)
+    layers = [torch.nn.Linear(64, 128), torch.nn.Tanh()]
+    for _ in range(10):
+        layer = torch.nn.Linear(128, 128)
+        torch.nn.init.orthogonal_(layer.weight, gain=1.5)
+        layers += [layer, torch.nn.Tanh()]
+    return torch.nn.Sequential(*layers, torch.nn.Linear(128, 64))
+
+
 def bundle():
     torch.manual_seed(0)
     rng = np.random.default_rng(0)

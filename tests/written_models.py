@@ -196,10 +196,34 @@ class Video3d(nn.Module):
         return self.fc2(F.relu(self.fc(h.mean((2, 3, 4)))))
 
 
+def clips(batches: int, seed: int) -> list[torch.Tensor]:
+    """Noise clips that differ as videos do, in each channel's brightness and contrast (pure noise of one
+    distribution pools to the same features for every clip, and the model would answer the same for all)."""
+    g = _gen(seed)
+    out = []
+    for _ in range(batches):
+        offset = torch.rand(4, 3, 1, 1, 1, generator=g) * 2 - 1
+        contrast = torch.rand(4, 3, 1, 1, 1, generator=g) + 0.5
+        out.append(torch.randn(4, 3, 8, 16, 16, generator=g) * contrast + offset)
+    return out
+
+
 def video3d():
-    g = _gen(6)
-    data = [torch.randn(4, 3, 8, 16, 16, generator=g) for _ in range(4)]
-    return Video3d(), data[:3], data[3:], "gaussian"
+    """A Conv3d classifier trained for a few steps to tell the clips' brightness pattern (the sign of each
+    channel's offset: 8 classes), so that its outputs mean something, as a user's model's do."""
+    torch.manual_seed(6)
+    model = Video3d()
+    train = clips(12, 60)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for step in range(60):
+        x = train[step % len(train)]
+        label = ((x.mean((2, 3, 4)) > 0).long() * torch.tensor([1, 2, 4])).sum(1)
+        loss = F.cross_entropy(model(x), label)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    data = clips(6, 6)
+    return model.eval(), data[:4], data[4:], "gaussian"
 
 
 WRITTEN = {"dict_output": dict_output, "tied_lm": tied_lm, "unet": unet, "einsum_attention": einsum_attention,

@@ -52,6 +52,7 @@ def classification_metric(labels: np.ndarray) -> Callable[..., dict]:
             out[f"ece{tag}"] = expected_calibration_error(logits, labels)
         out["top1_drop_points"] = 100.0 * (out["top1_fp32"] - out["top1"])
         out["agreement"] = float((reference.argmax(1) == candidate.argmax(1)).mean())
+        out.update(agreement_beyond_ties(reference, candidate))
         return out
 
     return metric
@@ -80,11 +81,11 @@ def classifier_fidelity(reference: np.ndarray, candidate: np.ndarray) -> dict:
     and the logits' cosine (mean, 5th percentile)."""
     r = reference.reshape(len(reference), -1).astype(np.float64)
     c = candidate.reshape(len(candidate), -1).astype(np.float64)
-    logp_r, logp_c = log_softmax(r, axis=1), log_softmax(c, axis=1)
-    kl = np.sum(np.exp(logp_r) * (logp_r - logp_c), axis=1).clip(min=0.0)
+    kl = kl_divergence(r, c)
     norms = np.linalg.norm(r, axis=1) * np.linalg.norm(c, axis=1)
     cos = np.where(norms > 0, np.sum(r * c, axis=1) / np.maximum(norms, 1e-300), 1.0)
     out = {"top1_agreement": float((r.argmax(1) == c.argmax(1)).mean()),
+           "confident_agreement": agreement_beyond_ties(r, c)["confident_agreement"],
            "kl_mean": float(kl.mean()), "kl_p95": float(np.percentile(kl, 95)),
            "logit_cosine_mean": float(cos.mean()), "logit_cosine_p5": float(np.percentile(cos, 5)),
            "items": int(len(r))}
@@ -94,6 +95,35 @@ def classifier_fidelity(reference: np.ndarray, candidate: np.ndarray) -> dict:
         top_c = np.argpartition(-c, k - 1, axis=1)[:, :k]
         out[f"top{k}_overlap"] = float((top_r[:, :, None] == top_c[:, None, :]).any(2).sum(1).mean() / k)
     return out
+
+
+def kl_divergence(reference: np.ndarray, candidate: np.ndarray) -> np.ndarray:
+    """KL(softmax(reference) ‖ softmax(candidate)) per row of logits (last axis the classes), nats, ≥ 0."""
+    r = reference.reshape(-1, reference.shape[-1]).astype(np.float64)
+    c = candidate.reshape(-1, candidate.shape[-1]).astype(np.float64)
+    logp_r, logp_c = log_softmax(r, axis=1), log_softmax(c, axis=1)
+    return np.sum(np.exp(logp_r) * (logp_r - logp_c), axis=1).clip(min=0.0)
+
+
+CONFIDENT_MARGIN = 1.0  # logits: FP32's top-1 minus its top-2 (odds of at least e : 1 between them)
+
+
+def agreement_beyond_ties(reference: np.ndarray, candidate: np.ndarray, margin: float = CONFIDENT_MARGIN) -> dict:
+    """What a classifier keeps beyond the near-ties: argmax agreement over the rows (items, or items ×
+    positions: every axis but the last, the classes) where FP32's top-1 logit exceeds its top-2 by at least
+    ``margin`` (``confident_agreement``, over ``confident_items`` rows; with none, over all rows), and the
+    mean KL(FP32 ‖ candidate) over all rows (``kl_mean``, nats)."""
+    classes = reference.shape[-1]
+    r = reference.reshape(-1, classes)
+    c = candidate.reshape(-1, classes)
+    if classes > 1:
+        top2 = np.partition(r, classes - 2, axis=1)[:, -2:]
+        confident = (top2[:, 1] - top2[:, 0]) >= margin
+    else:
+        confident = np.zeros(len(r), bool)
+    rows = confident if confident.any() else np.ones(len(r), bool)
+    return {"confident_agreement": float((r[rows].argmax(1) == c[rows].argmax(1)).mean()),
+            "confident_items": int(confident.sum()), "kl_mean": float(kl_divergence(r, c).mean())}
 
 
 def bootstrap_interval(metric: Callable[..., dict], reference: np.ndarray, candidate: np.ndarray, key: str,

@@ -7,6 +7,12 @@ can size its own data) and returns either a ready :class:`ModelBundle` (full con
 ``nn.Module``, whose calibration inputs then come from ``calib`` (an .npz, one array
 per ``forward`` argument, items along the first axis) and evaluation inputs from ``data`` (an .npz) or a
 held-out part of ``calib``; the metric is fidelity to the FP32 outputs.
+
+``forward`` may return a tensor, a tuple/list, a dict or a HuggingFace ``ModelOutput`` (nested ones too):
+the compiled output is its first tensor, or the one ``output`` names (``module_bundle(..., output=…)``,
+``bayesq_onnx.compile(..., output=…)``, ``module:<package.module>:<factory>:<output>``). The module is
+wrapped once (:class:`OutputSelect`) so that everything after (export, posterior, distillation,
+validation) sees that one tensor, under the module's own parameter names.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
-from .base import Batch, ModelBundle, SourceOptions
+from .base import Batch, ModelBundle, SourceOptions, select_output
 from .metrics import output_fidelity
 from .onnx_file import read_inputs
 from .state_dict import load_weights
@@ -28,6 +34,7 @@ BATCH = 32
 
 
 def load(argument: str, options: SourceOptions) -> ModelBundle:
+    argument, output = _split_output(argument, options.output)
     factory = _import_factory(argument)
     try:
         made = factory(options=options) if _takes_options(factory) else factory()
@@ -36,6 +43,9 @@ def load(argument: str, options: SourceOptions) -> ModelBundle:
     if isinstance(made, ModelBundle):
         if options.weights is not None:
             load_weights(made.module, options.weights)
+        if made.module is not None and not isinstance(made.module, torch.fx.GraphModule):
+            made.module = OutputSelect.wrap(made.module, output, prefer=made.output_names[0] if made.output_names else None)
+            made.output_names = made.output_names[:1] or [_output_name(output)]
         return made
     if not isinstance(made, torch.nn.Module):
         raise UserError(f"module:{argument} returned {type(made).__name__}; a factory returns a torch.nn.Module "
@@ -54,7 +64,7 @@ def load(argument: str, options: SourceOptions) -> ModelBundle:
         calibration, evaluation = [calib], None
     return module_bundle(made, _split_items(calibration, BATCH, options.calib_size), input_names=names,
                          evaluation=_split_items(evaluation, BATCH, options.eval_size) if evaluation else None,
-                         name=f"module:{argument}", info={"source": f"module:{argument}",
+                         output=output, name=f"module:{argument}", info={"source": f"module:{argument}",
                                                           "weights": str(options.weights) if options.weights else None})
 
 
@@ -62,16 +72,25 @@ def module_bundle(module: torch.nn.Module, calibration: Iterable[Any], *, exampl
                   evaluation: Iterable[Any] | None = None, input_names: list[str] | None = None,
                   output_names: list[str] | None = None, dynamic_axes: dict[str, dict[int, str]] | None = None,
                   metric: Callable[[np.ndarray, np.ndarray], dict] | None = None, headline: str | None = None,
-                  likelihood: str = "gaussian", targets: Iterable[Any] | None = None, name: str | None = None,
-                  info: dict | None = None) -> ModelBundle:
+                  higher_is_better: bool = True, likelihood: str = "gaussian", targets: Iterable[Any] | None = None,
+                  name: str | None = None, info: dict | None = None,
+                  output: str | int | None = None) -> ModelBundle:
     """A :class:`ModelBundle` for a user's module and data.
 
     Batches (calibration, evaluation, example) may be a tensor/array, a tuple of them (``forward``'s
     positional arguments) or a mapping name → tensor/array. Without ``evaluation`` the last quarter of the
     calibration batches is held out for it (at least one batch; with a single batch, evaluation reuses it and
     the report says so). Without ``dynamic_axes``, axis 0 of every input and every axis whose length varies
-    across batches are dynamic. Without ``metric``, fidelity of the first output to the FP32 model.
+    across batches are dynamic. Without ``metric``, fidelity of the compiled output to the FP32 model.
+
+    The compiled output is one tensor of what ``forward`` returns: the one ``output`` names (a key, an
+    attribute, a position, or a dotted path into nested containers: :func:`~bayesq_onnx.models.base.select_output`),
+    else the entry named ``output_names[0]`` of a returned mapping, else the first tensor (a dict's or
+    ``ModelOutput``'s insertion order, a tuple's order, nested containers walked). The artifact's one output
+    is named ``output_names[0]`` (default: ``output`` when it is a key, else "output").
     """
+    if not isinstance(module, torch.fx.GraphModule):  # a traced program returns what it returns
+        module = OutputSelect.wrap(module, output, prefer=output_names[0] if output_names else None)
     module = module.eval()
     names = input_names or forward_inputs(module)
     calib = [_as_batch(b, names) for b in calibration]
@@ -98,18 +117,96 @@ def module_bundle(module: torch.nn.Module, calibration: Iterable[Any], *, exampl
         name=name or type(module).__name__,
         module=module,
         input_names=names,
-        output_names=output_names or ["output"],
+        output_names=list(output_names[:1]) if output_names else [_output_name(output)],
         dynamic_axes=dynamic_axes if dynamic_axes is not None else _varying_axes(calib + held),
         calibration=calib,
         evaluation=held,
         latency_feed=held[0],
         metric=metric or output_fidelity,
         headline=headline or ("cosine_mean" if metric is None else ""),
+        higher_is_better=higher_is_better if metric is not None else True,
         info={"source": "Python API", **info, "calibration_batches": len(calib), "evaluation_batches": len(held)},
         likelihood=likelihood,
         calibration_targets=target_arrays,
         example=example,
     )
+
+
+class OutputSelect(torch.nn.Module):
+    """A user's module that returns one tensor of its output (:func:`~bayesq_onnx.models.base.select_output`).
+
+    It *shares* the module's parameter, buffer and submodule tables rather than holding the module as a
+    child, so every name (``named_parameters``, ``state_dict``, the traced program's, hence the plan's and
+    the report's) is the module's own, with no prefix; ``forward`` has the module's signature (what
+    ``torch.export`` binds the example inputs to) and calls the module itself, hooks and all. Attributes
+    it does not have are looked up on the module (``model.config``).
+    """
+
+    def __init__(self, module: torch.nn.Module, output: str | int | None = None, prefer: str | None = None):
+        super().__init__()
+        object.__setattr__(self, "inner", module)  # not a child: no "inner." prefix on any name
+        self._parameters, self._buffers, self._modules = module._parameters, module._buffers, module._modules
+        self._non_persistent_buffers_set = module._non_persistent_buffers_set
+        self.output, self.prefer = output, prefer
+        self.training = module.training
+
+    @classmethod
+    def wrap(cls, module: torch.nn.Module, output: str | int | None = None,
+             prefer: str | None = None) -> "OutputSelect":
+        """``module`` wrapped (an :class:`OutputSelect` is re-wrapped around its module), ``forward`` with
+        ``module.forward``'s signature."""
+        if isinstance(module, OutputSelect):
+            module = module.inner
+        signature = inspect.signature(module.forward)
+        self_param = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
+
+        def forward(self, *args, **kwargs):
+            return OutputSelect.forward(self, *args, **kwargs)
+
+        forward.__signature__ = signature.replace(parameters=[self_param, *signature.parameters.values()])
+        typed = type(cls.__name__, (cls,), {"forward": forward, "__qualname__": cls.__qualname__})
+        return typed(module, output, prefer)
+
+    def forward(self, *args, **kwargs) -> torch.Tensor:
+        return select_output(self.inner(*args, **kwargs), self.output, self.prefer)
+
+    def train(self, mode: bool = True) -> "OutputSelect":
+        self.inner.train(mode)
+        self.training = mode
+        return self
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            inner = self.__dict__.get("inner")
+            if inner is None:
+                raise
+            return getattr(inner, name)
+
+    def __reduce_ex__(self, protocol):  # deepcopy/pickle: the dynamic subclass is rebuilt by wrap()
+        return _rewrap, (self.inner, self.output, self.prefer, self.training)
+
+
+def _rewrap(module: torch.nn.Module, output, prefer, training: bool) -> OutputSelect:
+    return OutputSelect.wrap(module, output, prefer).train(training)
+
+
+def _output_name(output: str | int | None) -> str:
+    """The artifact's output name for an ``output`` selection: its last key, or "output"."""
+    last = str(output).rsplit(".", 1)[-1] if output is not None else ""
+    return last if last and not last.lstrip("-").isdigit() else "output"
+
+
+def _split_output(argument: str, output: str | int | None) -> tuple[str, str | int | None]:
+    """``pkg.mod:factory:logits`` → (``pkg.mod:factory``, ``"logits"``); a selection in the spec and in
+    ``output`` must agree."""
+    parts = argument.split(":")
+    if len(parts) != 3:
+        return argument, output
+    if output is not None and str(output) != parts[2]:
+        raise UserError(f"module:{argument}: the spec picks output {parts[2]!r} and `output` {output!r}; give one")
+    return ":".join(parts[:2]), parts[2] or output
 
 
 def forward_inputs(module: torch.nn.Module) -> list[str]:
