@@ -65,3 +65,17 @@ def test_bayesian_quantizer_beats_rtn_on_minilm(tmp_path):
     assert bq["plan"]["method"] == "bayesq-fixed"
     t = next(t for t in bq["plan"]["tensors"] if "embeddings" not in t["name"])  # a Linear weight
     assert t["curvature"] == "kfac" and t["fisher_mass"] > 0 and t["whitened_error"] > 0
+
+
+def test_minilm_verdict_at_2_5_bits_is_degraded_and_at_8_bits_holds(compiled, tmp_path):
+    """docs/reliability.md#verdict on the real model: the 8-bit compile holds; the default compile at 2.5 bits
+    (cosine about 0.89) is degraded, neither holding nor collapsed, and its CLI line says so with its figures."""
+    result, _ = compiled
+    assert result.report["verdict"]["verdict"] == "holds"
+    low = compile_model(CompileConfig(model="minilm", bits=2.5, out=tmp_path / "low", calib_size=64, eval_size=128,
+                                      latency_runs=1, latency_warmup=0, latency_batch=2, latency_seq=16)).report
+    v = low["verdict"]
+    print(f"MiniLM 2.5 bits: {v['line']}; floor {low.get('floor')}")
+    assert v["measure"] == "cosine_mean" and v["verdict"] == "degraded", v["line"]
+    assert v["reference_8bit"]["loss"] < v["loss"] and 0.0 < v["chance"] < 0.9
+    assert any(w.startswith("verdict: degraded") for w in low["warnings"])

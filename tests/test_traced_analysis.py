@@ -1,6 +1,6 @@
 """The analysis follows what the exporter traces: weight ops of a torch.export program, BatchNorm folded on
 the traced graph, initializers bound by content (as is, transposed, per-channel scaled), posteriors mapped
-through the binding, layer-wise fallback on the Laplace scale, and the collapse alarm."""
+through the binding, layer-wise fallback on the Laplace scale, and the verdict's warning line."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from bayesq_onnx.analysis.fit_posterior import OpBinding, _canonical, bind_weigh
 from bayesq_onnx.bayes.laplace import CalibrationData, LaplaceOptions, LayerPosterior, fit_laplace
 from bayesq_onnx.bayes.layerwise import common_scale
 from bayesq_onnx.quant.layout import WeightLayout
-from bayesq_onnx.report import collapse_warning
+from bayesq_onnx.report import verdict_advice
 
 
 class Mixed(torch.nn.Module):
@@ -151,7 +151,13 @@ def test_common_scale_is_the_median_ratio(ratios):
     assert common_scale([]) == 1.0
 
 
-def test_collapse_warning():
-    assert collapse_warning({"cosine_mean": 0.95, "top1_agreement": 0.93}, 4.0) is None
-    w = collapse_warning({"top1_agreement": 0.016, "logit_cosine_mean": 0.05}, 4.0)
-    assert w is not None and "\n" not in w and "`max_drop`" in w and "0.016" in w
+def test_verdict_advice_is_one_line_with_its_figures():
+    import numpy as np
+
+    from bayesq_onnx.models.metrics import output_fidelity
+    from bayesq_onnx.verdict import derangement, judge, measure_for
+
+    r = np.random.default_rng(0).normal(size=(32, 8))
+    verdict = judge(measure_for(output_fidelity, "cosine_mean", categorical=False), r, r[derangement(32, 1)], None)
+    w = verdict_advice(verdict, 4.0)
+    assert "\n" not in w and "`max_drop`" in w and "collapsed" in w and "do not deploy" in w

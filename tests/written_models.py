@@ -23,9 +23,9 @@ class DictOutput(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.conv1 = nn.Conv2d(3, 32, 3, padding=1)
-        self.conv2 = nn.Conv2d(32, 64, 3, padding=1, stride=2)
-        self.head = nn.Linear(64, 10)
+        self.conv1 = nn.Conv2d(3, 48, 3, padding=1)
+        self.conv2 = nn.Conv2d(48, 64, 3, padding=1, stride=2)
+        self.head = nn.Linear(64, 100)
 
     def forward(self, x):
         h = F.relu(self.conv2(F.relu(self.conv1(x))))
@@ -123,7 +123,7 @@ def unet():
 class EinsumAttention(nn.Module):
     """Projections as ``torch.einsum`` with bare ``nn.Parameter`` tensors on either side."""
 
-    def __init__(self, d: int = 64, heads: int = 4, classes: int = 10):
+    def __init__(self, d: int = 64, heads: int = 4, classes: int = 16):
         super().__init__()
         self.heads = heads
         self.w_qkv = nn.Parameter(torch.randn(3, heads, d, d // heads) / d ** 0.5)   # [3, h, d, dh]
