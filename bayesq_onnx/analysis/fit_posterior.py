@@ -7,6 +7,7 @@ posterior follows the values."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -58,6 +59,23 @@ def bind_weight(array: np.ndarray, frame: torch.Tensor, op: str, rtol: float = 1
         if s is not None:
             return OpBinding(op, transposed, s.float())
     return None
+
+
+def row_permutation(array: np.ndarray, param: torch.Tensor) -> torch.Tensor | None:
+    """Indices ``p`` with ``array.reshape(-1, last)[i] == param.reshape(-1, last)[p[i]]`` for every row
+    ``i`` (exact equality), when the initializer holds the parameter's rows in another order (the exporter
+    folded torch's gate order into ONNX's); else ``None``."""
+    last = array.shape[-1]
+    if param.numel() != array.size or param.shape[-1] != last:
+        return None
+    a = np.ascontiguousarray(array.reshape(-1, last))
+    b = param.reshape(-1, last).numpy()
+    oa, ob = np.lexsort(a.T[::-1]), np.lexsort(b.T[::-1])
+    if not np.array_equal(a[oa], b[ob]):
+        return None
+    perm = np.empty(len(oa), np.int64)
+    perm[oa] = ob
+    return torch.from_numpy(perm)
 
 
 def _row_scales(a2: torch.Tensor, f2: torch.Tensor, rtol: float, amax: float) -> torch.Tensor | None:
@@ -121,22 +139,34 @@ class FitLaplacePosterior:
         left stays in ``unbound``."""
         params = dict(program.named_parameters())
         bound: dict[str, OpBinding] = {}
+        permuted: dict[str, torch.Tensor] = {}  # the exporter reordered the rows (a recurrent op's gates)
         for name in self.unbound:
             w = weights[name]
             for pname, p in params.items():
-                if p.numel() == w.size and p.is_floating_point() and pname not in {b.op for b in bound.values()} \
-                        and (bnd := bind_weight(w.array, p.detach().float(), pname)):
+                if p.numel() != w.size or not p.is_floating_point() or pname in {b.op for b in bound.values()}:
+                    continue
+                if bnd := bind_weight(w.array, p.detach().float(), pname):
                     bound[name] = bnd
+                    break
+                if (rows := row_permutation(w.array, p.detach().float())) is not None:
+                    bound[name] = OpBinding(pname, False)
+                    permuted[name] = rows
                     break
         if not bound:
             return
         fitted = fit_parameter_fisher(program, sorted({b.op for b in bound.values()}), data, self.options,
                                       progress=(lambda b: self.progress(b, 1)) if self.progress else None)
         for name, bnd in bound.items():
-            post = _canonical(name, [(fitted[bnd.op], bnd)], weights[name].layout)
+            fit = fitted[bnd.op]
+            if name in permuted:  # the parameter's rows in the initializer's order and shape
+                shape, last = weights[name].layout.shape, weights[name].layout.shape[-1]
+                fit = dataclasses.replace(fit, fisher_diag=fit.fisher_diag.reshape(-1, last)[permuted[name]].reshape(shape),
+                                          weight=fit.weight.reshape(-1, last)[permuted[name]].reshape(shape))
+            post = _canonical(name, [(fit, bnd)], weights[name].layout)
             post.info["posterior"] = (f"Laplace (diagonal {self.options.fisher} Fisher of parameter {bnd.op} by "
                                       "whole-model autograd, one backward per item: no traced op reads it alone"
                                       + (", transposed" if bnd.transposed else "")
+                                      + (", rows reordered" if name in permuted else "")
                                       + (", × per-channel scale" if bnd.scale is not None else "") + ")")
             out[name] = post
         self.unbound = [n for n in self.unbound if n not in bound]

@@ -6,6 +6,8 @@ FP32 output: ``½·‖Δh‖²/σ²`` per item for a Gaussian output, ``KL(p_fp 
 mean per item is scaled by N and the prior term ``½τ‖Δw‖²`` is added, so the figure is on the same scale
 as the closed-form proxy ``½ (ŵ − μ)ᵀΛ(ŵ − μ)``. With a posterior temperature T > 0, ``samples`` weights
 ``w ~ N(μ, T/Λ)`` are drawn for the block and each is quantized on the grid: R = mean over samples.
+A weight no parameter of the PyTorch model holds gets NaN here; the planner then uses the closed-form risk
+for it and says so (``risk_source``): no NaN reaches the knapsack.
 """
 
 from __future__ import annotations

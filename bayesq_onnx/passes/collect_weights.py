@@ -11,7 +11,8 @@ import numpy as np
 import onnx_ir as ir
 
 from ..quant.layout import WeightLayout
-from ..weight_inputs import EMBEDDING_WEIGHT_INPUT, LAYOUT_OPS, LINEAR_OPS, LINEAR_READERS, WEIGHT_INPUT
+from ..weight_inputs import (EMBEDDING_WEIGHT_INPUT, LAYOUT_OPS, LINEAR_OPS, LINEAR_READERS, RECURRENT_WEIGHT_INPUTS,
+                             WEIGHT_INPUT)
 from ..weights import WeightInfo
 
 from ..choices import SCOPES  # noqa: F401 (re-exported: the scopes this pass knows)
@@ -100,6 +101,12 @@ class CollectWeightsPass(ir.passes.PassBase):
                     if len(shape) != 2 or _is_constant(node.inputs[1]):
                         return None, (), False, f"read by MatMul[0] with a {len(shape)}-D weight or a constant x"
                     special.append(WeightLayout(tuple(shape), (0, 1)))
+                    ops.append(op)
+                    continue
+                if op in RECURRENT_WEIGHT_INPUTS and index in RECURRENT_WEIGHT_INPUTS[op]:  # [dirs, gates·H, in]
+                    if len(shape) != 3:
+                        return None, (), False, f"read by {op}[{index}] with a {len(shape)}-D weight"
+                    special.append(WeightLayout.from_axes(tuple(shape), (0, 1), (2,)))
                     ops.append(op)
                     continue
                 if op == "Einsum":

@@ -13,9 +13,11 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 from typing import Callable
 
+from ..errors import PassFailure
 from ..plan import Candidate, Plan
 from ..quant import knapsack
 from ..weights import WeightInfo, WeightPosterior, canonical_mu
@@ -67,7 +69,11 @@ class PlanBayesQ:
                     qt = self._round(name, cand, weights)
                     entry["risk_rounded"] = entry["risk"] = 0.5 * qt.info["whitened_error"]
                 if self.mc_risk is not None:
-                    entry["risk_mc"] = entry["risk"] = self.mc_risk(w, post, cand, grid, mu)
+                    mc = self.mc_risk(w, post, cand, grid, mu)
+                    if math.isfinite(mc):
+                        entry["risk_mc"] = entry["risk"] = mc
+                    else:  # no PyTorch parameter to perturb (a weight the exporter computed): closed form
+                        entry["risk_source"] = "closed (mc: no parameter of the PyTorch model holds this weight)"
                 rows.append(entry)
             self.table[name] = rows
 
@@ -78,6 +84,11 @@ class PlanBayesQ:
         total = sum(weights[n].size for n in names)
         costs = [[e["cost_bits"] for e in self.table[n]] for n in names]
         risks = [[e["risk"] for e in self.table[n]] for n in names]
+        bad = [(n, e["candidate"].label, e["risk"]) for n in names for e in self.table[n]
+               if not math.isfinite(e["risk"])]
+        if bad:  # a NaN would leave its block at the cheapest candidate without a word
+            raise PassFailure(f"internal error: non-finite risk for {len(bad)} (tensor, candidate) entries, e.g. "
+                              f"{bad[0][0]} {bad[0][1]}: {bad[0][2]}")
         choice = knapsack.greedy(costs, risks, budget * total)
         tensors = {}
         for name, i in zip(names, choice):
@@ -86,13 +97,15 @@ class PlanBayesQ:
             qt = self._round(name, cand, weights)
             qt = replace(qt, info=dict(qt.info))
             qt.info.update(risk=entry["risk"], candidates=len(self.table[name]))
+            if "risk_source" in entry:
+                qt.info["risk_source"] = entry["risk_source"]
             tensors[name] = qt
         settings = {"budget": budget, "curvature": self.curvature, "temperature": self.temperature,
                     "act_order": self.act_order, "rounding": self.rounding,
                     "risk": "mc" if self.mc_risk else "rounded" if self.rounded_risk else "closed",
                     "risk_table": {n: [{"candidate": e["candidate"].label, "cost_bits": e["cost_bits"],
-                                        **{k: e[k] for k in ("risk", "risk_closed", "risk_rounded", "risk_mc")
-                                           if k in e}}
+                                        **{k: e[k] for k in ("risk", "risk_closed", "risk_rounded", "risk_mc",
+                                                             "risk_source") if k in e}}
                                        for e in self.table[n]] for n in names}}
         return Plan("bayesq", tensors, settings=settings)
 
