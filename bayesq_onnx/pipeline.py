@@ -108,7 +108,8 @@ def compile_model(config: CompileConfig, reporter: Reporter | None = None,
                                          overrides=overrides)
             candidates.check_budget(config.bits, weights, allowed)  # before the expensive analysis
         # the floor compares plans on calibration batches no fit has seen (planning/floor.py)
-        floor_on = config.floor == "gptq" and config.method == "bayesq" and config.max_drop is None
+        floor_on = (config.floor == "gptq" and config.method == "bayesq" and config.max_drop is None
+                    and config.curvature == "kfac")  # K-FAC's input factors are GPTQ's Hessians
         fit = _fit_part(bundle, floor_on)
         posteriors, posterior_sources = None, {}
         if config.method != "rtn":
@@ -253,8 +254,7 @@ def _floor(plan: Plan, weights: dict[str, WeightInfo], posteriors: dict, bundle:
     budget = plan.settings.get("budget", config.bits)
     gptq = gptq_at_budget(budget, weights, posteriors, progress=lambda names: rep.track(names, "GPTQ layers"))
     if gptq is None:
-        return plan, {"skipped": f"GPTQ's code widths cannot meet {budget:g} all-in bits here, or the posterior "
-                                 "has no input second moments (`curvature` kfac has them)"}
+        return plan, {"skipped": f"GPTQ's code widths cannot meet {budget:g} all-in bits on this model"}
     session, _ = make_session(fp_path, providers)
     reference = run_batches(session, held)
 

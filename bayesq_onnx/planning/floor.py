@@ -38,10 +38,11 @@ def held_out_split(batches: list, share: int = HELD_OUT_SHARE) -> tuple[list, li
 def gptq_at_budget(budget: float, weights: dict[str, WeightInfo], posteriors: dict[str, WeightPosterior],
                    progress: Callable | None = None) -> Plan | None:
     """GPTQ's plan at ``budget`` *all-in* bits (codes and FP16 scales and zero points), or ``None`` where it
-    cannot meet it. A budget equal to a code width mixes that width with the next narrower one (the scales
+    cannot meet it. The posteriors' K-FAC input factors ``A`` are GPTQ's ``H``; a weight without one (a Gather
+    table, a depthwise conv) is rounded to nearest, as GPTQ does. A budget equal to a code width mixes that width with the next narrower one (the scales
     take the rest), as the knapsack on GPTQ's own layer errors decides."""
     bits = budget - 1e-9 if budget in CODE_BITS else budget
-    if not CODE_BITS[0] < bits < CODE_BITS[-1] or not all(p.A is not None for p in posteriors.values()):
+    if not CODE_BITS[0] < bits < CODE_BITS[-1]:
         return None
     try:
         plan = PlanGPTQ(bits, posteriors, order=graph_order(weights), progress=progress)(weights)
