@@ -22,7 +22,7 @@ import onnx_ir as ir
 import torch
 
 from .errors import UserError
-from .models.base import Batch, ModelBundle
+from .models.base import Batch, ModelBundle, select_output
 from .traced import export_program, fold_batchnorm
 
 
@@ -46,6 +46,8 @@ def traced_program(bundle: ModelBundle) -> torch.fx.GraphModule:
     try:
         with _quiet():
             return export_program(bundle.module, example, dynamic_shapes)
+    except UserError:  # the model's own output selection (models.base.select_output) already says it in one line
+        raise
     except Exception as exc:  # noqa: BLE001 - any tracing failure is the model's: say which, in one line
         raise UserError(f"torch.export cannot trace {bundle.name}: {_one_line(exc)}") from exc
 
@@ -187,14 +189,15 @@ def _digest(a: np.ndarray) -> str:
 
 
 def torch_outputs(module: torch.nn.Module, batches: list[Batch], input_names: list[str]) -> np.ndarray:
-    """First output of ``module`` on each batch, concatenated (as ``run_batches`` does for ORT)."""
+    """The compiled output (the first tensor: :func:`~bayesq_onnx.models.base.select_output`) of ``module``
+    on each batch, concatenated (as ``run_batches`` does for ORT)."""
     from .runtime.session import concat_items
 
     outs = []
     with torch.inference_mode():
         for b in batches:
             out = module(*(torch.from_numpy(b[n]) for n in input_names))
-            outs.append((out[0] if isinstance(out, (tuple, list)) else out).float().numpy())
+            outs.append(select_output(out).float().numpy())
     return concat_items(outs)
 
 

@@ -1,0 +1,185 @@
+"""Models whose ``forward`` returns a dict, a tuple, nested containers or a HuggingFace ``ModelOutput``
+compile, with the first tensor (or the one ``output`` names) as the compiled output; calibration outputs are
+streamed, not kept; distillation handles tied weights (issue 29)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+import torch.nn.functional as F
+from click.testing import CliRunner
+from torch import nn
+from written_models import dict_output
+
+import bayesq_onnx
+from bayesq_onnx import CompileConfig
+from bayesq_onnx.errors import UserError
+from bayesq_onnx.models.base import select_output
+
+pytestmark = [pytest.mark.usefixtures("one_torch_thread"),
+              pytest.mark.filterwarnings("ignore::bayesq_onnx.errors.BayesQWarning")]
+
+
+def _config(tmp_path, name="out", **kw):
+    kw.setdefault("bits", 4.0)
+    return CompileConfig(out=tmp_path / name, latency_runs=1, latency_warmup=0, **kw)
+
+
+def _artifact_outputs(path, batches) -> tuple[list[str], np.ndarray]:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    return names, np.concatenate([session.run(None, {"x": b.numpy()})[0] for b in batches])
+
+
+def _cosine_mean(ref: np.ndarray, got: np.ndarray) -> float:
+    a, b = ref.reshape(len(ref), -1), got.reshape(len(got), -1)
+    return float((np.sum(a * b, 1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)).mean())
+
+
+def _check_headline(result, model, evaluation, pick) -> np.ndarray:
+    """The artifact has one output; it follows ``pick(model(x))``, and the report's validated cosine is the
+    cosine of the artifact's outputs to that tensor on the evaluation batches, computed here from ORT."""
+    names, got = _artifact_outputs(result.artifact, evaluation)
+    assert len(names) == 1
+    with torch.no_grad():
+        ref = np.concatenate([pick(model(b)).numpy() for b in evaluation])
+    assert got.shape == ref.shape
+    assert result.report["headline"]["metric"] == "cosine_mean"
+    assert result.report["fidelity"]["cosine_mean"] == pytest.approx(_cosine_mean(ref, got), abs=1e-5)
+    assert result.report["fidelity"]["cosine_mean"] > 0.9
+    return got
+
+
+# ---- output structures ------------------------------------------------------------------------------------
+
+def test_dict_output_compiles_with_the_first_tensor_as_the_headline(tmp_path):
+    model, calibration, evaluation, likelihood = dict_output()
+    result = bayesq_onnx.compile(model, calibration, evaluation=evaluation, likelihood=likelihood,
+                                 config=_config(tmp_path))
+    got = _check_headline(result, model, evaluation, lambda out: out["logits"])
+    assert got.shape[1] == model.head.out_features
+    # the plan speaks the module's own parameter names (the output wrapper adds no prefix)
+    names = {t["name"] for t in result.report["plan"]["tensors"]}
+    assert names and names <= {n for n, _ in model.named_parameters()} | {f"{n}.T" for n, _ in model.named_parameters()}
+
+
+def test_dict_output_named_output(tmp_path):
+    model, calibration, evaluation, likelihood = dict_output()
+    result = bayesq_onnx.compile(model, calibration, evaluation=evaluation, output="features",
+                                 config=_config(tmp_path, method="rtn"))
+    got = _check_headline(result, model, evaluation, lambda out: out["features"])
+    assert got.shape[1] == model.conv2.out_channels
+    names, _ = _artifact_outputs(result.artifact, evaluation[:1])
+    assert names == ["features"]
+    # output_names names the graph output, and also picks the mapping's entry of that name
+    result = bayesq_onnx.compile(model, calibration, evaluation=evaluation, output_names=["features"],
+                                 config=_config(tmp_path, "out2", method="rtn"))
+    _check_headline(result, model, evaluation, lambda out: out["features"])
+
+
+class TupleNested(nn.Module):
+    """``(None, {"aux": [hidden], "logits": logits})``: the first tensor is ``hidden``, nested two deep."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Linear(32, 64)
+        self.head = nn.Linear(64, 10)
+
+    def forward(self, x):
+        h = torch.relu(self.body(x))
+        return None, {"aux": [h], "logits": self.head(h)}
+
+
+def _vectors(seed: int, n: int = 4):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(16, 32, generator=g) for _ in range(n)]
+
+
+def test_tuple_and_nested_outputs(tmp_path):
+    torch.manual_seed(0)
+    model, data = TupleNested().eval(), _vectors(1)
+    result = bayesq_onnx.compile(model, data[:3], evaluation=data[3:], config=_config(tmp_path, method="rtn"))
+    _check_headline(result, model, data[3:], lambda out: out[1]["aux"][0])            # first tensor: hidden
+    result = bayesq_onnx.compile(model, data[:3], evaluation=data[3:], output="1.logits",
+                                 config=_config(tmp_path, "out2", method="rtn"))
+    _check_headline(result, model, data[3:], lambda out: out[1]["logits"])
+    assert _artifact_outputs(result.artifact, data[3:])[0] == ["logits"]
+
+
+class HFStyle(nn.Module):
+    """Returns a ``transformers`` ``SequenceClassifierOutput`` (loss ``None``, logits, hidden states)."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Linear(32, 64)
+        self.head = nn.Linear(64, 10)
+
+    def forward(self, x):
+        from transformers.modeling_outputs import SequenceClassifierOutput
+
+        h = torch.tanh(self.body(x))
+        return SequenceClassifierOutput(logits=self.head(h), hidden_states=(x, h))
+
+
+def test_huggingface_model_output(tmp_path):
+    pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model, data = HFStyle().eval(), _vectors(2)
+    result = bayesq_onnx.compile(model, data[:3], evaluation=data[3:], likelihood="categorical",
+                                 config=_config(tmp_path, method="rtn"))
+    _check_headline(result, model, data[3:], lambda out: out.logits)   # the loss is None: logits come first
+    result = bayesq_onnx.compile(model, data[:3], evaluation=data[3:], output="hidden_states.1",
+                                 config=_config(tmp_path, "out2", method="rtn"))
+    _check_headline(result, model, data[3:], lambda out: out.hidden_states[1])
+
+
+def test_select_output_rules():
+    a, b, c = torch.zeros(1), torch.ones(1), torch.full((1,), 2.0)
+    assert select_output({"x": None, "y": [a, b]}) is a
+    assert select_output({"x": a, "y": b}, "y") is b and select_output({"x": a, "y": b}, 1) is b
+    assert select_output((a, (b, c)), "1.1") is c and select_output((a, (b, c)), 1) is b
+    assert select_output({"x": a, "y": b}, prefer="y") is b and select_output({"x": a}, prefer="z") is a
+    for out, key, needle in [({"x": a}, "z", "no entry 'z'"), ((a, b), 5, "out of range"),
+                             ((a, b), "name", "not a position"), ({"x": 3}, None, "returns no tensor")]:
+        with pytest.raises(UserError, match=needle) as info:
+            select_output(out, key)
+        assert "\n" not in str(info.value)
+
+
+def test_bad_output_name_is_one_line(tmp_path):
+    model, calibration, evaluation, likelihood = dict_output()
+    with pytest.raises(UserError) as info:
+        bayesq_onnx.compile(model, calibration, evaluation=evaluation, output="logitz",
+                            config=_config(tmp_path, method="rtn"))
+    message = str(info.value)
+    assert "\n" not in message and "'logitz'" in message and "logits" in message and "features" in message
+
+
+def dict_model():
+    """``module:test_outputs_streaming:dict_model[:<output>]`` on the command line."""
+    return dict_output()[0]
+
+
+def test_cli_module_spec_picks_an_output(tmp_path):
+    from bayesq_onnx.cli import main
+
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "calib.npz", x=rng.normal(size=(48, 3, 16, 16)).astype(np.float32))
+    common = ["--calib", str(tmp_path / "calib.npz"), "--method", "rtn", "--bits", "8", "--latency-runs", "1", "-q"]
+    runner = CliRunner()
+    r = runner.invoke(main, ["compile", "module:test_outputs_streaming:dict_model:features", "--out",
+                             str(tmp_path / "out"), *common], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    session = ort.InferenceSession(str(tmp_path / "out" / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert [o.name for o in session.get_outputs()] == ["features"]
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["fidelity"]["cosine_mean"] > 0.99
+    r = runner.invoke(main, ["compile", "module:test_outputs_streaming:dict_model:logitz", "--out",
+                             str(tmp_path / "bad"), *common], catch_exceptions=False)
+    assert r.exit_code == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "'logitz'" in lines[0], r.stderr
+    assert not (tmp_path / "bad").exists()
