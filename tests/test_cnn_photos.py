@@ -95,3 +95,27 @@ def test_gptq_compiles_lite1_on_photos(cnn_photos, tmp_path):
     assert r.exit_code == 0, r.output
     report = json.loads((tmp_path / "q" / "report.json").read_text())
     assert report["headline"]["metric"] == "top1_agreement" and report["headline"]["value"] >= 0.9
+
+
+@pytest.mark.slow
+def test_lite1_verdict_holds_at_4_bits_and_collapses_at_2_bit_rtn(cnn_photos, tmp_path):
+    """docs/reliability.md#verdict on a real ImageNet CNN and photos with many near-ties: the default compile
+    at 4.0 bits is not collapsed (plain top-1 agreement is about 0.75 there; agreement on the confident crops is
+    what the verdict reads), and round-to-nearest at 2 bits is, with `--fail-on collapsed` exiting 3."""
+    import json
+
+    from click.testing import CliRunner
+
+    from bayesq_onnx.cli import main
+
+    common = ["compile", "module:benchmarks.cnn_photos:efficientnet_lite1", "--calib-size", "32", "--eval-size", "64",
+              "--latency-runs", "1", "-q"]
+    good = CliRunner().invoke(main, common + ["--out", str(tmp_path / "good"), "--fail-on", "collapsed"])
+    assert good.exit_code == 0, good.output
+    v = json.loads((tmp_path / "good" / "report.json").read_text())["verdict"]
+    assert v["measure"] == "confident_agreement" and v["verdict"] in ("holds", "degraded"), v["line"]
+    bad = CliRunner().invoke(main, common + ["--method", "rtn", "--bits", "2", "--out", str(tmp_path / "bad"),
+                                             "--fail-on", "collapsed"])
+    assert bad.exit_code == 3, bad.output
+    report = json.loads((tmp_path / "bad" / "report.json").read_text())
+    assert report["verdict"]["verdict"] == "collapsed" and report["reference_8bit"]["kl_mean"] < 0.05
