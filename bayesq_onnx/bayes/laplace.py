@@ -50,7 +50,7 @@ import torch
 
 from ..choices import CURVATURES, FISHERS
 from ..traced import WeightOp, insert_taps, remove_taps, weight_ops
-from .empirical_bayes import evidence_prior_precision, output_variance, shrink_to_diagonal
+from .empirical_bayes import evidence_prior_precision, shrink_to_diagonal
 from .likelihood import LIKELIHOODS, BatchDraws, pseudo_loss
 from .op_gradients import add_gram, per_item, symmetric
 
@@ -95,6 +95,56 @@ class LayerStatistics:
     kfac: bool = False
     kfac_output: str = "diag"
     outputs: list = field(default_factory=list)  # the layer's outputs in the current forward (autograd targets)
+
+
+class OutputMoments:
+    """The program's output over the calibration items as running moments, for a Gaussian output's σ² (the
+    mean over output coordinates of their variance across items, as
+    :func:`~bayesq_onnx.bayes.empirical_bayes.output_variance` defines it) without keeping the outputs: an
+    LM's logits over the calibration set are items × tokens × vocabulary, these sums one item's worth.
+
+    Per coordinate, the count, mean and sum of squared deviations in float64, each batch's (two-pass) merged
+    in by Chan et al.'s pairwise update. Two frames, as ``output_variance`` reads them: the coordinates of a
+    whole item (while every batch's items have one shape) and rows of the last axis (used once they differ).
+    ``needed=False`` (a categorical output, or σ² given): ``append`` keeps nothing.
+    """
+
+    def __init__(self, needed: bool = True):
+        self.needed = needed
+        self.shape: tuple | None = None        # one item's output shape, while all batches agree on it
+        self.item: list | None = None          # [count, mean, m2] over whole items
+        self.row: list | None = None           # [count, mean, m2] over rows of the last axis
+
+    def append(self, out: torch.Tensor) -> None:
+        """Add one batch's outputs (items first)."""
+        if not self.needed:
+            return
+        if self.shape is None:
+            self.shape = tuple(out.shape[1:])
+        if self.item is not None or self.row is None:  # still in the whole-item frame
+            if tuple(out.shape[1:]) == self.shape:
+                self.item = self._merge(self.item, out.reshape(out.shape[0], -1))
+            else:
+                self.item = None
+        self.row = self._merge(self.row, out.reshape(-1, out.shape[-1]))
+
+    @staticmethod
+    def _merge(acc: list | None, x: torch.Tensor) -> list:
+        x = x.detach().double()
+        n, mean = x.shape[0], x.mean(0)
+        m2 = (x - mean).square_().sum(0)
+        if acc is None:
+            return [n, mean, m2]
+        count, mu, sq = acc
+        delta, total = mean - mu, count + n
+        return [total, mu + delta * (n / total), sq + m2 + delta.square_() * (count * n / total)]
+
+    def variance(self) -> float:
+        """σ²: the mean over coordinates of each one's unbiased variance across items (rows when the items'
+        shapes differ), floored at 1e-12."""
+        count, _, m2 = self.item if self.item is not None else self.row
+        per_coordinate = (m2 / (count - 1)).float()   # float32, as torch.var returns it for float32 outputs
+        return max(float(per_coordinate.mean()), 1e-12)
 
 
 @dataclass(frozen=True)
@@ -168,12 +218,13 @@ def fit_laplace(program: fx.GraphModule, data: CalibrationData, options: Laplace
 
 
 def accumulate_statistics(program: fx.GraphModule, layers: dict[str, LayerStatistics], data: CalibrationData,
-                          options: LaplaceOptions, progress: Callable | None = None) -> list[torch.Tensor]:
+                          options: LaplaceOptions, progress: Callable | None = None) -> OutputMoments:
     """Run the calibration batches forward and backward through ``program`` with a tap on each layer's op,
     adding the op's statistics into its layer (``lowrank``: a second pass projects the per-item gradients on
-    the first pass's sketch). Returns the program's outputs of the first pass (a Gaussian output's σ²)."""
+    the first pass's sketch). Returns the moments of the program's outputs in the first pass (a Gaussian
+    output's σ²; streamed: no batch's output outlives its backward)."""
     taps = insert_taps(program, list(layers), _recorder(layers))
-    outputs: list[torch.Tensor] = []
+    outputs = OutputMoments(needed=data.likelihood == "gaussian" and options.output_noise is None)
     full_backward = None  # unknown until the first backward: see _backward
     try:
         for pass_index in range(2 if options.curvature == "lowrank" else 1):
@@ -200,8 +251,8 @@ def accumulate_statistics(program: fx.GraphModule, layers: dict[str, LayerStatis
 
 def _add_batch(program: fx.GraphModule, layers: dict[str, LayerStatistics], inputs: list[torch.Tensor], target,
                draws: BatchDraws, likelihood: str, options: LaplaceOptions, pass_index: int,
-               outputs: list[torch.Tensor], full_backward: bool | None) -> bool | None:
-    """One calibration batch into ``layers``, a micro-batch at a time (first pass: its outputs appended to
+               outputs: OutputMoments, full_backward: bool | None) -> bool | None:
+    """One calibration batch into ``layers``, a micro-batch at a time (first pass: its outputs added to
     ``outputs``); returns ``full_backward`` as :func:`_backward` left it."""
     size = draws.size
     step = size if options.micro_batch is None else min(options.micro_batch, size)
@@ -219,7 +270,7 @@ def _add_batch(program: fx.GraphModule, layers: dict[str, LayerStatistics], inpu
 
 def _add_rows(program: fx.GraphModule, layers: dict[str, LayerStatistics], part: list[torch.Tensor], target,
               draws: BatchDraws, rows: slice, likelihood: str, options: LaplaceOptions, pass_index: int,
-              outputs: list[torch.Tensor], full_backward: bool | None) -> bool | None:
+              outputs: OutputMoments, full_backward: bool | None) -> bool | None:
     """One micro-batch ``rows`` (inputs ``part``): a forward, then per target sample a backward whose hooked
     pairs each layer accumulates. Its activations and graph are released on return."""
     leaves = []
@@ -245,7 +296,7 @@ def _add_rows(program: fx.GraphModule, layers: dict[str, LayerStatistics], part:
     return full_backward
 
 
-def finalize_posteriors(layers: dict[str, LayerStatistics], outputs: list[torch.Tensor], data: CalibrationData,
+def finalize_posteriors(layers: dict[str, LayerStatistics], outputs: OutputMoments, data: CalibrationData,
                         options: LaplaceOptions) -> dict[str, LayerPosterior]:
     """Each layer's accumulated sums as its posterior: the Fisher is the sum over items and target samples
     over (items · samples · σ²), with σ² the Gaussian output's noise variance (1 for a categorical output)."""
@@ -253,7 +304,7 @@ def finalize_posteriors(layers: dict[str, LayerStatistics], outputs: list[torch.
     n = float(options.n_data) if options.n_data is not None else float(items)
     noise = 1.0
     if data.likelihood == "gaussian":
-        noise = float(options.output_noise) if options.output_noise is not None else output_variance(outputs)
+        noise = float(options.output_noise) if options.output_noise is not None else outputs.variance()
     count = items * samples * noise
     result = {}
     for name, layer in layers.items():
@@ -416,7 +467,7 @@ def fit_parameter_fisher(program: torch.nn.Module, parameters: list[str], data: 
     params = [named[p] for p in parameters]
     flags = [p.requires_grad for p in params]
     sums = [torch.zeros(p.shape, dtype=torch.float32) for p in params]
-    outputs: list[torch.Tensor] = []
+    outputs = OutputMoments(needed=data.likelihood == "gaussian" and options.output_noise is None)
     try:
         for p in params:
             p.requires_grad_(True)
@@ -448,7 +499,7 @@ def fit_parameter_fisher(program: torch.nn.Module, parameters: list[str], data: 
     n = float(options.n_data) if options.n_data is not None else float(items)
     noise = 1.0
     if data.likelihood == "gaussian":
-        noise = float(options.output_noise) if options.output_noise is not None else output_variance(outputs)
+        noise = float(options.output_noise) if options.output_noise is not None else outputs.variance()
     count = items * samples * noise
     result = {}
     for name, p, acc in zip(parameters, params, sums):
