@@ -262,3 +262,45 @@ def test_calibration_outputs_are_streamed(likelihood, tmp_path):
     figures = json.loads(done.stdout.strip().splitlines()[-1])
     # bound from the sizes: less than the outputs over the calibration set (the old code's floor)
     assert figures["peak_growth"] < figures["outputs"], figures
+
+
+# ---- distillation of tied weights -----------------------------------------------------------------------------
+
+def _tied_case(name: str):
+    """(model, calibration, evaluation, likelihood, input names) of a tied-embedding LM."""
+    if name == "tied_lm":
+        from written_models import tied_lm
+
+        return (*tied_lm(), ["ids"])
+    pytest.importorskip("transformers")
+    from test_zoo import gpt2, token_batches
+
+    torch.manual_seed(0)
+    return gpt2(), token_batches(16, 0), token_batches(8, 1), "categorical", ["input_ids", "attention_mask"]
+
+
+@pytest.mark.parametrize("name,scope", [("tied_lm", "all"), ("gpt2", "all"), ("gpt2", "linear")])
+def test_distill_handles_tied_weights(name, scope, tmp_path):
+    """`distill` on LMs whose output projection is the token embedding: tied_lm's graph holds the table once
+    (a Gather and a Transpose→MatMul read it: one quantized tensor, both uses decode it alike); GPT-2's holds
+    it twice (the exporter folds the MatMul's transpose into a copy), each copy planned on its own (scope
+    all) or only the MatMul's (scope linear: the Gather's copy stays float). The student reproduces the
+    artifact: its output on the first calibration batch differs from ORT's by float round-off only (a
+    student that fed either use the other copy's decode is off by ~1 on these logits)."""
+    model, calibration, evaluation, likelihood, inputs = _tied_case(name)
+    tied = {n for n, p in model.named_parameters(remove_duplicate=False)
+            if any(p is q for m, q in model.named_parameters(remove_duplicate=False) if m != n)}
+    assert tied, "the model must tie a tensor"
+    result = bayesq_onnx.compile(model, calibration, evaluation=evaluation, likelihood=likelihood,
+                                 config=_config(tmp_path, scope=scope, distill=True, distill_steps=20))
+    report = result.report
+    d = report["distill"]
+    assert "skipped" not in d, d
+    planned = {t["name"] for t in report["plan"]["tensors"]}
+    assert planned & tied, (planned, tied)  # a tied tensor is quantized, so the student decodes it
+    assert d["steps"] >= 1 and d["trainable"]["scales"] + d["trainable"]["levels"] > 0
+    session = ort.InferenceSession(str(result.artifact), providers=["CPUExecutionProvider"])
+    first = calibration[0] if isinstance(calibration[0], tuple) else (calibration[0],)
+    feed = {n: x.numpy() for n, x in zip(inputs, first)}
+    scale = float(np.abs(session.run(None, feed)[0]).max())
+    assert d["student_vs_artifact_max_abs_diff"] < 1e-4 * scale

@@ -66,7 +66,7 @@ from ..weights import WeightPosterior
 from .student import DistillUnsupported, QuantWeight, Student, _first
 from .teacher import PosteriorNoise, sampled_weights, teacher_targets
 
-__all__ = ["DistillOptions", "DistillResult", "DistillUnsupported", "PosteriorNoise", "QuantWeight", "Student", "TEACHERS", "distill"]
+__all__ = ["Agreement", "DistillOptions", "DistillResult", "DistillUnsupported", "PosteriorNoise", "QuantWeight", "Student", "TEACHERS", "distill"]
 
 
 @dataclass
@@ -89,19 +89,40 @@ def distill_loss(out: torch.Tensor, target: torch.Tensor, categorical: bool) -> 
     return (1 - cos).mean() + rel
 
 
+class Agreement:
+    """:func:`agreement` accumulated one batch at a time (counts, and sums in float64), so that comparing
+    two models over the calibration set holds one batch of their outputs at a time."""
+
+    def __init__(self, categorical: bool):
+        self.categorical, self.rows, self.hits, self.total = categorical, 0, 0, 0.0
+
+    def add(self, target: torch.Tensor, output: torch.Tensor) -> None:
+        if self.categorical:  # rows: items (and positions)
+            t, o = target.reshape(-1, target.shape[-1]), output.reshape(-1, output.shape[-1])
+            logq = torch.log_softmax(o, dim=-1)
+            self.hits += int((t.argmax(-1) == o.argmax(-1)).sum())
+            self.total += float((t.exp() * (t - logq)).sum(-1).double().sum())
+        else:  # rows: items
+            t, o = target.reshape(len(target), -1), output.reshape(len(output), -1)
+            self.total += float(F.cosine_similarity(o, t, dim=-1, eps=1e-12).double().sum())
+        self.rows += int(t.shape[0])
+
+    def result(self) -> dict:
+        n = max(self.rows, 1)
+        if self.categorical:
+            return {"agreement": self.hits / n, "kl": self.total / n}
+        return {"cosine_mean": self.total / n}
+
+
 def agreement(targets: list[torch.Tensor], outputs: list[torch.Tensor], categorical: bool) -> dict:
     """How closely ``outputs`` follow ``targets`` (teacher form, e.g. the FP32 model's): categorical: argmax
-    agreement and mean KL(p ‖ softmax(output)) with ``targets = log p``; otherwise the mean cosine. Compares
-    the teacher and the undistilled student with the FP32 model, without labels."""
-    def flat(xs):
-        return torch.cat([x.reshape(-1, x.shape[-1]) if categorical else x.reshape(len(x), -1) for x in xs])
-
-    t, o = flat(targets), flat(outputs)
-    if categorical:
-        logq = torch.log_softmax(o, dim=-1)
-        return {"agreement": float((t.argmax(-1) == o.argmax(-1)).float().mean()),
-                "kl": float((t.exp() * (t - logq)).sum(-1).mean())}
-    return {"cosine_mean": float(F.cosine_similarity(o, t, dim=-1, eps=1e-12).mean())}
+    agreement and mean KL(p ‖ softmax(output)) with ``targets = log p`` over rows (items and positions);
+    otherwise the mean cosine over items. Compares the teacher and the undistilled student with the FP32
+    model, without labels."""
+    acc = Agreement(categorical)
+    for t, o in zip(targets, outputs):
+        acc.add(t, o)
+    return acc.result()
 
 
 def split_batches(batches: list, holdout: float) -> tuple[list, list]:
@@ -199,19 +220,33 @@ def _guarded_targets(student: Student, batches: list, weights: list, *, categori
     it than the undistilled student is. Returns the targets, why the guard replaced them (``None``: it did
     not), and the label-free figures it compared: the teacher and the undistilled student against the FP32
     model (the teacher's ``None`` without sampled weights)."""
+    # the one copy of outputs over the calibration set that distillation keeps: every training step reads its
+    # batch's targets, and a posterior teacher costs `samples` forwards per batch to recompute (items × the
+    # output's size: an LM's tokens × vocabulary). The comparisons below stream, a batch at a time.
     targets = teacher_targets(student.module, batches, categorical=categorical, weights=weights,
                               samples=samples, seed=seed, progress=progress)
+
+    def fp_target(x):  # the FP32 model's output in teacher form
+        out = _first(student.module(*x))
+        return torch.log_softmax(out, -1) if categorical else out
+
+    student_acc, teacher_acc = Agreement(categorical), Agreement(categorical)
     with torch.no_grad():
-        fp_out = [_first(student.module(*x)) for x in batches]
-        fp_targets = [torch.log_softmax(o, -1) for o in fp_out] if categorical else fp_out
-        student_vs_fp = agreement(fp_targets, [student(*x) for x in batches], categorical)
-        teacher_vs_fp = agreement(fp_targets, targets, categorical) if weights else None  # log p̄ as logits
+        for x, t in zip(batches, targets):
+            fp = fp_target(x)
+            student_acc.add(fp, student(*x))
+            if weights:
+                teacher_acc.add(fp, t)  # log p̄ as logits
+    student_vs_fp, teacher_vs_fp = student_acc.result(), teacher_acc.result() if weights else None
     fallback, key = None, "agreement" if categorical else "cosine_mean"
     if guard and teacher_vs_fp is not None and teacher_vs_fp[key] < student_vs_fp[key]:
         fallback = (f"the posterior-predictive teacher is farther from the FP32 model than the undistilled plan "
                     f"({key} {teacher_vs_fp[key]:.4f} vs {student_vs_fp[key]:.4f} on calibration): its samples "
                     f"are too wide to distill toward; the FP32 model is the teacher")
-        targets = fp_targets
+        with torch.no_grad():  # recomputed (one forward per batch) rather than kept beside the teacher's
+            for i, x in enumerate(batches):
+                targets[i] = None
+                targets[i] = fp_target(x)
     return targets, fallback, teacher_vs_fp, student_vs_fp
 
 

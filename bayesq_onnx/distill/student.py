@@ -8,10 +8,11 @@ import dataclasses
 
 import numpy as np
 import torch
-from torch import nn
+from torch import fx, nn
 from torch.func import functional_call
 
 from ..export import ParameterBinding
+from ..models.base import select_output
 from ..plan import Plan, QuantizedTensor
 from ..quant import codebook, uniform
 
@@ -109,7 +110,18 @@ def _is_trainable_float(module: nn.Module, pname: str) -> bool:
 
 
 class Student(nn.Module):
-    """The planned quantized model in PyTorch (see the module docstring)."""
+    """The planned quantized model in PyTorch (see the module docstring).
+
+    A tensor shared by several ops (tied weights: an embedding table that is also the output projection) is
+    one PyTorch parameter under several names. Held by *one* initializer (the graph reads one tensor for
+    every use), it is one :class:`QuantWeight`, with one set of trainable scales / levels, and every name of
+    the parameter gets its decoded value, so every use sees the same values, as in the artifact. Held by
+    *several* initializers (the exporter folded a ``Transpose`` of it into a second, transposed copy for a
+    MatMul, and each copy is planned on its own, so the artifact's uses read different decodes), the
+    traced program's uses are split (:func:`_split_tied_uses`): each op reads the copy the ONNX graph
+    gives its counterpart, an embedding the table as is, any other op the transposed copy, and each copy
+    is its own :class:`QuantWeight` (or stays the float parameter, if it is not quantized).
+    """
 
     def __init__(self, module: nn.Module, plan: Plan, bindings: dict[str, ParameterBinding]):
         super().__init__()
@@ -120,49 +132,54 @@ class Student(nn.Module):
         holders: dict[str, list[str]] = {}  # parameter -> initializers holding it
         for init, b in bindings.items():
             holders.setdefault(canonical.get(b.parameter, b.parameter), []).append(init)
+        uses = {}  # initializer -> the parameter names its uses read (all of them unless a tied tensor is split)
+        for pname, inits in holders.items():
+            if len(inits) > 1 and any(_stored_differently(plan, i) for i in inits):
+                uses.update(_split_tied_uses(self.module, pname, {i: bindings[i] for i in inits}))
+        names = _names_by_tensor(self.module)  # every name of each tensor (after the split: none of its own)
 
         self.weights = nn.ModuleList()
-        self.targets: list[tuple[str, bool]] = []   # per planned weight: (parameter, transposed)
+        self.targets: list[tuple[tuple[str, ...], bool]] = []   # per planned weight: (names it sets, transposed)
         self.plan = plan
         for name in sorted(plan.tensors):
-            qt = plan.tensors[name]
-            if qt.candidate.family == "float" and qt.candidate.bits == 32:
+            if not _stored_differently(plan, name):
                 continue  # stored as is: the module already holds it
             b = bindings.get(name)
             if b is None:
                 raise DistillUnsupported(f"{name} is not a PyTorch parameter (the exporter computed it)")
             pname = canonical.get(b.parameter, b.parameter)
-            if len(holders[pname]) > 1:
-                raise DistillUnsupported(f"parameter {pname} is held by several initializers "
-                                         f"({', '.join(sorted(holders[pname]))}); quantized apart they hold "
-                                         f"different values, which one PyTorch parameter cannot")
-            self.weights.append(QuantWeight(qt))
-            self.targets.append((pname, b.transposed))
-        planned = {p for p, _ in self.targets}
+            self.weights.append(QuantWeight(plan.tensors[name]))
+            self.targets.append((uses[name] if name in uses else names[pname], b.transposed))
+        planned = {canonical.get(bindings[n].parameter, bindings[n].parameter) for n in plan.tensors
+                   if _stored_differently(plan, n) and n in bindings}
 
         self.floats = nn.ModuleList()
-        self.float_names: list[str] = []
+        self.float_names: list[tuple[str, ...]] = []
         self.float_bindings: list[list[ParameterBinding]] = []
         for pname, p in params.items():
             if pname in planned or pname not in holders or not _is_trainable_float(self.module, pname):
                 continue  # frozen: not a bias/norm parameter, or not in the graph as an initializer
             self.floats.append(FloatParam(p))
-            self.float_names.append(pname)
+            self.float_names.append(names[pname])
             self.float_bindings.append([bindings[i] for i in holders[pname]])
-        self._shapes = {n: tuple(p.shape) for n, p in params.items()}
+        self._shapes = {n: tuple(p.shape) for n, p in self.module.named_parameters(remove_duplicate=False)}
 
     def overrides(self) -> dict[str, torch.Tensor]:
-        """Parameter name -> the value the student computes (planned weights and trained floats)."""
+        """Parameter name -> the value the student computes (planned weights and trained floats), under every
+        name that reads it (tied names are set one by one: a split tensor's uses take different values)."""
         out = {}
-        for (pname, transposed), w in zip(self.targets, self.weights):
+        for (pnames, transposed), w in zip(self.targets, self.weights):
+            if not pnames:
+                continue  # a copy of a tied tensor that no op of the program reads
             value = w()
-            out[pname] = (value.T if transposed else value).reshape(self._shapes[pname])
-        for pname, fp in zip(self.float_names, self.floats):
-            out[pname] = fp()
+            value = (value.T if transposed else value).reshape(self._shapes[pnames[0]])
+            out.update(dict.fromkeys(pnames, value))
+        for pnames, fp in zip(self.float_names, self.floats):
+            out.update(dict.fromkeys(pnames, fp()))
         return out
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
-        return _first(functional_call(self.module, self.overrides(), inputs))
+        return _first(functional_call(self.module, self.overrides(), inputs, tie_weights=False))
 
     def trainable_groups(self) -> dict[str, list[nn.Parameter]]:
         return {"scales": [w.log_gain for w in self.weights if w.family == "uniform"],
@@ -184,6 +201,58 @@ class Student(nn.Module):
         return Plan(self.plan.method, tensors, dict(self.plan.settings)), inits
 
 
+def _stored_differently(plan: Plan, name: str) -> bool:
+    """Whether the artifact stores initializer ``name`` as other values than the float parameter (planned,
+    and not kept in float32)."""
+    qt = plan.tensors.get(name)
+    return qt is not None and not (qt.candidate.family == "float" and qt.candidate.bits == 32)
+
+
+def _names_by_tensor(module: nn.Module) -> dict[str, tuple[str, ...]]:
+    """Each parameter name -> every name of the same tensor (tied parameters share one tuple)."""
+    groups: dict[int, list[str]] = {}
+    for name, p in module.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(p), []).append(name)
+    return {name: tuple(group) for group in groups.values() for name in group}
+
+
+def _split_tied_uses(program: nn.Module, pname: str, holders: dict[str, ParameterBinding]) -> dict[str, tuple[str, ...]]:
+    """Give each initializer of a tied parameter its own uses in the traced ``program`` (in place): every op
+    reading the parameter reads instead a new name of it, one per initializer (registered beside the
+    parameter, after it, so it stays the tensor's first name), chosen as the ONNX graph holds it for that op:
+    an embedding reads the table as is, any other op (a linear, matmul) the transposed copy the exporter
+    folded for its MatMul (the as-is one if there is none). Returns initializer -> the names its uses read."""
+    if not isinstance(program, fx.GraphModule):
+        raise DistillUnsupported(f"parameter {pname} is held by several initializers ({', '.join(sorted(holders))}), "
+                                 f"quantized apart; only a traced program's uses of it can be told apart")
+    param = program.get_parameter(pname)
+    owner_name, _, leaf = pname.rpartition(".")
+    owner = program.get_submodule(owner_name)
+    tied = {n for n, p in program.named_parameters(remove_duplicate=False) if p is param}
+    by_orientation = {b.transposed: init for init, b in sorted(holders.items())}
+    graph = program.graph
+    use_names: dict[str, str] = {}
+    for node in list(graph.nodes):
+        if node.op != "get_attr" or node.target not in tied:
+            continue
+        for user in list(node.users):
+            transposed = user.target not in _EMBEDDING and True in by_orientation
+            init = by_orientation.get(transposed, next(iter(by_orientation.values())))
+            if init not in use_names:
+                use_names[init] = f"{leaf}__{len(use_names) + 1}"
+                owner.register_parameter(use_names[init], param)
+            with graph.inserting_before(user):
+                read = graph.get_attr(f"{owner_name}.{use_names[init]}" if owner_name else use_names[init])
+            user.replace_input_with(node, read)
+    graph.eliminate_dead_code()
+    program.recompile()
+    prefix = f"{owner_name}." if owner_name else ""
+    return {init: (prefix + use_names[init],) if init in use_names else () for init in holders}
+
+
+_EMBEDDING = (torch.ops.aten.embedding.default,)
+
+
 def _aliases(name: str, bindings: dict[str, ParameterBinding]) -> tuple[str, ...]:
     for b in bindings.values():
         if name in b.aliases:
@@ -192,4 +261,5 @@ def _aliases(name: str, bindings: dict[str, ParameterBinding]) -> tuple[str, ...
 
 
 def _first(out):
-    return (out[0] if isinstance(out, (tuple, list)) else out).float()
+    """The compiled output of a forward (its first tensor, :func:`~bayesq_onnx.models.base.select_output`)."""
+    return select_output(out).float()

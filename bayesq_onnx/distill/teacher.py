@@ -87,7 +87,7 @@ def teacher_targets(module: nn.Module, batches: list[tuple[torch.Tensor, ...]], 
     posterior draws of ``weights`` (no ``weights``: the FP32 model, one pass).
 
     Draw s sets every sampled weight once and runs all batches with it, so one set of sampled weights is
-    in memory at a time.
+    in memory at a time; the per-batch sums are the targets (finished in place), one output per item.
     """
     params = dict(module.named_parameters())
     draws = samples if weights else 1
@@ -109,5 +109,7 @@ def teacher_targets(module: nn.Module, batches: list[tuple[torch.Tensor, ...]], 
             out = _first(functional_call(module, sampled, batches[i]))
             value = torch.softmax(out, dim=-1) if categorical else out
             total[i] = value if total[i] is None else total[i] + value
-    means = [t / draws for t in total]
-    return [m.clamp_min(1e-30).log() for m in means] if categorical else means
+    for i, t in enumerate(total):  # in place: one copy of the targets at a time
+        t.div_(draws)
+        total[i] = t.clamp_min_(1e-30).log_() if categorical else t
+    return total
