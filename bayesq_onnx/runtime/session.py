@@ -88,7 +88,13 @@ def make_session(model: str | Path | bytes, providers: list[str],
 
 
 def run_batches(session: ort.InferenceSession, batches: list[dict[str, np.ndarray]], progress=None) -> np.ndarray:
-    """First output on every batch, concatenated (:func:`concat_items`)."""
+    """First output on every batch, concatenated (:func:`concat_items`).
+
+    Whole arrays on purpose: its callers score the evaluation set (validation, the budget search,
+    ``bayesq validate``), and a metric and its bootstrap interval need every item's output at once (the kNN
+    overlap compares items with each other). That set is bounded by ``eval_size``; the calibration set's
+    outputs are never gathered like this (the posterior fit and distillation take them a batch at a time).
+    """
     names = {i.name for i in session.get_inputs()}
     batches = progress(batches) if progress else batches
     return concat_items([session.run(None, {k: v for k, v in b.items() if k in names})[0] for b in batches])
