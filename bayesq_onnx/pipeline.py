@@ -263,7 +263,8 @@ def _floor(plan: Plan, weights: dict[str, WeightInfo], posteriors: dict, bundle:
         path.write_bytes(_rewrite(fp_bytes, candidate, config, rep))
         return run_batches(make_session(path, providers, session_config_for(config.target))[0], held)
 
-    shipped, section = ship_the_better(plan, gptq, reference, run, bundle.likelihood == "categorical")
+    shipped, section = ship_the_better(plan, gptq, reference, run, bundle.likelihood == "categorical",
+                                       seed=config.seed)
     b, g = section["bayesq"]["score"], section["gptq"]["score"]
     rep.note(f"  floor on {section['items']} held-out calibration items ({section['score']}, lower is better): "
              f"bayesq {b:.4g}, GPTQ {g:.4g} → shipping {shipped.method}'s plan")

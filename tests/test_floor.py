@@ -9,12 +9,12 @@ import torch
 
 import bayesq_onnx
 from bayesq_onnx import CompileConfig
-from bayesq_onnx.planning.floor import floor_score, held_out_split, ship_the_better
+from bayesq_onnx.planning.floor import clearly_better, held_out_split, item_scores, ship_the_better
 
 
 def test_held_out_split_keeps_one_batch_in_eight():
-    assert held_out_split([1]) == ([1], [])
-    assert held_out_split([1, 2]) == ([1], [2])
+    assert held_out_split([1]) == ([1], []) and held_out_split([1, 2, 3]) == ([1, 2, 3], [])
+    assert held_out_split([1, 2, 3, 4]) == ([1, 2, 3], [4])
     fit, held = held_out_split(list(range(8)))
     assert fit == list(range(7)) and held == [7]
     fit, held = held_out_split(list(range(17)))
@@ -36,7 +36,17 @@ def test_the_better_plan_ships_and_ties_keep_bayesq():
     assert shipped is gptq
     shipped, _ = ship_the_better(ours, gptq, ref, lambda p: near, categorical=True)
     assert shipped is ours
-    assert floor_score(ref, ref, True) == pytest.approx(0, abs=1e-12) and floor_score(ref, ref, False) == pytest.approx(0)
+    assert np.allclose(item_scores(ref, ref, True), 0, atol=1e-12) and np.allclose(item_scores(ref, ref, False), 0)
+
+
+def test_a_lead_within_the_noise_of_the_held_out_items_keeps_bayesq():
+    rng = np.random.default_rng(1)
+    ours = rng.exponential(size=16)
+    # GPTQ better on average but worse on many items: not clearly better
+    theirs = ours + rng.normal(scale=1.0, size=16) - 0.1
+    assert theirs.mean() < ours.mean() and not clearly_better(theirs, ours)[0]
+    # better on every item: clearly better
+    assert clearly_better(ours * 0.5, ours)[0]
 
 
 def test_a_compile_reports_the_floor_at_the_same_budget(tmp_path):
