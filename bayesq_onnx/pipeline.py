@@ -139,8 +139,9 @@ def compile_model(config: CompileConfig, reporter: Reporter | None = None,
         floor = None
         if floor_on and len(fit.calibration) < len(bundle.calibration):
             with rep.stage("floor: GPTQ at the same budget"):
-                plan, floor = _floor(plan, weights, posteriors, bundle, bundle.calibration[len(fit.calibration):],
-                                     fp_path, fp_bytes, providers, config, rep)
+                plan, floor = _floor(plan, weights, posteriors, allowed, bundle,
+                                     bundle.calibration[len(fit.calibration):], fp_path, fp_bytes, providers,
+                                     config, rep)
         for name, t in sorted(plan.tensors.items()):
             rep.debug(f"  {name}: {t.candidate.label}, {t.stored_bits() / t.n_weights:.3f} bits all-in")
 
@@ -164,7 +165,7 @@ def compile_model(config: CompileConfig, reporter: Reporter | None = None,
             # the verdict's reference: the same weights rounded to 8 bits per channel (bayesq_onnx/verdict.py)
             eight_bit_path = Path(tmp) / "reference-8bit.onnx"
             eight_bit_path.write_bytes(_rewrite(
-                fp_bytes, PlanRoundToNearest(8)({n: weights[n] for n in plan.tensors}), config, rep))
+                fp_bytes, PlanRoundToNearest(8)({n: weights[n] for n in plan.tensors}), _unrecorded(config), rep))
         q_path = Path(tmp) / "model.onnx"
         q_path.write_bytes(q_bytes)
 
@@ -246,21 +247,24 @@ def _fit_part(bundle: ModelBundle, hold_out: bool) -> ModelBundle:
     return dataclasses.replace(bundle, calibration=batches, calibration_targets=targets)
 
 
-def _floor(plan: Plan, weights: dict[str, WeightInfo], posteriors: dict, bundle: ModelBundle, held: list,
-           fp_path: Path, fp_bytes: bytes, providers: list[str], config: CompileConfig,
+def _floor(plan: Plan, weights: dict[str, WeightInfo], posteriors: dict, allowed: dict, bundle: ModelBundle,
+           held: list, fp_path: Path, fp_bytes: bytes, providers: list[str], config: CompileConfig,
            rep: Reporter) -> tuple[Plan, dict]:
-    """``plan`` or GPTQ's at the same all-in budget, whichever does better on the ``held`` calibration
-    batches in ONNX Runtime (:func:`~bayesq_onnx.planning.floor.ship_the_better`), and what was compared."""
+    """``plan``, or GPTQ's at the same all-in budget in the forms ``allowed`` to bayesq when it does better on
+    the ``held`` calibration batches in ONNX Runtime (:func:`~bayesq_onnx.planning.floor.ship_the_better`);
+    and what was compared."""
     budget = plan.settings.get("budget", config.bits)
-    gptq = gptq_at_budget(budget, weights, posteriors, progress=lambda names: rep.track(names, "GPTQ layers"))
+    gptq = gptq_at_budget(budget, weights, posteriors, allowed,
+                          progress=lambda names: rep.track(names, "GPTQ layers"))
     if gptq is None:
-        return plan, {"skipped": f"GPTQ's code widths cannot meet {budget:g} all-in bits on this model"}
+        return plan, {"skipped": f"GPTQ's grids in the forms `target` {config.target} allows cannot meet "
+                                 f"{budget:g} all-in bits on this model"}
     session, _ = make_session(fp_path, providers)
     reference = run_batches(session, held)
 
     def run(candidate: Plan) -> np.ndarray:
         path = fp_path.with_name(f"floor-{candidate.method}.onnx")
-        path.write_bytes(_rewrite(fp_bytes, candidate, config, rep))
+        path.write_bytes(_rewrite(fp_bytes, candidate, _unrecorded(config), rep))
         return run_batches(make_session(path, providers, session_config_for(config.target))[0], held)
 
     shipped, section = ship_the_better(plan, gptq, reference, run, bundle.likelihood == "categorical",
@@ -313,6 +317,12 @@ def _fit_posteriors(config: CompileConfig, bundle: ModelBundle, fp_bytes: bytes,
         for n in laplace.unbound:
             posts[n] = both[n].rescaled(scale)
     return posts
+
+
+def _unrecorded(config: CompileConfig) -> CompileConfig:
+    """``config`` for a rewrite that is only measured, never shipped (the 8-bit reference, the floor's
+    candidates): its passes are not dumped to `dump_dir`."""
+    return dataclasses.replace(config, dump_dir=None)
 
 
 def _rewrite(fp_bytes: bytes, plan: Plan, config: CompileConfig, rep: Reporter,

@@ -33,10 +33,31 @@ class DictOutput(nn.Module):
         return {"logits": self.head(features), "features": features}
 
 
+def fit_briefly(model: nn.Module, batches: list[torch.Tensor], label, steps: int = 60) -> nn.Module:
+    """A few Adam steps toward ``label(x)``: a random-init classifier answers one class for every input,
+    which no verdict can judge; a user's model is trained."""
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for step in range(steps):
+        x = batches[step % len(batches)]
+        out = model(x)
+        loss = F.cross_entropy(out["logits"] if isinstance(out, dict) else out, label(x))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
 def dict_output():
+    """Classifies images by their brightest colour channel and whether the image is brighter on the left."""
+    torch.manual_seed(0)
     g = _gen(0)
-    data = [torch.randn(8, 3, 16, 16, generator=g) for _ in range(4)]
-    return DictOutput(), data[:3], data[3:], "categorical"
+    images = [torch.randn(8, 3, 16, 16, generator=g) + torch.rand(8, 3, 1, 1, generator=g) * 2 for _ in range(12)]
+
+    def label(x):
+        return x.mean((2, 3)).argmax(1) * 2 + (x[..., :8].mean((1, 2, 3)) > x[..., 8:].mean((1, 2, 3))).long()
+
+    model = fit_briefly(DictOutput(), images[:8], label)
+    return model, images[8:11], images[11:], "categorical"
 
 
 # ---- a GPT-2-style LM, written by hand, tied input/output embeddings -------------------------------------------
@@ -140,10 +161,24 @@ class EinsumAttention(nn.Module):
         return torch.einsum("bd,cd->bc", h.mean(1), self.head)
 
 
+def sequences(batches: int, seed: int, length: int = 12, width: int = 32, items: int = 8) -> list[torch.Tensor]:
+    """Noise sequences with a per-item drift (so that their means differ, as real sequences' do)."""
+    g = _gen(seed)
+    return [torch.randn(items, length, width, generator=g) + torch.randn(items, 1, width, generator=g)
+            for _ in range(batches)]
+
+
+def _sign_pattern(x: torch.Tensor, axis: int, classes: int) -> torch.Tensor:
+    """A class from the signs of the first log2(classes) features' means over ``axis``."""
+    bits = (x.mean(axis)[:, :classes.bit_length() - 1] > 0).long()
+    return (bits * (2 ** torch.arange(bits.shape[1]))).sum(1)
+
+
 def einsum_attention():
-    g = _gen(3)
-    data = [torch.randn(8, 12, 32, generator=g) for _ in range(4)]
-    return EinsumAttention(), data[:3], data[3:], "categorical"
+    torch.manual_seed(3)
+    model = fit_briefly(EinsumAttention(), sequences(8, 30), lambda x: _sign_pattern(x, 1, 16))
+    data = sequences(4, 3)
+    return model, data[:3], data[3:], "categorical"
 
 
 # ---- audio: Conv1d front end and a GRU --------------------------------------------------------------------------
@@ -162,10 +197,15 @@ class AudioGRU(nn.Module):
         return self.fc(y[:, -1])
 
 
+def spectrograms(batches: int, seed: int) -> list[torch.Tensor]:
+    return [x.transpose(1, 2) for x in sequences(batches, seed, length=32, width=40)]  # [b, mels, frames]
+
+
 def audio_gru():
-    g = _gen(4)
-    data = [torch.randn(8, 40, 32, generator=g) for _ in range(4)]
-    return AudioGRU(), data[:3], data[3:], "categorical"
+    torch.manual_seed(4)
+    model = fit_briefly(AudioGRU(), spectrograms(8, 40), lambda x: _sign_pattern(x, 2, 8))
+    data = spectrograms(4, 4)
+    return model, data[:3], data[3:], "categorical"
 
 
 class AudioLSTM(AudioGRU):
@@ -175,9 +215,10 @@ class AudioLSTM(AudioGRU):
 
 
 def audio_lstm():
-    g = _gen(5)
-    data = [torch.randn(8, 40, 32, generator=g) for _ in range(4)]
-    return AudioLSTM(), data[:3], data[3:], "categorical"
+    torch.manual_seed(5)
+    model = fit_briefly(AudioLSTM(), spectrograms(8, 50), lambda x: _sign_pattern(x, 2, 8))
+    data = spectrograms(4, 5)
+    return model, data[:3], data[3:], "categorical"
 
 
 # ---- video: Conv3d ---------------------------------------------------------------------------------------------
@@ -212,18 +253,10 @@ def video3d():
     """A Conv3d classifier trained for a few steps to tell the clips' brightness pattern (the sign of each
     channel's offset: 8 classes), so that its outputs mean something, as a user's model's do."""
     torch.manual_seed(6)
-    model = Video3d()
-    train = clips(12, 60)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for step in range(60):
-        x = train[step % len(train)]
-        label = ((x.mean((2, 3, 4)) > 0).long() * torch.tensor([1, 2, 4])).sum(1)
-        loss = F.cross_entropy(model(x), label)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    model = fit_briefly(Video3d(), clips(12, 60),
+                        lambda x: ((x.mean((2, 3, 4)) > 0).long() * torch.tensor([1, 2, 4])).sum(1))
     data = clips(6, 6)
-    return model.eval(), data[:4], data[4:], "gaussian"
+    return model, data[:4], data[4:], "gaussian"
 
 
 WRITTEN = {"dict_output": dict_output, "tied_lm": tied_lm, "unet": unet, "einsum_attention": einsum_attention,

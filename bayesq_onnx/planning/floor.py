@@ -21,7 +21,7 @@ import numpy as np
 
 from ..errors import UserError
 from ..models.metrics import kl_divergence
-from ..plan import CODE_BITS, Plan
+from ..plan import Candidate, Plan
 from ..weights import WeightInfo, WeightPosterior, graph_order
 from .gptq import PlanGPTQ
 
@@ -39,19 +39,41 @@ def held_out_split(batches: list, share: int = HELD_OUT_SHARE) -> tuple[list, li
 
 
 def gptq_at_budget(budget: float, weights: dict[str, WeightInfo], posteriors: dict[str, WeightPosterior],
-                   progress: Callable | None = None) -> Plan | None:
-    """GPTQ's plan at ``budget`` *all-in* bits (codes and FP16 scales and zero points), or ``None`` where it
-    cannot meet it. The posteriors' K-FAC input factors ``A`` are GPTQ's ``H``; a weight without one (a Gather
-    table, a depthwise conv) is rounded to nearest, as GPTQ does. A budget equal to a code width mixes that width with the next narrower one (the scales
-    take the rest), as the knapsack on GPTQ's own layer errors decides."""
-    bits = budget - 1e-9 if budget in CODE_BITS else budget
-    if not CODE_BITS[0] < bits < CODE_BITS[-1]:
-        return None
+                   allowed: dict[str, list[Candidate]], progress: Callable | None = None) -> Plan | None:
+    """GPTQ's plan at ``budget`` *all-in* bits (codes and FP16 scales and zero points) in the forms bayesq may
+    use (``allowed``, its candidates per weight: the target's contract, e.g. MatMul weights packed under
+    `size`), or ``None`` where it cannot meet the budget. Per weight, GPTQ's min-max grids at the widest
+    allowed code width below the budget and the narrowest at or above it, each at the coarsest grouping
+    allowed (per row where it may), mixed by the knapsack on GPTQ's own layer errors. The posteriors' K-FAC
+    input factors ``A`` are GPTQ's ``H``; a weight without one (a Gather table, a depthwise conv) is rounded to
+    nearest, as GPTQ does."""
+    forms = {name: _gptq_forms(allowed.get(name, []), budget) for name in weights}
+    if not all(forms.values()):
+        return None  # a weight with no uniform grid allowed (a target of codebooks only): nothing to compare
+    low, high = min(c.bits for f in forms.values() for c in f), max(c.bits for f in forms.values() for c in f)
+    bits = min(max(budget, low + 1e-9), high)
     try:
-        plan = PlanGPTQ(bits, posteriors, order=graph_order(weights), progress=progress)(weights)
-    except UserError:  # a budget GPTQ's two widths cannot meet on this model: no floor to compare with
+        plan = PlanGPTQ(bits if low < high else float(low), posteriors, order=graph_order(weights),
+                        progress=progress, forms=forms)(weights)
+    except UserError:  # a budget GPTQ's widths cannot meet on this model: no floor to compare with
         return None
     return plan if plan.all_in_bits <= budget + 1e-9 else None
+
+
+def _gptq_forms(allowed: list[Candidate], budget: float) -> list[Candidate]:
+    """GPTQ's grids among ``allowed``: asymmetric uniform, per row or per group; the widest width below
+    ``budget`` and the narrowest at or above it, each at its coarsest grouping (0 = per row first)."""
+    grids = [c for c in allowed if c.family == "uniform" and not c.symmetric and not c.per_tensor]
+    widths = sorted({c.bits for c in grids})
+    below = [b for b in widths if b < budget]
+    above = [b for b in widths if b >= budget]
+    chosen = ([below[-1]] if below else []) + ([above[0]] if above else [])
+
+    def coarsest(bits: int) -> Candidate:
+        same = [c for c in grids if c.bits == bits]
+        return min(same, key=lambda c: (c.group_size != 0, -c.group_size, c.kernel))
+
+    return [coarsest(b) for b in chosen]
 
 
 def item_scores(reference: np.ndarray, candidate: np.ndarray, categorical: bool) -> np.ndarray:

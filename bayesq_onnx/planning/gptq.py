@@ -49,39 +49,45 @@ class PlanGPTQ:
 
     def __init__(self, bits: float, posteriors: dict[str, WeightPosterior], *, group_size: int = 0,
                  act_order: bool = False, mix: str = "knapsack", block: int = 128, damp: float = 0.01,
-                 order: list[str] | None = None, progress: Callable | None = None):
+                 order: list[str] | None = None, progress: Callable | None = None,
+                 forms: dict[str, list[Candidate]] | None = None):
         if mix not in MIXES:
             raise ValueError(f"mix must be one of {MIXES}")
         self.bits, self.posteriors, self.group_size = bits, posteriors, group_size
         self.act_order, self.mix, self.block, self.damp = act_order, mix, block, damp
         self.order, self.progress = order, progress
         self.widths = mix_widths(bits)
+        # per weight, the uniform grids to mix (narrowest first) instead of `widths` at `group_size`: GPTQ held
+        # to the forms a target allows (planning/floor.py)
+        self.forms = forms
 
     def __call__(self, weights: dict[str, WeightInfo]) -> Plan:
         names = sorted(weights)
-        cands = [Candidate("uniform", b, self.group_size) for b in self.widths]
+        default = [Candidate("uniform", b, self.group_size) for b in self.widths]
+        cands = {n: (self.forms or {}).get(n, default) for n in names}
         for name in names:
-            if not cands[0].fits(weights[name].layout):
+            if not all(c.fits(weights[name].layout) for c in cands[name]):
                 raise UserError(f"`group_size` {self.group_size} does not divide the input channels of {name}; "
                                 "pick a divisor or 0 (per row)")
         total = sum(weights[n].size for n in names)
-        costs = {n: [cost_bits(weights[n].layout, c) for c in cands] for n in names}
+        costs = {n: [cost_bits(weights[n].layout, c) for c in cands[n]] for n in names}
         lo, hi = (sum(c[i] for c in costs.values()) / total for i in (0, -1))
-        if len(cands) > 1 and not lo <= self.bits <= hi:
-            raise UserError(f"`bits` {self.bits:g} cannot be met mixing {self.widths[0]}- and {self.widths[1]}-bit "
-                            f"GPTQ layers: they give {lo:.3f} to {hi:.3f} all-in bits on this model")
-        if len(cands) == 1:
+        mixed = any(len(c) > 1 for c in cands.values())
+        if mixed and not lo <= self.bits <= hi:
+            raise UserError(f"`bits` {self.bits:g} cannot be met mixing GPTQ layers of {self.widths[0]} to "
+                            f"{self.widths[-1]} bits: they give {lo:.3f} to {hi:.3f} all-in bits on this model")
+        if not mixed:
             choice = {n: 0 for n in names}
         elif self.mix == "proportional":
             choice = self._fill_in_order(names, costs, total)
         else:
             choice = None  # after every width's error is known
         done: dict[tuple[str, int], tuple[QuantizedTensor, float]] = {}
-        need = [(n, i) for n in names for i in range(len(cands)) if choice is None or choice[n] == i]
+        need = [(n, i) for n in names for i in range(len(cands[n])) if choice is None or choice[n] == i]
         for name, i in (self.progress(need) if self.progress else need):
-            done[name, i] = self._quantize(weights[name], cands[i])
+            done[name, i] = self._quantize(weights[name], cands[name][i])
         if choice is None:
-            risks = [[done[n, i][1] for i in range(len(cands))] for n in names]
+            risks = [[done[n, i][1] for i in range(len(cands[n]))] for n in names]
             picked = knapsack.greedy([costs[n] for n in names], risks, self.bits * total)
             choice = dict(zip(names, picked))
         tensors = {n: done[n, choice[n]][0] for n in names}
