@@ -199,7 +199,7 @@ def _canonical(name: str, fits: list, layout: WeightLayout) -> WeightPosterior:
         order = _column_order(tuple(post.weight.shape), binding, layout)
         identity = bool((order == torch.arange(len(order))).all())
         wp.A = post.A if identity else post.A[order][:, order]  # shared, not copied, when the order is the same
-        g = torch.diag(post.G).float()
+        g = (post.G if post.G.dim() == 1 else torch.diag(post.G)).float()
         wp.G_diag = g / binding.scale ** 2 if binding.scale is not None else g
     if post.U is not None:
         shape = tuple(post.weight.shape)

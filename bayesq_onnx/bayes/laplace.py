@@ -63,7 +63,7 @@ class LayerPosterior:
     prior_precision: float               # τ
     n_data: float                        # N
     A: torch.Tensor | None = None        # K-FAC input factor [in', in'] (Conv: in·k… in unfold order)
-    G: torch.Tensor | None = None        # K-FAC output factor [out, out] (diagonal unless kfac_output="full")
+    G: torch.Tensor | None = None        # K-FAC output factor: its diagonal [out], or [out, out] (kfac_output="full")
     U: torch.Tensor | None = None        # low-rank directions of F, [numel, k] (flattened parameter layout)
     info: dict = field(default_factory=dict)
     weight: torch.Tensor | None = None   # the weight value: [out, in] for a linear op, the op's own layout else
@@ -335,9 +335,11 @@ def _fisher(layer: LayerStatistics, curvature: str, count: float):
     if curvature == "kfac" and layer.A is not None:
         # rank-deficient (fewer tokens than columns): the posterior mean under a diagonal prior (diag F unchanged)
         A, shrinkage = shrink_to_diagonal(symmetric(layer.A) / max(layer.tokens, 1), layer.tokens)
-        G = (torch.diag(layer.G) if layer.G.dim() == 1 else symmetric(layer.G)) / count
+        # a diagonal output factor stays a vector: as a dense [out, out] matrix an LM head's would be out² floats
+        G = (layer.G if layer.G.dim() == 1 else symmetric(layer.G)) / count
+        g = G if G.dim() == 1 else torch.diag(G)
         # K-FAC "expand": F ≈ G ⊗ A, so its diagonal is diag(G) ⊗ diag(A) (no per-item gradients needed)
-        return (torch.diag(G)[:, None] * torch.diag(A)[None, :]).reshape(layer.weight.shape), A, G, shrinkage
+        return (g[:, None] * torch.diag(A)[None, :]).reshape(layer.weight.shape), A, G, shrinkage
     return layer.fisher / count, None, None, None
 
 

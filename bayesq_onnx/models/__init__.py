@@ -36,8 +36,9 @@ SOURCES = {
                  "or [`calib` FILE] [`data` FILE] (.txt or .jsonl), pooled as modules.json says", True),
     "onnx": Source("onnx_file", "onnx:<file>", "`calib` FILE.npz (arrays named like the model's inputs); "
                    "fidelity to the input model's outputs", True),
-    "module": Source("python_module", "module:<package.module>:<factory>",
-                     "an importable factory returning (module, example inputs) or a ModelBundle; "
+    "module": Source("python_module", "module:<package.module>:<factory>[:<output>]",
+                     "an importable factory returning (module, example inputs) or a ModelBundle; <output> picks "
+                     "what forward returns (a dict key, a position, a dotted path; default the first tensor); "
                      "[`weights` FILE] (state dict)", True),
 }
 
