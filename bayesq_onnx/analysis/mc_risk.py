@@ -35,7 +35,9 @@ class MonteCarloRisk:
                 break
         self.inputs = [[torch.from_numpy(b[k]) for k in bundle.input_names] for b in batches]
         self.forward_passes = 0
-        self._reference: dict[str, torch.Tensor] = {}
+        # the FP32 model's outputs on the slice: one copy for every weight (at T = 0 each block's reference is
+        # the unperturbed model; an LM's logits per weight would be items × tokens × vocabulary each)
+        self._reference: torch.Tensor | None = None
 
     def _outputs(self) -> torch.Tensor:
         with torch.inference_mode():
@@ -66,10 +68,9 @@ class MonteCarloRisk:
                     ref = self._outputs()
                 else:
                     w = mu
-                    if weight.name not in self._reference:
-                        self._set(param, w, lay, binding)
-                        self._reference[weight.name] = self._outputs()
-                    ref = self._reference[weight.name]
+                    if self._reference is None:
+                        self._reference = self._outputs()
+                    ref = self._reference
                 if grid is None:
                     q = w.to(torch.float16 if cand.bits == 16 else torch.float32).float()
                 else:
