@@ -347,6 +347,7 @@ def _print_validation(result: dict) -> None:
     _print_table(console, table)
     console.print(f"{result['headline']['metric']} {result['headline']['value']:.4f}; "
                   f"latency ratio quantized / FP32 (median): {lat['ratio']:.3f}")
+    console.print(result["verdict"]["line"], markup=False, highlight=False)
 
 
 def _flags(command: click.Command):

@@ -25,6 +25,7 @@ from .planning import candidates
 from .report import tensor_bytes
 from .runtime.latency import latency_versus_fp32
 from .runtime.session import make_session, resolve_providers, run_batches, session_config_for
+from .verdict import judge, measure_for
 from .weights import graph_order
 
 _FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16,
@@ -209,6 +210,7 @@ def validate_pair(artifact: str | Path, reference: str | Path, *, data: str | Pa
     fp_path, fp_proto = load_onnx(reference, "reference")
     _check_same_signature(q_proto, fp_proto)
 
+    categorical, higher_is_better = False, True
     if data is not None:
         batches, metric, headline = npz_evaluation(fp_proto, data), output_fidelity, "cosine_mean"
         latency_feed, source = batches[0], f"{data}"
@@ -218,6 +220,7 @@ def validate_pair(artifact: str | Path, reference: str | Path, *, data: str | Pa
         bundle = load_model(model, options or SourceOptions())
         batches, metric, headline = bundle.evaluation, bundle.metric, bundle.headline
         latency_feed, source = bundle.latency_feed, f"evaluation set of {bundle.name}"
+        categorical, higher_is_better = bundle.likelihood == "categorical", bundle.higher_is_better
         wanted = [name for name, _ in _signature(fp_proto)[0]]
         if not set(wanted) <= set(batches[0]):
             raise UserError(f"`model` {model} feeds inputs {sorted(batches[0])}, but the reference takes {wanted}; "
@@ -230,10 +233,15 @@ def validate_pair(artifact: str | Path, reference: str | Path, *, data: str | Pa
     fidelity = metric(expected, got)
     latency = latency_versus_fp32(fp_session, q_session, latency_feed, providers[0], runs=runs, warmup=warmup)
     headline = headline if headline in fidelity else next(iter(fidelity))
-    ci95 = bootstrap_interval(metric, expected, got, headline, seed=(options or SourceOptions()).seed)
+    seed = (options or SourceOptions()).seed
+    ci95 = bootstrap_interval(metric, expected, got, headline, seed=seed)
+    # the compile's rule without its 8-bit reference (that needs the plan): the fixed tolerance only
+    verdict = judge(measure_for(metric, headline, categorical=categorical, higher_is_better=higher_is_better),
+                    expected, got, None, seed=seed)
     return {"artifact": str(q_path), "reference": str(fp_path), "inputs": source,
             "fidelity": fidelity, "headline": {"metric": headline, "value": fidelity[headline],
                                                "ci95": list(ci95), "items": int(len(expected))},
+            "verdict": verdict,
             "latency": latency, "session_start_s": {"fp32": fp_start, "quantized": q_start},
             "provider": {"requested": provider, "used": providers[0], "note": note,
                          "artifact_session_config": q_config}}

@@ -111,6 +111,7 @@ def test_validate_with_data_reproduces_the_report(compiled):
     assert result["provider"]["artifact_session_config"] == report["provider"]["artifact_session_config"]
     r = invoke("validate", out, "--reference", reference, "--data", data, "--runs", 1, "--provider", "cpu")
     assert r.exit_code == 0 and "latency ratio" in r.stdout and "cosine_mean" in r.stdout
+    assert r.stdout.strip().splitlines()[-1].startswith("verdict: ")
 
 
 def test_validate_with_model_source_reproduces_the_report(compiled):
@@ -125,6 +126,11 @@ def test_validate_with_model_source_reproduces_the_report(compiled):
     assert result["headline"]["value"] == pytest.approx(report["headline"]["value"], abs=1e-6)
     assert result["headline"]["ci95"] == pytest.approx(report["headline"]["ci95"], abs=1e-6)
     assert result["latency"]["feed"] == report["latency"]["feed"]
+    # the compile's verdict on the same items, measure and loss (validate has no 8-bit reference: its tolerance
+    # is the fixed one)
+    assert result["verdict"]["measure"] == report["verdict"]["measure"]
+    assert result["verdict"]["value"] == pytest.approx(report["verdict"]["value"], abs=1e-6)
+    assert result["verdict"]["loss"] == pytest.approx(report["verdict"]["loss"], abs=1e-6)
 
 
 @pytest.mark.parametrize("case,needle", [

@@ -131,6 +131,8 @@ def test_the_api_raises_a_project_warning_and_fail_on_raises(tmp_path):
     assert issubclass(BayesQWarning, UserWarning) and len(caught) >= 1
     assert result.report["verdict"]["verdict"] == "collapsed"
     assert result.report["reference_8bit"]["cosine_mean"] > 0.99  # 8-bit rounding of the same weights is fine
+    md = (result.artifact.parent / "report.md").read_text()
+    assert "## Verdict" in md and "**collapsed**" in md and "| 8-bit reference |" in md
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         with pytest.raises(BayesQWarning):
