@@ -33,8 +33,8 @@ def compile(model: torch.nn.Module, calibration: Iterable[Any], *, example_input
     naming its key to report (default: the first), ``higher_is_better`` its direction (the verdict reads
     it). Each of the report's warnings (the verdict when it does not hold, weights left in float) is raised
     as a :class:`~bayesq_onnx.errors.BayesQWarning`; with ``config.fail_on`` a verdict that bad raises
-    :class:`~bayesq_onnx.errors.VerdictFailure` after the artifact is written. ``likelihood`` is the output's likelihood for the Fisher
-    (``"categorical"`` for class logits); ``targets`` are labels per calibration batch for
+    :class:`~bayesq_onnx.errors.VerdictFailure` after the artifact is written. ``likelihood`` is the
+    output's likelihood for the Fisher (``"categorical"`` for class logits); ``targets`` are labels per calibration batch for
     ``config.fisher="empirical"``.
 
     ``forward`` may return a tensor, a tuple, a dict or a HuggingFace ``ModelOutput``: the compiled output

@@ -4,7 +4,6 @@ plan ships."""
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
 
 import bayesq_onnx

@@ -9,7 +9,7 @@ from __future__ import annotations
 import warnings
 
 import pytest
-import torch
+
 
 import bayesq_onnx
 from bayesq_onnx import BayesQWarning, CompileConfig

@@ -296,16 +296,22 @@ def _add_rows(program: fx.GraphModule, layers: dict[str, LayerStatistics], part:
     return full_backward
 
 
+def _scales(data: CalibrationData, options: LaplaceOptions, outputs: OutputMoments) -> tuple[float, float, float]:
+    """``(N, σ², count)``: the effective data size (``n_data``, else the calibration items), the output's noise
+    variance (Gaussian: given, else the outputs' variance; categorical: 1) and what the Fisher sums are divided
+    by, items · samples · σ²."""
+    n = float(options.n_data) if options.n_data is not None else float(data.items)
+    noise = 1.0
+    if data.likelihood == "gaussian":
+        noise = float(options.output_noise) if options.output_noise is not None else outputs.variance()
+    return n, noise, data.items * options.samples * noise
+
+
 def finalize_posteriors(layers: dict[str, LayerStatistics], outputs: OutputMoments, data: CalibrationData,
                         options: LaplaceOptions) -> dict[str, LayerPosterior]:
     """Each layer's accumulated sums as its posterior: the Fisher is the sum over items and target samples
     over (items · samples · σ²), with σ² the Gaussian output's noise variance (1 for a categorical output)."""
-    items, samples = data.items, options.samples
-    n = float(options.n_data) if options.n_data is not None else float(items)
-    noise = 1.0
-    if data.likelihood == "gaussian":
-        noise = float(options.output_noise) if options.output_noise is not None else outputs.variance()
-    count = items * samples * noise
+    n, noise, count = _scales(data, options, outputs)
     result = {}
     for name, layer in layers.items():
         if layer.weight is None:
@@ -316,7 +322,7 @@ def finalize_posteriors(layers: dict[str, LayerStatistics], outputs: OutputMomen
             else evidence_prior_precision(w, n * fisher_diag)
         curvature = "diag" if options.curvature == "kfac" and A is None else options.curvature
         post = LayerPosterior(layer.op.parameter or name, fisher_diag, tau, n, A=A, G=G,
-                              info={"items": items, "samples": samples, "likelihood": data.likelihood,
+                              info={"items": data.items, "samples": options.samples, "likelihood": data.likelihood,
                                     "fisher": options.fisher, "curvature": curvature, "kind": layer.kind,
                                     "output_noise_var": noise, "op": name,
                                     **({} if shrinkage is None else {"input_shrinkage": shrinkage}),
@@ -497,12 +503,7 @@ def fit_parameter_fisher(program: torch.nn.Module, parameters: list[str], data: 
     finally:
         for p, flag in zip(params, flags):
             p.requires_grad_(flag)
-    items, samples = data.items, options.samples
-    n = float(options.n_data) if options.n_data is not None else float(items)
-    noise = 1.0
-    if data.likelihood == "gaussian":
-        noise = float(options.output_noise) if options.output_noise is not None else outputs.variance()
-    count = items * samples * noise
+    n, noise, count = _scales(data, options, outputs)
     result = {}
     for name, p, acc in zip(parameters, params, sums):
         w = p.detach().float().clone()
@@ -510,8 +511,9 @@ def fit_parameter_fisher(program: torch.nn.Module, parameters: list[str], data: 
         tau = float(options.prior_precision) if options.prior_precision is not None \
             else evidence_prior_precision(w, n * fisher_diag)
         result[name] = LayerPosterior(name, fisher_diag, tau, n,
-                                      info={"items": items, "samples": samples, "likelihood": data.likelihood,
-                                            "fisher": options.fisher, "curvature": "diag", "kind": "parameter",
+                                      info={"items": data.items, "samples": options.samples,
+                                            "likelihood": data.likelihood, "fisher": options.fisher,
+                                            "curvature": "diag", "kind": "parameter",
                                             "output_noise_var": noise, "op": "whole model"},
                                       weight=w, op="whole model")
     return result
