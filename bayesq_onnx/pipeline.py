@@ -36,7 +36,7 @@ from .passes.upgrade_opset import UpgradeOpsetPass
 from .plan import Plan
 from .planning import candidates
 from .planning.budget_search import search_budget
-from .planning.floor import gptq_at_budget, held_out_split, ship_the_better
+from .planning.floor import gptq_at_budget, ship_the_better, without_held_out
 from .planning.methods import PlannerInputs, planner_for
 from .planning.propagate import PropagateErrors
 from .planning.rtn import PlanRoundToNearest
@@ -110,7 +110,7 @@ def compile_model(config: CompileConfig, reporter: Reporter | None = None,
         # the floor compares plans on calibration batches no fit has seen (planning/floor.py)
         floor_on = (config.floor == "gptq" and config.method == "bayesq" and config.max_drop is None
                     and config.curvature == "kfac")  # K-FAC's input factors are GPTQ's Hessians
-        fit = _fit_part(bundle, floor_on)
+        fit = without_held_out(bundle) if floor_on else bundle
         posteriors, posterior_sources = None, {}
         if config.method != "rtn":
             with rep.stage(_analysis_title(config, bundle)):
@@ -234,17 +234,6 @@ def compile_model(config: CompileConfig, reporter: Reporter | None = None,
             artifact.MODEL: q_bytes, artifact.REPORT_JSON: to_json_bytes(report),
             artifact.REPORT_MD: to_markdown(report).encode(), artifact.BITS_PNG: bits_plot(plan)})
     return CompileResult(files[artifact.MODEL], report, plan)
-
-
-def _fit_part(bundle: ModelBundle, hold_out: bool) -> ModelBundle:
-    """The bundle the fits and the planner see: without the floor's held-out calibration batches."""
-    if not hold_out:
-        return bundle
-    batches, held = held_out_split(bundle.calibration)
-    if not held:
-        return bundle
-    targets = bundle.calibration_targets[:len(batches)] if bundle.calibration_targets is not None else None
-    return dataclasses.replace(bundle, calibration=batches, calibration_targets=targets)
 
 
 def _floor(plan: Plan, weights: dict[str, WeightInfo], posteriors: dict, allowed: dict, bundle: ModelBundle,

@@ -30,7 +30,7 @@ from typing import Callable
 
 import numpy as np
 
-from .models.metrics import agreement_beyond_ties, bootstrap_interval
+from .models.metrics import agreement_beyond_ties, bootstrap_interval, takes_rows_argument
 
 VERDICTS = ("holds", "degraded", "collapsed")
 HOLD_LOSS = 0.05        # 5 % of the way from FP32 to chance counts as holding, whatever the reference does
@@ -54,7 +54,7 @@ def measure_for(metric: Callable[..., dict], headline: str, *, categorical: bool
     if categorical:
         return Measure("confident_agreement",
                        lambda r, c, rows=None: agreement_beyond_ties(r, c)["confident_agreement"])
-    takes_rows = _takes_rows(metric)
+    takes_rows = takes_rows_argument(metric)
 
     def score(r, c, rows=None):
         return float(metric(r, c, rows=rows)[headline] if takes_rows else metric(r, c)[headline])
@@ -110,11 +110,3 @@ def at_least(verdict: str, level: str) -> bool:
     """Whether ``verdict`` is ``level`` or worse (``unjudged`` is never)."""
     return verdict in VERDICTS and VERDICTS.index(verdict) >= VERDICTS.index(level)
 
-
-def _takes_rows(metric: Callable) -> bool:
-    import inspect
-
-    try:
-        return "rows" in inspect.signature(metric).parameters
-    except (TypeError, ValueError):
-        return False

@@ -10,7 +10,6 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-import torch.nn.functional as F
 from click.testing import CliRunner
 from torch import nn
 from written_models import dict_output
@@ -190,7 +189,7 @@ def test_cli_module_spec_picks_an_output(tmp_path):
 def test_output_moments_match_output_variance():
     """The streamed σ² is output_variance's, on equal item shapes and on rows once the shapes differ."""
     from bayesq_onnx.bayes.empirical_bayes import output_variance
-    from bayesq_onnx.bayes.laplace import OutputMoments
+    from bayesq_onnx.bayes.empirical_bayes import OutputMoments
 
     g = torch.Generator().manual_seed(0)
     for shapes in ([(8, 5, 7)] * 4, [(8, 5, 7), (8, 9, 7), (3, 2, 7)], [(1, 3)] * 10, [(16, 384)] * 5):

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..bayes.laplace import CalibrationData, LaplaceOptions, fit_laplace, fit_parameter_fisher
+from ..bayes.laplace import CalibrationData, LaplaceOptions, fit_laplace
+from ..bayes.parameter_fisher import fit_parameter_fisher
 from ..errors import UserError
 from ..export import traced_program
 from ..traced import weight_ops

@@ -68,3 +68,53 @@ def unshrink_from_diagonal(a: torch.Tensor, delta: float) -> torch.Tensor:
     raw = a / (1.0 - delta)
     raw.diagonal().copy_(torch.diagonal(a))
     return raw
+
+
+class OutputMoments:
+    """The program's output over the calibration items as running moments, for a Gaussian output's σ² (the
+    mean over output coordinates of their variance across items, as
+    :func:`output_variance` defines it) without keeping the outputs: an
+    LM's logits over the calibration set are items × tokens × vocabulary, these sums one item's worth.
+
+    Per coordinate, the count, mean and sum of squared deviations in float64, each batch's (two-pass) merged
+    in by Chan et al.'s pairwise update. Two frames, as ``output_variance`` reads them: the coordinates of a
+    whole item (while every batch's items have one shape) and rows of the last axis (used once they differ).
+    ``needed=False`` (a categorical output, or σ² given): ``append`` keeps nothing.
+    """
+
+    def __init__(self, needed: bool = True):
+        self.needed = needed
+        self.shape: tuple | None = None        # one item's output shape, while all batches agree on it
+        self.item: list | None = None          # [count, mean, m2] over whole items
+        self.row: list | None = None           # [count, mean, m2] over rows of the last axis
+
+    def append(self, out: torch.Tensor) -> None:
+        """Add one batch's outputs (items first)."""
+        if not self.needed:
+            return
+        if self.shape is None:
+            self.shape = tuple(out.shape[1:])
+        if self.item is not None or self.row is None:  # still in the whole-item frame
+            if tuple(out.shape[1:]) == self.shape:
+                self.item = self._merge(self.item, out.reshape(out.shape[0], -1))
+            else:
+                self.item = None
+        self.row = self._merge(self.row, out.reshape(-1, out.shape[-1]))
+
+    @staticmethod
+    def _merge(acc: list | None, x: torch.Tensor) -> list:
+        x = x.detach().double()
+        n, mean = x.shape[0], x.mean(0)
+        m2 = (x - mean).square_().sum(0)
+        if acc is None:
+            return [n, mean, m2]
+        count, mu, sq = acc
+        delta, total = mean - mu, count + n
+        return [total, mu + delta * (n / total), sq + m2 + delta.square_() * (count * n / total)]
+
+    def variance(self) -> float:
+        """σ²: the mean over coordinates of each one's unbiased variance across items (rows when the items'
+        shapes differ), floored at 1e-12."""
+        count, _, m2 = self.item if self.item is not None else self.row
+        per_coordinate = (m2 / (count - 1)).float()   # float32, as torch.var returns it for float32 outputs
+        return max(float(per_coordinate.mean()), 1e-12)

@@ -50,7 +50,7 @@ import torch
 
 from ..choices import CURVATURES, FISHERS
 from ..traced import WeightOp, insert_taps, remove_taps, weight_ops
-from .empirical_bayes import evidence_prior_precision, shrink_to_diagonal
+from .empirical_bayes import OutputMoments, evidence_prior_precision, shrink_to_diagonal
 from .likelihood import LIKELIHOODS, BatchDraws, pseudo_loss
 from .op_gradients import add_gram, per_item, symmetric
 
@@ -95,56 +95,6 @@ class LayerStatistics:
     kfac: bool = False
     kfac_output: str = "diag"
     outputs: list = field(default_factory=list)  # the layer's outputs in the current forward (autograd targets)
-
-
-class OutputMoments:
-    """The program's output over the calibration items as running moments, for a Gaussian output's σ² (the
-    mean over output coordinates of their variance across items, as
-    :func:`~bayesq_onnx.bayes.empirical_bayes.output_variance` defines it) without keeping the outputs: an
-    LM's logits over the calibration set are items × tokens × vocabulary, these sums one item's worth.
-
-    Per coordinate, the count, mean and sum of squared deviations in float64, each batch's (two-pass) merged
-    in by Chan et al.'s pairwise update. Two frames, as ``output_variance`` reads them: the coordinates of a
-    whole item (while every batch's items have one shape) and rows of the last axis (used once they differ).
-    ``needed=False`` (a categorical output, or σ² given): ``append`` keeps nothing.
-    """
-
-    def __init__(self, needed: bool = True):
-        self.needed = needed
-        self.shape: tuple | None = None        # one item's output shape, while all batches agree on it
-        self.item: list | None = None          # [count, mean, m2] over whole items
-        self.row: list | None = None           # [count, mean, m2] over rows of the last axis
-
-    def append(self, out: torch.Tensor) -> None:
-        """Add one batch's outputs (items first)."""
-        if not self.needed:
-            return
-        if self.shape is None:
-            self.shape = tuple(out.shape[1:])
-        if self.item is not None or self.row is None:  # still in the whole-item frame
-            if tuple(out.shape[1:]) == self.shape:
-                self.item = self._merge(self.item, out.reshape(out.shape[0], -1))
-            else:
-                self.item = None
-        self.row = self._merge(self.row, out.reshape(-1, out.shape[-1]))
-
-    @staticmethod
-    def _merge(acc: list | None, x: torch.Tensor) -> list:
-        x = x.detach().double()
-        n, mean = x.shape[0], x.mean(0)
-        m2 = (x - mean).square_().sum(0)
-        if acc is None:
-            return [n, mean, m2]
-        count, mu, sq = acc
-        delta, total = mean - mu, count + n
-        return [total, mu + delta * (n / total), sq + m2 + delta.square_() * (count * n / total)]
-
-    def variance(self) -> float:
-        """σ²: the mean over coordinates of each one's unbiased variance across items (rows when the items'
-        shapes differ), floored at 1e-12."""
-        count, _, m2 = self.item if self.item is not None else self.row
-        per_coordinate = (m2 / (count - 1)).float()   # float32, as torch.var returns it for float32 outputs
-        return max(float(per_coordinate.mean()), 1e-12)
 
 
 @dataclass(frozen=True)
@@ -258,8 +208,8 @@ def _add_batch(program: fx.GraphModule, layers: dict[str, LayerStatistics], inpu
     step = size if options.micro_batch is None else min(options.micro_batch, size)
     for start in range(0, size, step):
         rows = slice(start, min(start + step, size))
-        part = [_rows(x, rows, size) for x in inputs]
-        part_target = _rows(target, rows, size) if target is not None else None
+        part = [item_rows(x, rows, size) for x in inputs]
+        part_target = item_rows(target, rows, size) if target is not None else None
         full_backward = _add_rows(program, layers, part, part_target, draws, rows, likelihood, options, pass_index,
                                   outputs, full_backward)
         for layer in layers.values():  # free this micro-batch's activations before the next
@@ -296,7 +246,7 @@ def _add_rows(program: fx.GraphModule, layers: dict[str, LayerStatistics], part:
     return full_backward
 
 
-def _scales(data: CalibrationData, options: LaplaceOptions, outputs: OutputMoments) -> tuple[float, float, float]:
+def fisher_scales(data: CalibrationData, options: LaplaceOptions, outputs: OutputMoments) -> tuple[float, float, float]:
     """``(N, σ², count)``: the effective data size (``n_data``, else the calibration items), the output's noise
     variance (Gaussian: given, else the outputs' variance; categorical: 1) and what the Fisher sums are divided
     by, items · samples · σ²."""
@@ -311,7 +261,7 @@ def finalize_posteriors(layers: dict[str, LayerStatistics], outputs: OutputMomen
                         options: LaplaceOptions) -> dict[str, LayerPosterior]:
     """Each layer's accumulated sums as its posterior: the Fisher is the sum over items and target samples
     over (items · samples · σ²), with σ² the Gaussian output's noise variance (1 for a categorical output)."""
-    n, noise, count = _scales(data, options, outputs)
+    n, noise, count = fisher_scales(data, options, outputs)
     result = {}
     for name, layer in layers.items():
         if layer.weight is None:
@@ -415,7 +365,7 @@ def _backward(loss: torch.Tensor, inputs: list[torch.Tensor], layers, retain: bo
     return True
 
 
-def _rows(t: torch.Tensor, rows: slice, size: int) -> torch.Tensor:
+def item_rows(t: torch.Tensor, rows: slice, size: int) -> torch.Tensor:
     """The micro-batch's items of a batched tensor (one whose leading dimension is the batch)."""
     return t[rows] if t.dim() > 0 and t.shape[0] == size and (rows.start, rows.stop) != (0, size) else t
 
@@ -453,67 +403,3 @@ def _accumulate(layer: LayerStatistics, curvature: str, pass_index: int, rank: i
     else:
         layer.proj.append(layer.Q.T @ flat.T)                           # [k', B]
 
-
-def fit_parameter_fisher(program: torch.nn.Module, parameters: list[str], data: CalibrationData,
-                         options: LaplaceOptions = LaplaceOptions(), progress: Callable | None = None
-                         ) -> dict[str, LayerPosterior]:
-    """Diagonal Laplace posterior of parameters that no traced op reads on its own (a recurrent op's weights,
-    which ``torch.export`` keeps inside ``aten.gru``/``aten.lstm``; any weight the program computes with in
-    an op :mod:`bayesq_onnx.traced` has no tap for), by autograd through the whole program.
-
-    The same posterior as :func:`fit_laplace`'s ``diag`` form, on the same scale: the true Fisher
-    ``F_ii = Σ_items Σ_samples g_i² / (items · samples · σ²)`` where ``g`` is one item's gradient of the
-    same pseudo log-likelihood (:func:`~bayesq_onnx.bayes.likelihood.pseudo_loss`, targets drawn from the
-    model's own predictive with each batch's generator seeded as :func:`accumulate_statistics` seeds it, or
-    the labels), ``σ²`` the Gaussian output's variance over the calibration items (1 for a categorical
-    output), ``N`` the calibration items (or ``n_data``) and ``τ`` the per-parameter evidence fixed point
-    (or ``prior_precision``). Per-item gradients need one backward per item (a loop over items, not over
-    weights): the square of a batch's summed gradient would add the cross terms between items, which the
-    Fisher does not have. ``curvature`` kfac and lowrank take this diagonal too (no factors without taps).
-    """
-    named = dict(program.named_parameters())
-    params = [named[p] for p in parameters]
-    flags = [p.requires_grad for p in params]
-    sums = [torch.zeros(p.shape, dtype=torch.float32) for p in params]
-    outputs = OutputMoments(needed=data.likelihood == "gaussian" and options.output_noise is None)
-    try:
-        for p in params:
-            p.requires_grad_(True)
-        for bi, batch in enumerate(progress(data.batches) if progress else data.batches):
-            inputs = [batch[n] for n in data.input_names]
-            gen = torch.Generator().manual_seed(options.seed * 1_000_003 + bi)
-            size = int(inputs[0].shape[0])
-            draws = BatchDraws(gen, size)
-            target = data.targets[bi] if data.targets else None
-            for i in range(size):
-                rows = slice(i, i + 1)
-                part = [_rows(x, rows, size) for x in inputs]
-                with torch.enable_grad():
-                    out = program(*part)
-                    out = out[0] if isinstance(out, (tuple, list)) else out
-                    outputs.append(out.detach().float())
-                    for s in range(options.samples):
-                        loss = pseudo_loss(out, data.likelihood, options.fisher,
-                                           _rows(target, rows, size) if target is not None else None, draws, s, rows)
-                        grads = torch.autograd.grad(loss, params, retain_graph=s < options.samples - 1,
-                                                    allow_unused=True)
-                        for acc, g in zip(sums, grads):
-                            if g is not None:
-                                acc += g.detach().float() ** 2
-    finally:
-        for p, flag in zip(params, flags):
-            p.requires_grad_(flag)
-    n, noise, count = _scales(data, options, outputs)
-    result = {}
-    for name, p, acc in zip(parameters, params, sums):
-        w = p.detach().float().clone()
-        fisher_diag = acc / count
-        tau = float(options.prior_precision) if options.prior_precision is not None \
-            else evidence_prior_precision(w, n * fisher_diag)
-        result[name] = LayerPosterior(name, fisher_diag, tau, n,
-                                      info={"items": data.items, "samples": options.samples,
-                                            "likelihood": data.likelihood, "fisher": options.fisher,
-                                            "curvature": "diag", "kind": "parameter",
-                                            "output_noise_var": noise, "op": "whole model"},
-                                      weight=w, op="whole model")
-    return result

@@ -126,6 +126,14 @@ def agreement_beyond_ties(reference: np.ndarray, candidate: np.ndarray, margin: 
             "confident_items": int(confident.sum()), "kl_mean": float(kl_divergence(r, c).mean())}
 
 
+def takes_rows_argument(metric: Callable) -> bool:
+    """Whether ``metric`` takes ``rows=`` (the items the arrays hold: a metric with per-item data of its own)."""
+    try:
+        return "rows" in inspect.signature(metric).parameters
+    except (TypeError, ValueError):  # builtins and some C callables have no signature
+        return False
+
+
 def bootstrap_interval(metric: Callable[..., dict], reference: np.ndarray, candidate: np.ndarray, key: str,
                        samples: int = 200, level: float = 0.95, seed: int = 0) -> tuple[float, float]:
     """Percentile bootstrap interval of ``metric(reference, candidate)[key]`` over items: ``samples``
@@ -134,7 +142,7 @@ def bootstrap_interval(metric: Callable[..., dict], reference: np.ndarray, candi
     A metric that holds per-item data of its own (labels) takes ``rows=`` (the resampled item indices);
     any other sees only the resampled arrays.
     """
-    takes_rows = "rows" in inspect.signature(metric).parameters
+    takes_rows = takes_rows_argument(metric)
     rng = np.random.default_rng(seed)
     n = len(reference)
     values = np.empty(samples)

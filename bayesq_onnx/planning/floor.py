@@ -15,11 +15,13 @@ bayesq's plan ships unless GPTQ wins item after item.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable
 
 import numpy as np
 
 from ..errors import UserError
+from ..models.base import ModelBundle
 from ..models.metrics import kl_divergence
 from ..plan import Candidate, Plan
 from ..weights import WeightInfo, WeightPosterior, graph_order
@@ -36,6 +38,16 @@ def held_out_split(batches: list, share: int = HELD_OUT_SHARE) -> tuple[list, li
         return list(batches), []
     cut = len(batches) - max(1, len(batches) // share)
     return list(batches[:cut]), list(batches[cut:])
+
+
+def without_held_out(bundle: ModelBundle) -> ModelBundle:
+    """The bundle the fits and the planners see: its calibration without the held-out batches (and their
+    labels); ``bundle`` itself when nothing can be held out."""
+    batches, held = held_out_split(bundle.calibration)
+    if not held:
+        return bundle
+    targets = bundle.calibration_targets[:len(batches)] if bundle.calibration_targets is not None else None
+    return dataclasses.replace(bundle, calibration=batches, calibration_targets=targets)
 
 
 def gptq_at_budget(budget: float, weights: dict[str, WeightInfo], posteriors: dict[str, WeightPosterior],
