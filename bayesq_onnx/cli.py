@@ -149,6 +149,12 @@ def _config_defaults(command: click.Command) -> click.Command:
            help="bayesq and bayesq-fixed: after planning, round the codes again layer by layer in graph order on "
                 "the inputs of the partly quantized model (sequential), and toward the FP32 model's outputs "
                 "(fp-outputs); grids and bits unchanged.")
+@_advanced("--reconstruct/--no-reconstruct", show_default=True,
+           help="After planning, choose the codes again block by block (several layers at once, AdaRound's "
+                "learned rounding) so each block reproduces the FP32 model's block outputs in the posterior "
+                "metric; grids and bits unchanged, early stop on held-out calibration items. PyTorch models.")
+@_advanced("--reconstruct-steps", type=int, show_default=True,
+           help="Reconstruction: Adam steps per block at most.")
 @_advanced("--gptq-mix", type=click.Choice(GPTQ_MIXES), show_default=True,
            help="gptq at a fractional --bits: wider codes by knapsack on GPTQ's layer errors, or to layers "
                 "in graph order (proportional).")

@@ -44,6 +44,8 @@ class CompileConfig:
     act_order: bool = False      # kfac rounding: columns in decreasing curvature order (GPTQ's act-order)
     rounding: str = "feedback"   # bayesq*: codes by error feedback in the posterior metric, or nearest on the grid
     propagate: str = "none"      # bayesq*: re-round codes in graph order on the partly quantized model's inputs
+    reconstruct: bool = False    # bayesq*, gptq: re-choose codes block by block in the posterior metric (planning/reconstruct.py)
+    reconstruct_steps: int = 200  # Adam steps per block at most (the best held-out codes are kept)
     gptq_mix: str = "knapsack"   # gptq at a fractional budget: which layers get the wider codes
     target: str = "size"         # bayesq: size | speed | cuda (which candidates each op may take)
     floor: str = "gptq"          # bayesq: also plan GPTQ at the budget, ship the better on held-out calibration
@@ -99,6 +101,11 @@ class CompileConfig:
         if self.propagate != "none" and self.method not in ("bayesq", "bayesq-fixed"):
             raise UserError(f"`propagate` re-rounds the codes of bayesq and bayesq-fixed plans; `method` {self.method} "
                             f"rounds its own way: drop `propagate`")
+        if self.reconstruct_steps < 1:
+            raise UserError("`reconstruct_steps` must be at least 1")
+        if self.reconstruct and self.method == "rtn":
+            raise UserError("`reconstruct` re-chooses the codes of a plan fitted on calibration data; `method` rtn "
+                            "rounds to nearest by definition: use bayesq or gptq, or drop `reconstruct`")
         if self.codebook_rows < 1:
             raise UserError("`codebook_rows` must be at least 1")
         if self.fisher_samples < 1 or self.rank < 1:

@@ -39,6 +39,7 @@ from .planning.budget_search import search_budget
 from .planning.floor import gptq_at_budget, ship_the_better, without_held_out
 from .planning.methods import PlannerInputs, planner_for
 from .planning.propagate import PropagateErrors
+from .planning.reconstruct import ReconstructBlocks, ReconstructOptions, ReconstructUnsupported
 from .planning.rtn import PlanRoundToNearest
 from .progress import Reporter
 from .report import (bits_plot, file_accounting, float_left_warnings, to_json_bytes, to_markdown,
@@ -142,6 +143,10 @@ def compile_model(config: CompileConfig, reporter: Reporter | None = None,
                 plan, floor = _floor(plan, weights, posteriors, allowed, bundle,
                                      bundle.calibration[len(fit.calibration):], fp_path, fp_bytes, providers,
                                      config, rep)
+        if config.reconstruct:
+            with rep.stage("reconstruct blocks (learned rounding)"):
+                plan = _reconstruct(config, fit, bindings, plan, weights, rep)
+            release_freed_memory()
         for name, t in sorted(plan.tensors.items()):
             rep.debug(f"  {name}: {t.candidate.label}, {t.stored_bits() / t.n_weights:.3f} bits all-in")
 
@@ -264,6 +269,25 @@ def _floor(plan: Plan, weights: dict[str, WeightInfo], posteriors: dict, allowed
     return shipped, section
 
 
+def _reconstruct(config: CompileConfig, bundle: ModelBundle, bindings: dict, plan: Plan,
+                 weights: dict[str, WeightInfo], rep: Reporter) -> Plan:
+    """``plan`` with its codes chosen again block by block (:mod:`bayesq_onnx.planning.reconstruct`), or as
+    it is, with a note, when the traced program cannot be run block by block."""
+    options = ReconstructOptions(steps=config.reconstruct_steps, seed=config.seed)
+    try:
+        out = ReconstructBlocks(bundle.module, bindings, bundle.calibration, bundle.input_names, bundle.likelihood,
+                                options, progress=rep.track)(plan, weights)
+    except ReconstructUnsupported as exc:
+        rep.note(f"[yellow]reconstruction skipped: {exc}[/]")
+        return Plan(plan.method, plan.tensors, {**plan.settings, "reconstruction": {"skipped": str(exc)}})
+    r = out.settings["reconstruction"]
+    before = sum(b["heldout_error_before"] for b in r["per_block"])
+    after = sum(b["heldout_error_after"] for b in r["per_block"])
+    rep.note(f"  {r['blocks']} blocks, codes of {r['weights_changed']} of {r['weights_reconstructed']} weights "
+             f"moved; held-out block error {before:.4g} → {after:.4g}")
+    return out
+
+
 def _analysis_title(config: CompileConfig, bundle: ModelBundle) -> str:
     if config.method == "gptq":
         return "collect GPTQ Hessians (E[x xᵀ] of activations)"
@@ -364,6 +388,8 @@ def _serialize(model: ir.Model) -> bytes:
 
 def _check_source_supports(config: CompileConfig, bundle: ModelBundle) -> None:
     """Settings that need a PyTorch model, refused for an ONNX input before any work is done."""
+    if bundle.module is None and config.reconstruct:
+        raise UserError("`reconstruct` runs the PyTorch model block by block; an ONNX input has none: drop `reconstruct`")
     if bundle.module is None and config.distill:
         raise UserError("`distill` trains a PyTorch copy of the model; an ONNX input has none: drop `distill`")
     if bundle.module is not None or config.method == "rtn":

@@ -1,0 +1,519 @@
+"""ReconstructBlocks: learned rounding across layers, block by block, in the posterior metric (issue 30;
+BRECQ, arXiv 2102.05426, with AdaRound's rounding variables, :mod:`bayesq_onnx.quant.adaround`).
+
+Within-layer error feedback (the planner's, GPTQ's) makes each layer's output close to its FP32 output on
+its own; an error no single layer can undo (a 3×3 depthwise kernel has nine weights to compensate with) has
+to be absorbed by the layers after it. Here the codes of several consecutive layers are chosen together.
+
+**Blocks** come from the traced program the ONNX graph was exported from (the same ATen ops, BatchNorm
+folded): positions in graph order where the fewest activations are live (a residual join, or between two
+layers of a plain chain) cut it into spans, and consecutive spans are merged until each holds at least
+``min_ops`` quantized ops. A block's inputs are the activations live at its start, its outputs those live at
+its end.
+
+**Objective**, per block: its outputs' error, each element weighted by the diagonal of the likelihood's
+Fisher at that activation, ``E[g²]`` with ``g = ∂ log p(y | x) / ∂ output`` and ``y`` drawn from the model's
+own predictive (the true Fisher whose weight-space form is the posterior's data term ``N·F``; BRECQ's
+weighting):
+
+    L(V) = Σ_outputs mean(F ⊙ (f(x̃; Ŵ(V)) − f(x; W))²) / L₀ + λ · mean(1 − |2h(V) − 1|^β)
+
+where ``x̃`` are the block's inputs in the model whose earlier blocks are already reconstructed (quantized),
+``f(x; W)`` the FP32 model's outputs on the same items, and ``L₀`` the planned codes' error (so λ means the
+same for every block). Each weight chooses between its planned code and the next grid point toward its FP32
+value (for a codebook, the neighbouring level of its table); the grids, scales, codebook levels and bits stay
+as planned, so the file and its all-in bits do not move.
+
+**Not fitting the calibration set**: the calibration batches are split, one in eight held out. Every
+``steps / 4`` Adam steps the hardened codes are scored on the held-out items by the unregularized error, and
+the block keeps the best codes seen, the planned ones included: a block is never worse on held-out items than
+the plan it was given. Per block, the error before and after on the fitted and the held-out items goes in the
+plan's settings (the report's ``plan.settings.reconstruction``).
+
+Planned weights that are not a parameter of the program read by one op of it (exporter-computed constants,
+tied tables held twice) keep their codes and enter the quantized path with their planned values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import fx
+from torch.fx.node import map_arg
+
+from ..bayes.likelihood import BatchDraws, pseudo_loss
+from ..export import ParameterBinding
+from ..models.base import Batch, select_output
+from ..plan import Plan, QuantizedTensor
+from ..quant import adaround
+from ..quant.uniform import code_range
+from ..weights import WeightInfo, canonical_mu
+
+
+@dataclass(frozen=True)
+class ReconstructOptions:
+    steps: int = 200           # Adam steps per block (at most: the best held-out codes are kept)
+    min_ops: int = 3           # quantized ops per block, at least (the last block may have fewer)
+    lr: float = 0.05           # Adam's step on the rounding logits V (|V| ≈ 2.4 at the start)
+    regularizer: float = 0.1   # λ, relative to the planned codes' error
+    batch_items: int = 32      # calibration items per step (batches of equal shapes are concatenated)
+    held_share: int = 8        # one batch in this many (at least one) is held out for early stopping
+    seed: int = 0
+
+
+class ReconstructUnsupported(ValueError):
+    """The program cannot be run block by block (the reason says why); the compile keeps its plan."""
+
+
+@dataclass
+class Block:
+    start: int                  # position of the cut before the block (−1: the graph inputs)
+    end: int                    # position of the cut closing it
+    nodes: list[fx.Node]        # the data-dependent nodes it computes, in graph order
+    inputs: list[fx.Node]       # values live at its start
+    outputs: list[fx.Node]      # float tensors live at its end (the objective's terms)
+    live_out: list[fx.Node]     # every value live at its end (what the next block reads)
+    weights: list[str] = dataclasses.field(default_factory=list)  # planned initializers it reconstructs
+
+
+class ReconstructBlocks:
+    """Re-choose ``plan``'s codes block by block (module docstring) on the PyTorch ``program``."""
+
+    def __init__(self, program: fx.GraphModule, bindings: dict[str, ParameterBinding], calibration: list[Batch],
+                 input_names: list[str], likelihood: str, options: ReconstructOptions = ReconstructOptions(),
+                 progress: Callable | None = None):
+        self.program, self.bindings, self.input_names = program, bindings, input_names
+        self.calibration, self.likelihood, self.options, self.progress = calibration, likelihood, options, progress
+
+    def __call__(self, plan: Plan, weights: dict[str, WeightInfo]) -> Plan:
+        start_time = time.perf_counter()
+        opts = self.options
+        torch.manual_seed(opts.seed)
+        program = Program(self.program)
+        params = program.parameter_targets()
+        rounding, fixed = _rounding_weights(plan, weights, self.bindings, params)
+        if not rounding:
+            raise ReconstructUnsupported("no planned weight is a parameter read by one op of the traced program")
+        blocks = program.blocks({t: n for n, r in rounding.items() for t in r.targets}, opts.min_ops)
+        batches = [program.tensors(b, self.input_names) for b in _rebatched(self.calibration, opts.batch_items)]
+        held = max(1, len(batches) // opts.held_share) if len(batches) >= 2 else 0
+        train, heldout = batches[:len(batches) - held], batches[len(batches) - held:]
+        program.check_runs(batches[0])
+
+        fixed_values = {t: v for qt_values in fixed.values() for t, v in qt_values.items()}
+        fisher = program.fisher({o for b in blocks for o in b.outputs}, batches, self.likelihood, opts.seed)
+        # the quantized path's and the FP32 path's live values at the current cut, per batch
+        q_env = [program.inputs_env(b) for b in batches]
+        fp_env = [dict(e) for e in q_env]
+        chosen: dict[str, torch.Tensor] = {}  # weight -> the hardened "moved" mask
+        report = []
+        items = self.progress(blocks, "reconstruct blocks") if self.progress else blocks
+        for block in items:
+            targets = [program.run(block, env, {}) for env in fp_env]
+            names = block.weights
+            variables = {n: rounding[n] for n in names}
+            override = dict(fixed_values)
+            for n in chosen:  # earlier blocks' final values
+                override.update(rounding[n].values(chosen[n]))
+            stats, moved = _fit_block(program, block, variables, override, q_env, targets, fisher, len(train), opts)
+            chosen.update(moved)
+            for n in names:
+                override.update(rounding[n].values(moved[n]))
+            q_env = [_live(program.run(block, env, override), env, block) for env in q_env]
+            fp_env = [_live(t, env, block) for t, env in zip(targets, fp_env)]
+            report.append({"weights": names, **stats})
+
+        tensors = dict(plan.tensors)
+        changed = 0
+        for n, moved in chosen.items():
+            if bool(moved.any()):
+                tensors[n] = rounding[n].with_codes(moved)
+                changed += 1
+        settings = {"blocks": len(blocks), "weights_reconstructed": len(rounding), "weights_changed": changed,
+                    "weights_fixed": sorted(set(plan.tensors) - set(rounding)), "steps_per_block": opts.steps,
+                    "train_items": sum(_items(b) for b in train), "heldout_items": sum(_items(b) for b in heldout),
+                    "seconds": round(time.perf_counter() - start_time, 3), "per_block": report}
+        return Plan(plan.method, tensors, {**plan.settings, "reconstruction": settings})
+
+
+# ---- rounding variables of one weight ----------------------------------------------------------------------
+@dataclass
+class RoundingWeight:
+    """One planned weight's two candidate codes per element: planned ``q`` and ``q′`` one grid point toward
+    its FP32 value, and their values (canonical ``[rows, cols]``); ``targets``: the program parameter names
+    that read it, ``transposed``/``shape``: how its ONNX layout maps to the parameter."""
+
+    qt: QuantizedTensor
+    alternative: np.ndarray      # q′, int16 canonical
+    planned_values: torch.Tensor
+    alternative_values: torch.Tensor
+    targets: tuple[str, ...]
+    transposed: bool
+    shape: tuple[int, ...]
+
+    def to_parameter(self, canonical: torch.Tensor) -> torch.Tensor:
+        w = self.qt.layout.from_canonical(canonical)
+        return (w.T if self.transposed else w).reshape(self.shape)
+
+    def soft(self, v: torch.Tensor) -> dict[str, torch.Tensor]:
+        value = self.to_parameter(adaround.soft_weight(self.planned_values, self.alternative_values, v))
+        return dict.fromkeys(self.targets, value)
+
+    def values(self, moved: torch.Tensor) -> dict[str, torch.Tensor]:
+        value = self.to_parameter(torch.where(moved, self.alternative_values, self.planned_values))
+        return dict.fromkeys(self.targets, value)
+
+    def with_codes(self, moved: torch.Tensor) -> QuantizedTensor:
+        codes = np.where(moved.numpy(), self.alternative, self.qt.codes).astype(np.int16)
+        info = {**self.qt.info, "reconstruction": {"codes_moved": int(moved.sum())}}
+        return dataclasses.replace(self.qt, codes=codes, info=info)
+
+
+def alternative_codes(qt: QuantizedTensor, mu: torch.Tensor) -> np.ndarray:
+    """``q′``: for every weight the code of the grid point next to its planned value on the side of its FP32
+    value ``mu`` (canonical); the planned code where there is none (the grid's end, or ``ŵ = w``).
+
+    Uniform grids: ``q ± 1`` within the code range (a positive scale makes values increase with codes).
+    Codebooks: the neighbouring level of the row's table in sorted order."""
+    c = qt.candidate
+    q = torch.from_numpy(qt.codes.astype(np.int64))
+    planned = torch.from_numpy(qt.layout.to_canonical(qt.dequantize()))
+    direction = torch.sign(mu - planned).long()
+    if c.family == "uniform":
+        lo, hi = code_range(c.bits, c.symmetric)
+        return (q + direction).clamp(lo, hi).numpy().astype(np.int16)
+    tables = torch.from_numpy(qt.levels.astype(np.float32))
+    per = c.rows_per_table(qt.layout)
+    row_table = torch.arange(q.shape[0]) // per
+    order = torch.argsort(tables, dim=1, stable=True)            # rank -> code
+    rank = torch.argsort(order, dim=1)                            # code -> rank
+    r = torch.gather(rank[row_table], 1, q)
+    r2 = (r + direction).clamp(0, tables.shape[1] - 1)
+    return torch.gather(order[row_table], 1, r2).numpy().astype(np.int16)
+
+
+def _rounding_weights(plan: Plan, weights: dict[str, WeightInfo], bindings: dict[str, ParameterBinding],
+                      params: dict[str, tuple[int, ...]]) -> tuple[dict[str, RoundingWeight], dict[str, dict]]:
+    """The planned weights that get rounding variables (uniform or codebook, bound to a parameter that the
+    program reads and that no other initializer holds), and the other planned ones that are parameters
+    (fixed: name -> {target: planned value})."""
+    holders: dict[str, list[str]] = {}
+    for init, b in bindings.items():
+        holders.setdefault(b.aliases[0] if b.aliases else b.parameter, []).append(init)
+    rounding, fixed = {}, {}
+    for name, qt in sorted(plan.tensors.items()):
+        b = bindings.get(name)
+        if b is None:
+            continue
+        aliases = b.aliases or (b.parameter,)
+        targets = tuple(a for a in aliases if a in params)
+        if not targets or len(holders.get(aliases[0], [])) != 1:
+            continue
+        shape = params[targets[0]]
+        if qt.candidate.family == "float":
+            value = torch.from_numpy(qt.dequantize())
+            fixed[name] = dict.fromkeys(targets, (value.T if b.transposed else value).reshape(shape))
+            continue
+        mu = canonical_mu(weights[name])
+        alt = alternative_codes(qt, mu)
+        planned = torch.from_numpy(qt.layout.to_canonical(qt.dequantize()))
+        alt_values = torch.from_numpy(qt.layout.to_canonical(dataclasses.replace(qt, codes=alt).dequantize()))
+        rounding[name] = RoundingWeight(qt, alt, planned, alt_values, targets, b.transposed, shape)
+    return rounding, fixed
+
+
+# ---- one block --------------------------------------------------------------------------------------------
+def _fit_block(program: "Program", block: Block, variables: dict[str, RoundingWeight], override: dict,
+               q_env: list[dict], targets: list[dict], fisher: dict, n_train: int,
+               opts: ReconstructOptions) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Adam on the block's rounding logits (module docstring); returns the block's figures and, per weight,
+    which elements take the alternative code (the best hardened codes on the held-out batches)."""
+    start = time.perf_counter()
+    planned = {n: torch.zeros(r.planned_values.shape, dtype=torch.bool) for n, r in variables.items()}
+    logits = {n: adaround.start_logits(m).requires_grad_() for n, m in planned.items()}
+    train, held = range(n_train), range(n_train, len(q_env))
+
+    def error(i: int, values: dict) -> torch.Tensor:
+        out = program.run(block, q_env[i], values)
+        return sum((fisher[o][i] * (out[o] - targets[i][o]) ** 2).mean() for o in block.outputs)
+
+    def hard_error(moved: dict, items) -> float:
+        values = dict(override)
+        for n, m in moved.items():
+            values.update(variables[n].values(m))
+        with torch.no_grad():
+            return float(sum(error(i, values) for i in items)) / max(1, len(items))
+
+    before_train, before_held = hard_error(planned, train), hard_error(planned, held)
+    scale = before_train if before_train > 0 else 1.0
+    best, best_held = planned, before_held if held else before_train
+    if not variables or before_train <= 0:
+        return _block_stats(block, before_train, before_train, before_held, before_held, 0, start), best
+    optimizer = torch.optim.Adam(list(logits.values()), lr=opts.lr)
+    check_every = max(1, opts.steps // 4)
+    order = torch.randperm(max(1, n_train * ((opts.steps + n_train - 1) // n_train)))
+    for step in range(opts.steps):
+        i = int(order[step % len(order)]) % n_train
+        values = dict(override)
+        for n, v in logits.items():
+            values.update(variables[n].soft(v))
+        loss = error(i, values) / scale
+        beta = adaround.annealed_beta(step, opts.steps)
+        if beta is not None and opts.regularizer > 0:
+            loss = loss + opts.regularizer * torch.stack(
+                [adaround.rounding_regularizer(adaround.rectified_sigmoid(v), beta) for v in logits.values()]).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if (step + 1) % check_every == 0 or step + 1 == opts.steps:
+            moved = {n: adaround.hardened(v.detach()) for n, v in logits.items()}
+            score = hard_error(moved, held if held else train)
+            if score < best_held:
+                best, best_held = moved, score
+    after_train = hard_error(best, train)
+    after_held = hard_error(best, held) if held else after_train
+    return _block_stats(block, before_train, after_train, before_held, after_held,
+                        int(sum(int(m.sum()) for m in best.values())), start), best
+
+
+def _block_stats(block: Block, before_train: float, after_train: float, before_held: float, after_held: float,
+                 moved: int, start: float) -> dict:
+    return {"ops": len(block.weights), "error_before": before_train, "error_after": after_train,
+            "heldout_error_before": before_held, "heldout_error_after": after_held, "codes_moved": moved,
+            "seconds": round(time.perf_counter() - start, 3)}
+
+
+def _live(out: dict, env: dict, block: Block) -> dict:
+    """The values live after ``block``: its computed ones and those passed through from ``env``."""
+    return {n: out[n] if n in out else env[n] for n in block.live_out}
+
+
+# ---- the program, run span by span -------------------------------------------------------------------------
+class Program:
+    """A ``torch.export`` program run one span of its data-dependent nodes at a time, with any parameter
+    replaced by a given value. Constants (parameters and functions of them only) are computed when a span
+    reads them, from the replaced values."""
+
+    def __init__(self, gm: fx.GraphModule):
+        self.gm = gm
+        # a node nothing reads (torch.export's input-shape guard, a call_module) computes nothing the output needs
+        self.nodes = [n for n in gm.graph.nodes if n.users or n.op in ("placeholder", "output")]
+        for node in self.nodes:
+            if node.op not in ("placeholder", "get_attr", "call_function", "output"):
+                raise ReconstructUnsupported(f"the traced program has a {node.op} node ({node.name})")
+        self.placeholders = [n for n in self.nodes if n.op == "placeholder"]
+        self.output = next(n for n in self.nodes if n.op == "output")
+        dependent: set[fx.Node] = set(self.placeholders)
+        for node in self.nodes:
+            if node.op == "call_function" and any(a in dependent for a in node.all_input_nodes):
+                dependent.add(node)
+        self.dependent = [n for n in self.nodes if n in dependent]  # graph order
+        self.position = {n: i for i, n in enumerate(self.dependent)}
+        end = len(self.dependent)
+        self.last_use = {n: max([self.position.get(u, end) for u in n.users] or [self.position[n]])
+                         for n in self.dependent}
+
+    def parameter_targets(self) -> dict[str, tuple[int, ...]]:
+        """Every parameter the program reads (a ``get_attr`` target) -> its shape."""
+        out = {}
+        for node in self.nodes:
+            if node.op == "get_attr":
+                value = _attr(self.gm, node.target)
+                if isinstance(value, torch.Tensor):
+                    out[node.target] = tuple(value.shape)
+        return out
+
+    def live(self, position: int) -> list[fx.Node]:
+        """Data-dependent values computed at or before ``position`` and read after it, in graph order."""
+        return [n for n in self.dependent[:position + 1] if self.last_use[n] > position]
+
+    def blocks(self, weight_of: dict[str, str], min_ops: int) -> list[Block]:
+        """The program cut where the fewest float tensors are live (module docstring): spans with at least
+        ``min_ops`` ops reading a weight of ``weight_of`` (parameter name -> initializer)."""
+        reads: dict[int, set[str]] = {}  # position -> initializers its node reads (through constants)
+        for node in self.dependent:
+            found = {weight_of[c.target] for c in _constant_ancestors(node, self.position) if c.op == "get_attr"
+                     and c.target in weight_of}
+            if found:
+                reads[self.position[node]] = found
+        if not reads:
+            return []
+        first, last = min(reads), max(reads)
+        counts = {}
+        for p in range(first, last):
+            counts[p] = sum(1 for n in self.live(p) if _is_float_tensor(n))
+        least = min(counts.values(), default=0)
+        cuts = [p for p in range(first, last) if counts[p] == least] + [len(self.dependent) - 1]
+        blocks, start, ops, weights = [], -1, 0, []
+        for cut in cuts:
+            span = [p for p in reads if start < p <= cut]
+            new = sorted({w for p in span for w in reads[p]} - {w for b in blocks for w in b.weights} - set(weights))
+            weights += new
+            ops += len(span)
+            if ops >= min_ops or cut == cuts[-1]:
+                if ops == 0:
+                    break
+                blocks.append(self._block(start, cut, weights))
+                start, ops, weights = cut, 0, []
+        if len(blocks) > 1 and len([p for p in reads if p > blocks[-2].end]) < min_ops:
+            last_block = blocks.pop()  # a short tail joins the block before it
+            prev = blocks.pop()
+            blocks.append(self._block(prev.start, last_block.end, prev.weights + last_block.weights))
+        return blocks
+
+    def _block(self, start: int, end: int, weights: list[str]) -> Block:
+        live_out = self.live(end) if end < len(self.dependent) - 1 else [n for n in self.dependent if n in self.output.all_input_nodes]
+        outputs = [n for n in live_out if _is_float_tensor(n) and n.op != "placeholder" and self.position[n] > start]
+        return Block(start, end, self.dependent[start + 1:end + 1], self.live(start) if start >= 0 else list(self.placeholders),
+                     outputs, live_out, list(weights))
+
+    def tensors(self, batch: Batch, names: list[str]) -> list[torch.Tensor]:
+        return [torch.from_numpy(np.ascontiguousarray(batch[n])) for n in names]
+
+    def inputs_env(self, inputs: list[torch.Tensor]) -> dict[fx.Node, object]:
+        return dict(zip(self.placeholders, inputs))
+
+    def run(self, block: Block, env: dict, params: dict[str, torch.Tensor]) -> dict[fx.Node, object]:
+        """The values live after ``block`` that it computes from the live values ``env``, parameters replaced
+        by ``params``."""
+        values = dict(env)
+        constants: dict[fx.Node, object] = {}
+        for node in block.nodes:
+            if node.op == "placeholder":
+                continue
+            args = map_arg(node.args, lambda a: self._value(a, values, constants, params))
+            kwargs = map_arg(node.kwargs, lambda a: self._value(a, values, constants, params))
+            values[node] = node.target(*args, **kwargs)
+        return {n: values[n] for n in block.live_out if n in values and n not in env}
+
+    def _value(self, node: fx.Node, values: dict, constants: dict, params: dict):
+        if node in values:
+            return values[node]
+        if node in constants:
+            return constants[node]
+        if node.op == "get_attr":
+            value = params.get(node.target)
+            value = _attr(self.gm, node.target).detach() if value is None else value
+        elif node.op == "call_function" and node not in self.position:
+            args = map_arg(node.args, lambda a: self._value(a, values, constants, params))
+            kwargs = map_arg(node.kwargs, lambda a: self._value(a, values, constants, params))
+            value = node.target(*args, **kwargs)
+        else:
+            raise ReconstructUnsupported(f"{node.name} is read before it is computed")
+        constants[node] = value
+        return value
+
+    def whole(self) -> Block:
+        return self._block(-1, len(self.dependent) - 1, [])
+
+    def final_output(self, values: dict) -> torch.Tensor:
+        leaves = [values[a] for a in _flat_nodes(self.output.args[0]) if a in values]
+        tensors = [v for v in leaves if isinstance(v, torch.Tensor)]
+        if not tensors:
+            raise ReconstructUnsupported("the traced program returns no tensor")
+        return tensors[0]
+
+    def check_runs(self, inputs: list[torch.Tensor]) -> None:
+        """Refuse a program this runner does not reproduce (its output beside the module's own forward)."""
+        with torch.no_grad():
+            whole = self.whole()
+            mine = self.final_output(self.run(whole, self.inputs_env(inputs), {}))
+            theirs = select_output(self.gm(*inputs))
+        if mine.shape != theirs.shape or not torch.allclose(mine.float(), theirs.float(), rtol=1e-4, atol=1e-5):
+            raise ReconstructUnsupported("running the traced program op by op does not reproduce its output")
+
+    def fisher(self, cut_values: set[fx.Node], batches: list[list[torch.Tensor]], likelihood: str,
+               seed: int) -> dict[fx.Node, list[torch.Tensor]]:
+        """Per batch, ``E[g²]`` at every value of ``cut_values`` (one target drawn per item from the model's
+        predictive; the true Fisher's diagonal), normalized so each value's mean over all batches is 1."""
+        whole = self.whole()
+        gen = torch.Generator().manual_seed(seed)
+        out: dict[fx.Node, list[torch.Tensor]] = {n: [] for n in cut_values}
+        for inputs in batches:
+            values: dict = dict(self.inputs_env(inputs))
+            constants: dict = {}
+            for node in whole.nodes:
+                if node.op == "placeholder":
+                    continue
+                args = map_arg(node.args, lambda a: self._value(a, values, constants, {}))
+                kwargs = map_arg(node.kwargs, lambda a: self._value(a, values, constants, {}))
+                value = node.target(*args, **kwargs)
+                if node in cut_values and isinstance(value, torch.Tensor):
+                    if value.requires_grad:
+                        value.retain_grad()
+                    else:
+                        value = value.detach().requires_grad_()
+                values[node] = value
+            result = self.final_output(values)
+            n = _items_of(inputs)
+            loss = pseudo_loss(result, likelihood, "true", None, BatchDraws(gen, n), 0, slice(0, n))
+            loss.backward()
+            for node in cut_values:
+                g = values[node].grad
+                out[node].append(torch.zeros_like(values[node]).detach() if g is None else (g.detach() ** 2))
+        for node, parts in out.items():
+            total = sum(float(p.sum()) for p in parts)
+            count = sum(p.numel() for p in parts)
+            mean = total / count if count and total > 0 else 1.0
+            out[node] = [p / mean if total > 0 else torch.ones_like(p) for p in parts]
+        return out
+
+
+def _constant_ancestors(node: fx.Node, position: dict) -> list[fx.Node]:
+    """The non-data-dependent nodes ``node`` reads, through other such nodes."""
+    seen, stack, out = set(), [a for a in node.all_input_nodes if a not in position], []
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        out.append(n)
+        stack.extend(a for a in n.all_input_nodes if a not in position)
+    return out
+
+
+def _flat_nodes(arg) -> list[fx.Node]:
+    out: list[fx.Node] = []
+    map_arg(arg, lambda n: out.append(n) or n)
+    return out
+
+
+def _is_float_tensor(node: fx.Node) -> bool:
+    val = node.meta.get("val")
+    return isinstance(val, torch.Tensor) and val.is_floating_point()
+
+
+def _attr(gm: torch.nn.Module, target: str):
+    owner = gm
+    *path, leaf = target.split(".")
+    for p in path:
+        owner = getattr(owner, p)
+    return getattr(owner, leaf)
+
+
+def _items_of(inputs: list[torch.Tensor]) -> int:
+    return int(inputs[0].shape[0]) if inputs and inputs[0].dim() else 1
+
+
+def _items(batch: list[torch.Tensor]) -> int:
+    return _items_of(batch)
+
+
+def _rebatched(batches: list[Batch], size: int) -> list[Batch]:
+    """Consecutive batches concatenated along the item axis up to ``size`` items, where their arrays agree in
+    every other axis (a program's shapes are read once per run, so a run's items must share them)."""
+    out: list[Batch] = []
+    for batch in batches:
+        last = out[-1] if out else None
+        if last is not None and set(last) == set(batch) and all(
+                last[k].shape[1:] == batch[k].shape[1:] and last[k].dtype == batch[k].dtype for k in batch) \
+                and next(iter(last.values())).shape[0] + next(iter(batch.values())).shape[0] <= size:
+            out[-1] = {k: np.concatenate([last[k], batch[k]]) for k in batch}
+        else:
+            out.append(dict(batch))
+    return out
