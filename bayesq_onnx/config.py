@@ -10,8 +10,8 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from .choices import (CODE_BITS, CURVATURES, DEFAULT_METHOD, FAIL_ON, FISHERS, FIXED_FAMILIES, FLOORS,
-                      GPTQ_MIXES, LEAST_CODE_BITS, METHODS, PROPAGATIONS, PROVIDERS, RISKS, ROUNDINGS, SCOPES,
+from .choices import (CURVATURES, DEFAULT_METHOD, FAIL_ON, FISHERS, FIXED_FAMILIES, FLOORS,
+                      GPTQ_MIXES, METHODS, PROPAGATIONS, PROVIDERS, RISKS, ROUNDINGS, SCOPES,
                       TARGETS, TEACHERS)
 from .errors import UserError
 
@@ -78,34 +78,19 @@ class CompileConfig:
         """Raise :class:`UserError` for settings no compile can satisfy."""
         if self.method not in METHODS:
             raise UserError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
-        if self.method in ("rtn", "bayesq-fixed") and self.bits not in CODE_BITS:
-            raise UserError(f"`bits` {self.bits:g} is not available for `method` {self.method}; "
-                            f"choose one of {', '.join(map(str, CODE_BITS))}")
-        if self.method == "gptq" and not CODE_BITS[0] <= self.bits <= CODE_BITS[-1]:
-            raise UserError(f"`bits` {self.bits:g} is outside GPTQ's code widths; pick a budget between "
-                            f"{CODE_BITS[0]} and {CODE_BITS[-1]}")
-        least = LEAST_CODE_BITS.get(self.target, CODE_BITS[0])
-        if self.method == "bayesq" and not least <= self.bits <= 32.0:
-            # every candidate stores codes of at least `least` bits per weight: refuse before the model loads
-            raise UserError(f"`bits` {self.bits:g} cannot be met: every candidate of `target` {self.target} stores "
-                            f"at least {least}-bit codes per weight (FP32 is 32); pick a budget between {least} and 32")
-
         for name, allowed in (("family", FIXED_FAMILIES), ("curvature", CURVATURES), ("fisher", FISHERS),
                               ("target", TARGETS), ("risk", RISKS), ("rounding", ROUNDINGS),
                               ("propagate", PROPAGATIONS), ("gptq_mix", GPTQ_MIXES)):
             if getattr(self, name) not in allowed:
                 raise UserError(f"unknown {name} {getattr(self, name)!r}; choose one of {', '.join(allowed)}")
-        if self.max_drop is not None and (self.method != "bayesq" or not self.max_drop >= 0):
-            raise UserError("`max_drop` needs `method` bayesq and a value >= 0 (in the headline metric's units, "
-                            "e.g. 0.003 for 0.3 points of top-1)")
-        if self.propagate != "none" and self.method not in ("bayesq", "bayesq-fixed"):
-            raise UserError(f"`propagate` re-rounds the codes of bayesq and bayesq-fixed plans; `method` {self.method} "
-                            f"rounds its own way: drop `propagate`")
+        if self.max_drop is not None and not self.max_drop >= 0:
+            raise UserError("`max_drop` needs a value >= 0 (in the headline metric's units, e.g. 0.003 for 0.3 "
+                            "points of top-1)")
         if self.reconstruct_steps < 1:
             raise UserError("`reconstruct_steps` must be at least 1")
-        if self.reconstruct and self.method == "rtn":
-            raise UserError("`reconstruct` re-chooses the codes of a plan fitted on calibration data; `method` rtn "
-                            "rounds to nearest by definition: use bayesq or gptq, or drop `reconstruct`")
+        from .planning.methods import method_spec  # the method's own declarations (bits, stages, search)
+
+        method_spec(self.method).check(self)
         if self.codebook_rows < 1:
             raise UserError("`codebook_rows` must be at least 1")
         if self.fisher_samples < 1 or self.rank < 1:

@@ -8,7 +8,6 @@ function; this file only wires them together and records what happened for the r
 from __future__ import annotations
 
 import dataclasses
-import platform
 import tempfile
 import time
 from dataclasses import dataclass
@@ -36,13 +35,12 @@ from .passes.upgrade_opset import UpgradeOpsetPass
 from .plan import Plan
 from .planning import candidates
 from .planning.budget_search import search_budget
-from .planning.floor import gptq_at_budget, ship_the_better, without_held_out
-from .planning.methods import PlannerInputs, planner_for
-from .planning.propagate import PropagateErrors
-from .planning.reconstruct import ReconstructBlocks, ReconstructOptions, ReconstructUnsupported
+from .planning.floor import without_held_out
+from .planning.methods import PlannerInputs, method_spec, planner_for
+from .planning.stages import STAGES, StageInputs
 from .planning.rtn import PlanRoundToNearest
 from .progress import Reporter
-from .report import (bits_plot, file_accounting, float_left_warnings, to_json_bytes, to_markdown,
+from .report import (bits_plot, compile_report, file_accounting, float_left_warnings, to_json_bytes, to_markdown,
                      verdict_advice)
 from .runtime.memory import release_freed_memory
 from .runtime.session import make_session, resolve_providers, run_batches, session_config_for
@@ -103,17 +101,17 @@ def compile_model(config: CompileConfig, reporter: Reporter | None = None,
                 raise UserError(f"model {bundle.name!r} has no weights in scope {config.scope!r} to quantize")
         float_sizes = _float_sizes(fp_model)
         fp_model = None  # its weights are extracted; each rewrite starts again from fp_bytes
+        method = method_spec(config.method)
+        stages = method.refinements(config)  # the refinements it declares that the config turns on
         allowed = None
-        if config.method == "bayesq":
+        if method.chooses:
             allowed = candidates.allowed(weights, target=config.target, keep_first_last=config.keep_first_last,
                                          overrides=overrides)
             candidates.check_budget(config.bits, weights, allowed)  # before the expensive analysis
         # the floor compares plans on calibration batches no fit has seen (planning/floor.py)
-        floor_on = (config.floor == "gptq" and config.method == "bayesq" and config.max_drop is None
-                    and config.curvature == "kfac")  # K-FAC's input factors are GPTQ's Hessians
-        fit = without_held_out(bundle) if floor_on else bundle
+        fit = without_held_out(bundle) if STAGES["floor"] in stages else bundle
         posteriors, posterior_sources = None, {}
-        if config.method != "rtn":
+        if method.analysis != "none":
             with rep.stage(_analysis_title(config, bundle)):
                 posteriors = _fit_posteriors(config, fit, fp_bytes, weights, rep)
                 posterior_sources = {n: p.info.get("posterior", "") for n, p in sorted(posteriors.items())}
@@ -130,22 +128,13 @@ def compile_model(config: CompileConfig, reporter: Reporter | None = None,
                 plan, search, reference = search_budget(
                     planner, weights, bundle, fp_path, lambda p: _rewrite(fp_bytes, p, config, rep),
                     providers, session_config_for(config.target), config.max_drop, rep)
-        if config.propagate != "none":  # bayesq and bayesq-fixed (config.validate)
-            # codes again, layer by layer, on the inputs the partly quantized model gives (grids and bits fixed)
-            with rep.stage(f"propagate errors ({config.propagate})"):
-                plan = PropagateErrors(onnx.load_from_string(fp_bytes), fit.calibration, mode=config.propagate,
-                                       posteriors=posteriors, act_order=config.act_order,
-                                       progress=rep.track)(plan, weights)
-            release_freed_memory()
-        floor = None
-        if floor_on and len(fit.calibration) < len(bundle.calibration):
-            with rep.stage("floor: GPTQ at the same budget"):
-                plan, floor = _floor(plan, weights, posteriors, allowed, bundle,
-                                     bundle.calibration[len(fit.calibration):], fp_path, fp_bytes, providers,
-                                     config, rep)
-        if config.reconstruct:
-            with rep.stage("reconstruct blocks (learned rounding)"):
-                plan = _reconstruct(config, fit, bindings, plan, weights, rep)
+
+        # ---- refine: the stages the method declares (planning/stages.py); candidates and bits stay -----
+        refine = StageInputs(config, bundle, fit, weights, posteriors, allowed, bindings, fp_bytes, fp_path, providers,
+                             lambda p: _rewrite(fp_bytes, p, _unrecorded(config), rep), rep)
+        for stage in stages:
+            with rep.stage(stage.title(config)):
+                plan = stage.run(plan, refine)
             release_freed_memory()
         for name, t in sorted(plan.tensors.items()):
             rep.debug(f"  {name}: {t.candidate.label}, {t.stored_bits() / t.n_weights:.3f} bits all-in")
@@ -184,7 +173,8 @@ def compile_model(config: CompileConfig, reporter: Reporter | None = None,
             rep.note(f"[yellow]warning: {warning}[/]")
         warnings += left_warnings
         linear = [n for n in plan.tensors if weights[n].in_linear_scope]
-        posteriors = planner = fp_bytes = weights = collect = None  # the FP32 file on disk is what ORT reads
+        sections = refine.sections
+        posteriors = planner = fp_bytes = weights = collect = refine = None  # the FP32 file on disk is what ORT reads
         release_freed_memory()
         with rep.stage("validate in ONNX Runtime") as outcome:
             validation = validate(bundle, fp_path, q_path, providers, rep, target=config.target, seed=config.seed,
@@ -198,42 +188,13 @@ def compile_model(config: CompileConfig, reporter: Reporter | None = None,
         if distilled is not None:
             distill_section = _distill_report(distilled, validation, bundle, q_path)
 
-    headline = bundle.headline or next(iter(validation["fidelity"]))
-    report = {
-        "bayesq_onnx": __version__,
-        "versions": _versions(),
-        "config": config.to_json(),
-        "model": {"name": bundle.name, **bundle.info},
-        "export": export_check,
-        "bits": {"budget": plan.settings.get("budget", config.bits), "all_in": plan.all_in_bits, "all_in_from_file": accounting["all_in_bits_file"],
-                 "nominal": plan.nominal_bits, "quantized_weights": plan.n_weights,
-                 "quantized_tensors": len(plan.tensors),
-                 # peers quantize Linear/Conv weights only: the same figure over those, for comparison
-                 "linear_all_in": plan.all_in_bits_over(linear),
-                 "linear_weights": sum(plan.tensors[n].n_weights for n in linear)},
-        "sizes": {"fp32_bytes": fp_size, "artifact_bytes": len(q_bytes), "smaller_x": fp_size / len(q_bytes),
-                  **accounting},
-        "fidelity": validation["fidelity"],
-        "verdict": validation["verdict"],
-        "reference_8bit": validation["reference_8bit"],
-        "headline": {"metric": headline, "value": validation["fidelity"][headline],
-                     "ci95": list(validation["ci95"]), "items": validation["items"]},
-        "latency": validation["latency"],
-        "session_start_s": validation["session_start_s"],
-        "memory": validation["memory"],
-        "provider": {"requested": config.provider, "used": providers[0], "note": provider_note,
-                     "artifact_session_config": session_config_for(config.target)},
-        "plan": plan.to_json(),
-        "left_in_float": left_in_float,
-        "left_in_float_share": left_share,
-        "posterior_sources": posterior_sources,
-        **({"search": search} if search is not None else {}),
-        **({"floor": floor} if floor is not None else {}),
-        **({"distill": distill_section} if distill_section is not None else {}),
-        "warnings": warnings,
-        "timings_s": dict(rep.timings),
-        "seed": config.seed,
-    }
+    sections = {**({"search": search} if search is not None else {}), **sections,
+                **({"distill": distill_section} if distill_section is not None else {})}
+    report = compile_report(
+        config=config, bundle=bundle, export_check=export_check, plan=plan, linear=linear, fp_size=fp_size,
+        artifact_bytes=len(q_bytes), accounting=accounting, validation=validation, provider_used=providers[0],
+        provider_note=provider_note, left_in_float=left_in_float, left_share=left_share,
+        posterior_sources=posterior_sources, sections=sections, warnings=warnings, timings=dict(rep.timings))
     with rep.stage("write artifact"):
         files = artifact.write_files(config.out, {
             artifact.MODEL: q_bytes, artifact.REPORT_JSON: to_json_bytes(report),
@@ -241,55 +202,8 @@ def compile_model(config: CompileConfig, reporter: Reporter | None = None,
     return CompileResult(files[artifact.MODEL], report, plan)
 
 
-def _floor(plan: Plan, weights: dict[str, WeightInfo], posteriors: dict, allowed: dict, bundle: ModelBundle,
-           held: list, fp_path: Path, fp_bytes: bytes, providers: list[str], config: CompileConfig,
-           rep: Reporter) -> tuple[Plan, dict]:
-    """``plan``, or GPTQ's at the same all-in budget in the forms ``allowed`` to bayesq when it does better on
-    the ``held`` calibration batches in ONNX Runtime (:func:`~bayesq_onnx.planning.floor.ship_the_better`);
-    and what was compared."""
-    budget = plan.settings.get("budget", config.bits)
-    gptq = gptq_at_budget(budget, weights, posteriors, allowed,
-                          progress=lambda names: rep.track(names, "GPTQ layers"))
-    if gptq is None:
-        return plan, {"skipped": f"GPTQ's grids in the forms `target` {config.target} allows cannot meet "
-                                 f"{budget:g} all-in bits on this model"}
-    session, _ = make_session(fp_path, providers)
-    reference = run_batches(session, held)
-
-    def run(candidate: Plan) -> np.ndarray:
-        path = fp_path.with_name(f"floor-{candidate.method}.onnx")
-        path.write_bytes(_rewrite(fp_bytes, candidate, _unrecorded(config), rep))
-        return run_batches(make_session(path, providers, session_config_for(config.target))[0], held)
-
-    shipped, section = ship_the_better(plan, gptq, reference, run, bundle.likelihood == "categorical",
-                                       seed=config.seed)
-    b, g = section["bayesq"]["score"], section["gptq"]["score"]
-    rep.note(f"  floor on {section['items']} held-out calibration items ({section['score']}, lower is better): "
-             f"bayesq {b:.4g}, GPTQ {g:.4g} → shipping {shipped.method}'s plan")
-    return shipped, section
-
-
-def _reconstruct(config: CompileConfig, bundle: ModelBundle, bindings: dict, plan: Plan,
-                 weights: dict[str, WeightInfo], rep: Reporter) -> Plan:
-    """``plan`` with its codes chosen again block by block (:mod:`bayesq_onnx.planning.reconstruct`), or as
-    it is, with a note, when the traced program cannot be run block by block."""
-    options = ReconstructOptions(steps=config.reconstruct_steps, seed=config.seed)
-    try:
-        out = ReconstructBlocks(bundle.module, bindings, bundle.calibration, bundle.input_names, bundle.likelihood,
-                                options, progress=rep.track)(plan, weights)
-    except ReconstructUnsupported as exc:
-        rep.note(f"[yellow]reconstruction skipped: {exc}[/]")
-        return Plan(plan.method, plan.tensors, {**plan.settings, "reconstruction": {"skipped": str(exc)}})
-    r = out.settings["reconstruction"]
-    before = sum(b["heldout_error_before"] for b in r["per_block"])
-    after = sum(b["heldout_error_after"] for b in r["per_block"])
-    rep.note(f"  {r['blocks']} blocks, codes of {r['weights_changed']} of {r['weights_reconstructed']} weights "
-             f"moved; held-out block error {before:.4g} → {after:.4g}")
-    return out
-
-
 def _analysis_title(config: CompileConfig, bundle: ModelBundle) -> str:
-    if config.method == "gptq":
+    if method_spec(config.method).analysis == "hessians":
         return "collect GPTQ Hessians (E[x xᵀ] of activations)"
     likelihood = f"{config.fisher} Fisher" if bundle.module is not None else "layer-wise likelihood"
     return f"fit posterior ({config.curvature}, {likelihood})"
@@ -304,14 +218,16 @@ def _fit_posteriors(config: CompileConfig, bundle: ModelBundle, fp_bytes: bytes,
     moments) gets the layer-wise likelihood on ORT activations. Mixed, the layer-wise precisions are put on
     the Laplace scale (:func:`~bayesq_onnx.bayes.layerwise.common_scale`) before any planner compares them.
     """
+    hessians = method_spec(config.method).analysis == "hessians"  # GPTQ: its layer inputs' E[x xᵀ] only
+
     def layerwise() -> dict:
         return FitLayerPosterior(
             onnx.load_from_string(fp_bytes), bundle.calibration,
-            curvature="kfac" if config.method == "gptq" else config.curvature, n_data=config.n_data,
+            curvature="kfac" if hessians else config.curvature, n_data=config.n_data,
             prior_precision=config.prior_precision,
             progress=lambda b: rep.track(b, "calibration activations (ORT)"))(weights)
 
-    if bundle.module is None or config.method == "gptq":
+    if bundle.module is None or hessians:
         return layerwise()
     laplace = FitLaplacePosterior(
         bundle, LaplaceOptions(curvature=config.curvature, fisher=config.fisher, samples=config.fisher_samples,
@@ -392,7 +308,7 @@ def _check_source_supports(config: CompileConfig, bundle: ModelBundle) -> None:
         raise UserError("`reconstruct` runs the PyTorch model block by block; an ONNX input has none: drop `reconstruct`")
     if bundle.module is None and config.distill:
         raise UserError("`distill` trains a PyTorch copy of the model; an ONNX input has none: drop `distill`")
-    if bundle.module is not None or config.method == "rtn":
+    if bundle.module is not None or method_spec(config.method).analysis == "none":
         return
     if config.risk == "mc":
         raise UserError("`risk` mc perturbs a PyTorch model; an ONNX input takes `risk` closed")
@@ -463,15 +379,3 @@ def _distill_report(distilled: DistillResult, validation: dict, bundle: ModelBun
     return {**distilled.stats, "headline": headline, "before": before[headline],
             "after": validation["fidelity"][headline], "fidelity_before": before,
             "student_vs_artifact_max_abs_diff": float(np.abs(got - distilled.student_output).max())}
-
-
-def _versions() -> dict:
-    import ml_dtypes
-    import onnxruntime
-    import onnxscript
-    import transformers
-
-    return {"python": platform.python_version(), "torch": torch.__version__, "onnx": onnx.__version__,
-            "onnx_ir": ir.__version__, "onnxscript": onnxscript.__version__,
-            "onnxruntime": onnxruntime.__version__, "transformers": transformers.__version__,
-            "numpy": np.__version__, "ml_dtypes": ml_dtypes.__version__}

@@ -9,6 +9,7 @@ import json
 import numpy as np
 import onnx
 
+from . import __version__
 from .plan import Plan
 
 
@@ -52,6 +53,68 @@ def tensor_bytes(t: onnx.TensorProto) -> int:
     if t.data_type in _SUB_BYTE:
         return (n * _SUB_BYTE[t.data_type] + 7) // 8
     return int(onnx.numpy_helper.to_array(t).nbytes)
+
+
+def compile_report(*, config, bundle, export_check: dict, plan: Plan, linear: list[str], fp_size: int,
+                   artifact_bytes: int, accounting: dict, validation: dict, provider_used: str, provider_note: str,
+                   left_in_float: dict, left_share: dict, posterior_sources: dict, sections: dict,
+                   warnings: list[str], timings: dict) -> dict:
+    """What report.json holds for one compile (docs/cli.md#report): the config and versions, the export
+    check, the bits (all-in over every quantized weight, and over the ``linear`` ones peers quantize), the
+    sizes, the validation's figures, the plan, what stayed in float, and each stage's ``sections``."""
+    from .runtime.session import session_config_for
+
+    headline = bundle.headline or next(iter(validation["fidelity"]))
+    return {
+        "bayesq_onnx": __version__,
+        "versions": _versions(),
+        "config": config.to_json(),
+        "model": {"name": bundle.name, **bundle.info},
+        "export": export_check,
+        "bits": {"budget": plan.settings.get("budget", config.bits), "all_in": plan.all_in_bits,
+                 "all_in_from_file": accounting["all_in_bits_file"],
+                 "nominal": plan.nominal_bits, "quantized_weights": plan.n_weights,
+                 "quantized_tensors": len(plan.tensors),
+                 # peers quantize Linear/Conv weights only: the same figure over those, for comparison
+                 "linear_all_in": plan.all_in_bits_over(linear),
+                 "linear_weights": sum(plan.tensors[n].n_weights for n in linear)},
+        "sizes": {"fp32_bytes": fp_size, "artifact_bytes": artifact_bytes, "smaller_x": fp_size / artifact_bytes,
+                  **accounting},
+        "fidelity": validation["fidelity"],
+        "verdict": validation["verdict"],
+        "reference_8bit": validation["reference_8bit"],
+        "headline": {"metric": headline, "value": validation["fidelity"][headline],
+                     "ci95": list(validation["ci95"]), "items": validation["items"]},
+        "latency": validation["latency"],
+        "session_start_s": validation["session_start_s"],
+        "memory": validation["memory"],
+        "provider": {"requested": config.provider, "used": provider_used, "note": provider_note,
+                     "artifact_session_config": session_config_for(config.target)},
+        "plan": plan.to_json(),
+        "left_in_float": left_in_float,
+        "left_in_float_share": left_share,
+        "posterior_sources": posterior_sources,
+        **sections,
+        "warnings": warnings,
+        "timings_s": timings,
+        "seed": config.seed,
+    }
+
+
+def _versions() -> dict:
+    import platform
+
+    import ml_dtypes
+    import onnx_ir as ir
+    import onnxruntime
+    import onnxscript
+    import torch
+    import transformers
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "onnx": onnx.__version__,
+            "onnx_ir": ir.__version__, "onnxscript": onnxscript.__version__,
+            "onnxruntime": onnxruntime.__version__, "transformers": transformers.__version__,
+            "numpy": np.__version__, "ml_dtypes": ml_dtypes.__version__}
 
 
 def to_markdown(report: dict) -> str:

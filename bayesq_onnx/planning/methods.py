@@ -7,6 +7,13 @@ Each config holds only its method's settings and is built from the flat :class:`
 the :class:`PlannerInputs` the analysis produced, and returns a planner: a callable ``weights -> Plan``. A new
 method is a config, a builder under :func:`register`, and its name in :data:`bayesq_onnx.choices.METHODS`
 (which the CLI lists without importing this module).
+
+A registration also declares what the pipeline does around the planner, so the pipeline and the config
+check ask the method instead of testing its name: which analysis it needs (``posterior``: the Laplace or
+layer-wise posterior; ``hessians``: its layers' input second moments only; ``none``), whether it chooses
+among allowed candidates under an all-in budget (``chooses``: the budget is checked against them before the
+analysis runs, and ``max_drop`` can search it), which refinement stages it takes after planning
+(:data:`~bayesq_onnx.planning.stages.STAGES`, in order), and which ``bits`` it can meet.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
 from ..analysis.mc_risk import MonteCarloRisk
+from ..choices import CODE_BITS, LEAST_CODE_BITS
 from ..config import CompileConfig
 from ..errors import UserError
 from ..export import ParameterBinding
@@ -46,27 +54,94 @@ class PlannerInputs:
 
 @dataclass(frozen=True)
 class Method:
+    name: str
     config: type
     build: Callable[[Any, PlannerInputs], Planner]
+    analysis: str                 # posterior | hessians | none (module docstring)
+    chooses: bool                 # picks among allowed candidates under an all-in budget
+    stages: tuple[str, ...]       # refinement stages it takes, in the order they run
+    bits_problem: Callable[[float, str], str | None]  # (bits, target) -> why they cannot be met, or None
+
+    def refinements(self, config: CompileConfig) -> list:
+        """The declared stages ``config`` turns on, in order (:class:`~bayesq_onnx.planning.stages.Stage`)."""
+        from .stages import STAGES
+
+        return [STAGES[s] for s in self.stages if STAGES[s].enabled(config)]
+
+    def check(self, config: CompileConfig) -> None:
+        """Raise :class:`UserError` for settings this method cannot honour: its ``bits``, a stage it does not
+        take, a budget search it cannot do."""
+        problem = self.bits_problem(config.bits, config.target)
+        if problem:
+            raise UserError(problem)
+        if config.max_drop is not None and not self.chooses:
+            raise UserError(f"`max_drop` needs `method` {_takers('max_drop')}: it searches the least all-in budget, "
+                            f"and `method` {self.name} does not choose under a budget")
+        from .stages import STAGES
+
+        for stage in STAGES.values():
+            if stage.enabled(config) and stage.name not in self.stages and stage.name != "floor":
+                raise UserError(f"`{stage.name}` is not a stage of `method` {self.name} (it takes: "
+                                f"{', '.join(self.stages) or 'none'}); methods that take it: {_takers(stage.name)}: "
+                                f"drop `{stage.name}`")
 
 
 REGISTRY: dict[str, Method] = {}
 
 
-def register(name: str, config: type) -> Callable:
-    """Register the decorated ``build(config, inputs) -> planner`` as method ``name``, configured by ``config``."""
+def register(name: str, config: type, *, analysis: str, chooses: bool = False, stages: tuple[str, ...] = (),
+             bits_problem: Callable[[float, str], str | None]) -> Callable:
+    """Register the decorated ``build(config, inputs) -> planner`` as method ``name``, configured by ``config``,
+    with what it declares (:class:`Method`)."""
     def decorate(build: Callable[[Any, PlannerInputs], Planner]) -> Callable[[Any, PlannerInputs], Planner]:
-        REGISTRY[name] = Method(config, build)
+        REGISTRY[name] = Method(name, config, build, analysis, chooses, stages, bits_problem)
         return build
     return decorate
 
 
+def method_spec(name: str) -> Method:
+    if name not in REGISTRY:
+        raise UserError(f"unknown method {name!r}; choose one of {', '.join(REGISTRY)}")
+    return REGISTRY[name]
+
+
 def planner_for(config: CompileConfig, inputs: PlannerInputs) -> Planner:
     """The planner of ``config.method``, configured from ``config``."""
-    if config.method not in REGISTRY:
-        raise UserError(f"unknown method {config.method!r}")
-    method = REGISTRY[config.method]
+    method = method_spec(config.method)
     return method.build(method.config.from_compile_config(config), inputs)
+
+
+def _takers(stage: str) -> str:
+    if stage == "max_drop":
+        return ", ".join(n for n, m in REGISTRY.items() if m.chooses)
+    return ", ".join(n for n, m in REGISTRY.items() if stage in m.stages)
+
+
+def _code_width(method: str) -> Callable[[float, str], str | None]:
+    """One code width everywhere: ``bits`` must be one."""
+    def problem(bits: float, target: str) -> str | None:
+        if bits not in CODE_BITS:
+            return (f"`bits` {bits:g} is not available for `method` {method}; "
+                    f"choose one of {', '.join(map(str, CODE_BITS))}")
+        return None
+    return problem
+
+
+def _between_code_widths(bits: float, target: str) -> str | None:
+    """GPTQ mixes the two code widths around a fractional budget."""
+    if not CODE_BITS[0] <= bits <= CODE_BITS[-1]:
+        return (f"`bits` {bits:g} is outside GPTQ's code widths; pick a budget between "
+                f"{CODE_BITS[0]} and {CODE_BITS[-1]}")
+    return None
+
+
+def _all_in_budget(bits: float, target: str) -> str | None:
+    """Every candidate of the target stores codes of at least its least width per weight (FP32 is 32)."""
+    least = LEAST_CODE_BITS.get(target, CODE_BITS[0])
+    if not least <= bits <= 32.0:
+        return (f"`bits` {bits:g} cannot be met: every candidate of `target` {target} stores at least "
+                f"{least}-bit codes per weight (FP32 is 32); pick a budget between {least} and 32")
+    return None
 
 
 @dataclass(frozen=True)
@@ -81,7 +156,7 @@ class RTNConfig:
         return cls(int(config.bits), config.group_size)
 
 
-@register("rtn", RTNConfig)
+@register("rtn", RTNConfig, analysis="none", bits_problem=_code_width("rtn"))
 def _rtn(config: RTNConfig, inputs: PlannerInputs) -> PlanRoundToNearest:
     return PlanRoundToNearest(config.bits, group_size=config.group_size)
 
@@ -100,7 +175,7 @@ class GPTQConfig:
         return cls(config.bits, config.group_size, config.act_order, config.gptq_mix)
 
 
-@register("gptq", GPTQConfig)
+@register("gptq", GPTQConfig, analysis="hessians", stages=("reconstruct",), bits_problem=_between_code_widths)
 def _gptq(config: GPTQConfig, inputs: PlannerInputs) -> PlanGPTQ:
     return PlanGPTQ(config.bits, inputs.posteriors, group_size=config.group_size, act_order=config.act_order,
                     mix=config.mix, order=graph_order(inputs.weights),
@@ -131,7 +206,8 @@ class BayesQFixedConfig:
         return Candidate(self.family, self.bits, group)
 
 
-@register("bayesq-fixed", BayesQFixedConfig)
+@register("bayesq-fixed", BayesQFixedConfig, analysis="posterior", stages=("propagate", "reconstruct"),
+          bits_problem=_code_width("bayesq-fixed"))
 def _bayesq_fixed(config: BayesQFixedConfig, inputs: PlannerInputs) -> PlanBayesQFixed:
     cand = config.candidate
     for w in inputs.weights.values():
@@ -161,7 +237,8 @@ class BayesQConfig:
                    config.rounding)
 
 
-@register("bayesq", BayesQConfig)
+@register("bayesq", BayesQConfig, analysis="posterior", chooses=True,
+          stages=("propagate", "floor", "reconstruct"), bits_problem=_all_in_budget)
 def _bayesq(config: BayesQConfig, inputs: PlannerInputs) -> PlanBayesQ:
     mc = MonteCarloRisk(inputs.bundle, inputs.bindings, temperature=config.temperature, seed=config.seed) \
         if config.risk == "mc" else None
