@@ -8,6 +8,7 @@ GPTQ_MIXES = ("knapsack", "proportional")
 RISKS = ("closed", "rounded", "mc")
 ROUNDINGS = ("feedback", "nearest")
 PROPAGATIONS = ("none", "sequential", "fp-outputs")  # planning/propagate.py
+RECONSTRUCT_METRICS = ("mse", "fisher", "fisher-items")  # planning/reconstruct.py
 FIXED_FAMILIES = ("uniform", "codebook")
 CURVATURES = ("diag", "kfac", "lowrank")
 FISHERS = ("true", "empirical")

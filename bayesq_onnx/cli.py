@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from .choices import (CURVATURES, FAIL_ON, FISHERS, FIXED_FAMILIES, FLOORS, GPTQ_MIXES, METHODS, PROPAGATIONS,
-                      PROVIDERS, RISKS, ROUNDINGS, SCOPES, TARGETS, TEACHERS)
+                      RECONSTRUCT_METRICS, PROVIDERS, RISKS, ROUNDINGS, SCOPES, TARGETS, TEACHERS)
 from .config import RECIPES, CompileConfig, build_config
 from .errors import BayesQError, UserError, in_words_of
 
@@ -151,10 +151,14 @@ def _config_defaults(command: click.Command) -> click.Command:
                 "(fp-outputs); grids and bits unchanged.")
 @_advanced("--reconstruct/--no-reconstruct", show_default=True,
            help="After planning, choose the codes again block by block (several layers at once, AdaRound's "
-                "learned rounding) so each block reproduces the FP32 model's block outputs in the posterior "
-                "metric; grids and bits unchanged, early stop on held-out calibration items. PyTorch models.")
+                "learned rounding) so each block reproduces the FP32 model's block outputs (--reconstruct-metric); "
+                "grids and bits unchanged, early stop on held-out calibration items. PyTorch models.")
 @_advanced("--reconstruct-steps", type=int, show_default=True,
            help="Reconstruction: Adam steps per block at most.")
+@_advanced("--reconstruct-metric", type=click.Choice(RECONSTRUCT_METRICS), show_default=True,
+           help="Reconstruction: block-output errors unweighted (mse), or weighted by the likelihood's Fisher "
+                "on the calibration data, averaged over items (fisher) or per item (fisher-items, BRECQ's); "
+                "the Fisher forms fit calibration data unlike the deployed data (docs/method.md).")
 @_advanced("--gptq-mix", type=click.Choice(GPTQ_MIXES), show_default=True,
            help="gptq at a fractional --bits: wider codes by knapsack on GPTQ's layer errors, or to layers "
                 "in graph order (proportional).")

@@ -10,9 +10,8 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from .choices import (CURVATURES, DEFAULT_METHOD, FAIL_ON, FISHERS, FIXED_FAMILIES, FLOORS,
-                      GPTQ_MIXES, METHODS, PROPAGATIONS, PROVIDERS, RISKS, ROUNDINGS, SCOPES,
-                      TARGETS, TEACHERS)
+from .choices import (CURVATURES, DEFAULT_METHOD, FAIL_ON, FISHERS, FIXED_FAMILIES, FLOORS, GPTQ_MIXES, METHODS,
+                      PROPAGATIONS, PROVIDERS, RECONSTRUCT_METRICS, RISKS, ROUNDINGS, SCOPES, TARGETS, TEACHERS)
 from .errors import UserError
 
 
@@ -45,7 +44,8 @@ class CompileConfig:
     rounding: str = "feedback"   # bayesq*: codes by error feedback in the posterior metric, or nearest on the grid
     propagate: str = "none"      # bayesq*: re-round codes in graph order on the partly quantized model's inputs
     reconstruct: bool = False    # bayesq*, gptq: re-choose codes block by block in the posterior metric (planning/reconstruct.py)
-    reconstruct_steps: int = 200  # Adam steps per block at most (the best held-out codes are kept)
+    reconstruct_steps: int = 100  # Adam steps per block at most (the best held-out codes are kept)
+    reconstruct_metric: str = "mse"  # how block-output errors are weighted: mse | fisher | fisher-items
     gptq_mix: str = "knapsack"   # gptq at a fractional budget: which layers get the wider codes
     target: str = "size"         # bayesq: size | speed | cuda (which candidates each op may take)
     floor: str = "gptq"          # bayesq: also plan GPTQ at the budget, ship the better on held-out calibration
@@ -80,7 +80,8 @@ class CompileConfig:
             raise UserError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
         for name, allowed in (("family", FIXED_FAMILIES), ("curvature", CURVATURES), ("fisher", FISHERS),
                               ("target", TARGETS), ("risk", RISKS), ("rounding", ROUNDINGS),
-                              ("propagate", PROPAGATIONS), ("gptq_mix", GPTQ_MIXES)):
+                              ("propagate", PROPAGATIONS), ("gptq_mix", GPTQ_MIXES),
+                              ("reconstruct_metric", RECONSTRUCT_METRICS)):
             if getattr(self, name) not in allowed:
                 raise UserError(f"unknown {name} {getattr(self, name)!r}; choose one of {', '.join(allowed)}")
         if self.max_drop is not None and not self.max_drop >= 0:

@@ -124,6 +124,8 @@ def to_markdown(report: dict) -> str:
         lines += _search(report["search"])
     if "propagation" in report["plan"]["settings"]:
         lines += _propagation(report["plan"]["settings"]["propagation"])
+    if "reconstruction" in report["plan"]["settings"]:
+        lines += _reconstruction(report["plan"]["settings"]["reconstruction"])
     if "distill" in report:
         lines += _distillation(report["distill"], report["fidelity"])
     if report.get("left_in_float"):
@@ -247,6 +249,25 @@ def _propagation(p: dict) -> list[str]:
             f"Mode **{p['mode']}**: {p['levels']} levels, {p['rerounded']} tensors re-rounded, "
             f"{p['kept_planned_codes']} kept their planned codes (no better in the propagated metric), "
             f"{p['fixed']} not re-roundable (tables, grouped convolutions, shared weights); {p['seconds']:.1f} s.", ""]
+
+
+def _reconstruction(r: dict) -> list[str]:
+    """Per block, the Fisher-weighted output error of the planned and the reconstructed codes on the fitted
+    and the held-out calibration items (planning/reconstruct.py)."""
+    title = "## Block reconstruction (codes chosen block by block, bits unchanged)"
+    if "skipped" in r:
+        return [title, "", f"Skipped: {r['skipped']}.", ""]
+    lines = [title, "",
+             f"{r['blocks']} blocks (objective: {r['metric']} of the block outputs), {r['weights_changed']} of {r['weights_reconstructed']} weights changed "
+             f"(fixed: {len(r['weights_fixed'])}); at most {r['steps_per_block']} steps per block on "
+             f"{r['train_items']} items, codes kept by their error on {r['heldout_items']} held-out items; "
+             f"{r['seconds']:.1f} s.", "",
+             "| block | weights | codes moved | error before → after | held-out before → after | s |",
+             "|---|---|---|---|---|---|"]
+    for i, b in enumerate(r["per_block"]):
+        lines.append(f"| {i} | {b['ops']} | {b['codes_moved']} | {b['error_before']:.4g} → {b['error_after']:.4g} "
+                     f"| {b['heldout_error_before']:.4g} → {b['heldout_error_after']:.4g} | {b['seconds']:.1f} |")
+    return lines + [""]
 
 
 def _distillation(d: dict, fidelity: dict) -> list[str]:

@@ -63,6 +63,7 @@ class Settings:
     budgets: tuple[float, ...] = BUDGETS
     speed_budgets: tuple[float, ...] = SPEED_BUDGETS  # bayesq --target speed (MatMulNBits form)
     fold_budgets: tuple[float, ...] = BUDGETS  # bayesq --target fold (every width on every weight, folded at load)
+    reconstruct_budgets: tuple[float, ...] = ()  # bayesq --reconstruct (block reconstruction after planning)
     methods: tuple[str, ...] = METHOD_FAMILIES
     calib_size: int = 256
     eval_size: int = 1024
@@ -100,6 +101,8 @@ def jobs(settings: Settings) -> tuple[list[Job], list[str]]:
                     {"method": "bayesq", "bits": b, "target": "speed"}) for b in settings.speed_budgets]
         out += [Job(f"bayesq fold {b:g}", "bayesq", "bayesq fold", "ours",
                     {"method": "bayesq", "bits": b, "target": "fold"}) for b in settings.fold_budgets]
+        out += [Job(f"bayesq reconstruct {b:g}", "bayesq", "bayesq reconstruct", "ours",
+                    {"method": "bayesq", "bits": b, "reconstruct": True}) for b in settings.reconstruct_budgets]
     if "rtn" in methods:
         out += [Job(f"rtn b{b} row", "rtn", "rtn row", "ours", {"method": "rtn", "bits": b, "group_size": 0})
                 for b in settings.rtn_row_bits]
@@ -454,6 +457,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="budgets for bayesq --target speed rows (none: no such rows)")
     ap.add_argument("--fold-budgets", type=float, nargs="*", default=list(BUDGETS),
                     help="budgets for bayesq --target fold rows (none: no such rows)")
+    ap.add_argument("--reconstruct-budgets", type=float, nargs="*", default=[],
+                    help="also bayesq --reconstruct at these all-in budgets")
     ap.add_argument("--methods", nargs="+", choices=METHOD_FAMILIES, default=list(METHOD_FAMILIES))
     ap.add_argument("--quick", action="store_true", help="32 calibration / 64 evaluation items, 10 latency runs")
     ap.add_argument("--calib-size", type=int, default=256)
@@ -479,7 +484,8 @@ def main(argv: list[str] | None = None) -> int:
     source = {k: getattr(args, k) for k in ("weights", "data", "calib", "task", "latency_batch", "latency_seq")
               if getattr(args, k) is not None}
     settings = Settings(budgets=tuple(args.budgets), speed_budgets=tuple(args.speed_budgets),
-                        fold_budgets=tuple(args.fold_budgets), methods=tuple(args.methods), calib_size=calib, eval_size=evals,
+                        fold_budgets=tuple(args.fold_budgets), reconstruct_budgets=tuple(args.reconstruct_budgets),
+                        methods=tuple(args.methods), calib_size=calib, eval_size=evals,
                         latency_runs=runs, latency_warmup=warmup, provider=args.provider, source=source,
                         peer_bits=tuple(args.peer_bits), peer_blocks=tuple(args.peer_blocks),
                         rtn_accuracy_levels=tuple(None if a == "none" else int(a) for a in args.rtn_accuracy_levels))

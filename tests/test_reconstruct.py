@@ -190,3 +190,27 @@ def test_reconstruction_is_refused_where_it_cannot_run():
         CompileConfig(method="rtn", bits=4, reconstruct=True).validate()
     with pytest.raises(UserError, match="reconstruct_steps"):
         CompileConfig(reconstruct=True, reconstruct_steps=0).validate()
+
+
+def test_fisher_weights_are_the_items_mean_of_squared_output_gradients(cnn_case):
+    """``fisher``: E[g²] over the items at each position (one value for every item), mean 1 per value;
+    ``fisher-items``: each item's own g², mean 1 too."""
+    from bayesq_onnx.export import fp32_model
+
+    bundle, _ = cnn_case
+    b = dataclasses.replace(bundle, info=dict(bundle.info))
+    fp32_model(b)
+    program = Program(b.module)
+    weight_of = {t: t for t in program.parameter_targets() if t.endswith("weight")}
+    outputs = {o for blk in program.blocks(weight_of, 3) for o in blk.outputs}
+    batches = [[torch.from_numpy(next(iter(c.values())))] for c in bundle.calibration[:3]]
+    pooled = program.fisher(outputs, batches, "categorical", seed=0)
+    items = program.fisher(outputs, batches, "categorical", seed=0, self_average=False)
+    for o in outputs:
+        assert len(pooled[o]) == len(items[o]) == 3
+        every = torch.cat(items[o])
+        assert float(every.min()) >= 0 and abs(float(every.mean()) - 1) < 1e-4
+        assert torch.allclose(pooled[o][0][0], pooled[o][2][-1])  # one weight per position, whatever the item
+        assert abs(float(torch.cat(pooled[o]).mean()) - 1) < 1e-4
+        # the pooled weight is the items' mean of the per-item weights (both normalized to mean 1)
+        assert torch.allclose(pooled[o][0][0], every.mean(0), rtol=1e-4, atol=1e-6)
