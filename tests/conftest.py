@@ -3,6 +3,14 @@ import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # the README's command runs two workers on a 2-core machine: one intra-op thread each, as two contended
+    # thread pools wait ~10 ms per small op for a busy core (test_zoo.py's docstring); the CLI subprocesses
+    # some tests start inherit it
+    os.environ["OMP_NUM_THREADS"] = "1"
+    import torch
+
+    torch.set_num_threads(1)
 
 from hypothesis import settings
 

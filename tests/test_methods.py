@@ -57,3 +57,30 @@ def test_planner_for_builds_the_method_planner(inputs):
 def test_bayesq_fixed_refuses_a_group_that_does_not_divide(inputs):
     with pytest.raises(UserError, match="`codebook_rows` 7 does not divide"):
         planner_for(CompileConfig(method="bayesq-fixed", bits=4, family="codebook", codebook_rows=7), inputs)
+
+
+def test_each_method_declares_its_analysis_and_stages_and_the_config_asks_it():
+    """Issue 30 item 5: what runs around a planner is the method's registration, not a name test in the
+    pipeline or the config check."""
+    import inspect
+
+    from bayesq_onnx import config as config_module
+    from bayesq_onnx import pipeline
+    from bayesq_onnx.planning.stages import STAGES
+
+    assert set(REGISTRY) == set(METHODS)
+    for method in REGISTRY.values():
+        assert set(method.stages) <= set(STAGES) and method.analysis in ("posterior", "hessians", "none")
+    CompileConfig(method="gptq", bits=4, reconstruct=True).validate()
+    CompileConfig(method="bayesq-fixed", bits=4, reconstruct=True, propagate="sequential").validate()
+    with pytest.raises(UserError, match="not a stage of `method` gptq"):
+        CompileConfig(method="gptq", bits=4, propagate="sequential").validate()
+    with pytest.raises(UserError, match="not a stage of `method` rtn"):
+        CompileConfig(method="rtn", bits=4, reconstruct=True).validate()
+    for module in (pipeline, config_module):
+        source = inspect.getsource(module)
+        assert not any(f'method == "{m}"' in source or f'method != "{m}"' in source for m in METHODS)
+    bayesq = REGISTRY["bayesq"]
+    assert [s.name for s in bayesq.refinements(CompileConfig(reconstruct=True, propagate="sequential"))] == \
+        ["propagate", "floor", "reconstruct"]
+    assert [s.name for s in bayesq.refinements(CompileConfig(floor="none"))] == []

@@ -159,8 +159,8 @@ def test_blocks_cut_at_residual_joins_and_chain_to_the_output(cnn_case):
 def test_reconstruction_moves_codes_only_never_worse_held_out_and_keeps_the_budget(cnn_case, tmp_path):
     _, compile_ = cnn_case
     base = compile_(tmp_path / "base")
-    a = compile_(tmp_path / "a", reconstruct=True, reconstruct_steps=60)
-    b = compile_(tmp_path / "b", reconstruct=True, reconstruct_steps=60)
+    a = compile_(tmp_path / "a", reconstruct=True, reconstruct_steps=40)
+    b = compile_(tmp_path / "b", reconstruct=True, reconstruct_steps=40)
     assert a.artifact.read_bytes() == b.artifact.read_bytes()
     assert a.report["bits"]["all_in"] == base.report["bits"]["all_in"]
     assert a.report["sizes"]["artifact_bytes"] == base.report["sizes"]["artifact_bytes"]
