@@ -15,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import distill as distill_bench  # noqa: E402
 import kfac_scale  # noqa: E402
+import reconstruct as reconstruct_bench  # noqa: E402
 import scale  # noqa: E402
 
 from bayesq_onnx.models.glue import get_task, read_split  # noqa: E402
@@ -62,6 +63,19 @@ def test_distill_benchmark_case_on_digits(tmp_path):
     with open(tmp_path / "out" / "distill.csv") as fh:
         assert len(list(csv.DictReader(fh))) == 2
     assert (tmp_path / "out" / "distill.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow
+def test_reconstruct_benchmark_case_on_digits(tmp_path):
+    """One case: the row without reconstruction and one with it, at the same all-in bits; the block figures
+    only on the reconstructed row; the plot is written."""
+    rows = reconstruct_bench.run_case("digits-resnet:3.0", ["mse"], ["--reconstruct-steps", "8", "--calib-size", "64",
+                                                                     "--eval-size", "64", "--floor", "none"], tmp_path)
+    assert [r["reconstruct"] for r in rows] == ["none", "mse"]
+    assert rows[0]["all_in_bits"] == rows[1]["all_in_bits"] <= 3.0
+    assert "blocks" not in rows[0] and rows[1]["blocks"] >= 1 and "→" in rows[1]["heldout_error"]
+    reconstruct_bench.plot(rows, tmp_path / "r.png")
+    assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
 
 
 @pytest.mark.parametrize("key,value,want", [("distill_s", 81.63, "81.6"), ("without", 0.94981, "0.9498"),
