@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from bayesq_onnx.plan import Candidate, QuantizedTensor
-from bayesq_onnx.planning.reconstruct import Program, alternative_codes
+from bayesq_onnx.planning.reconstruct import alternative_codes
+from bayesq_onnx.traced_blocks import Program
 from bayesq_onnx.quant import adaround
 from bayesq_onnx.quant.layout import WeightLayout
 
@@ -205,7 +206,7 @@ def test_fisher_weights_are_the_items_mean_of_squared_output_gradients(cnn_case)
     outputs = {o for blk in program.blocks(weight_of, 3) for o in blk.outputs}
     batches = [[torch.from_numpy(next(iter(c.values())))] for c in bundle.calibration[:3]]
     pooled = program.fisher(outputs, batches, "categorical", seed=0)
-    items = program.fisher(outputs, batches, "categorical", seed=0, self_average=False)
+    items = program.fisher(outputs, batches, "categorical", seed=0, pooled=False)
     for o in outputs:
         assert len(pooled[o]) == len(items[o]) == 3
         every = torch.cat(items[o])
