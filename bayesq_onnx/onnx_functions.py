@@ -29,36 +29,44 @@ _UINT8, _INT32, _INT64, _UINT64, _FLOAT = 2, 6, 7, 13, 1
 
 
 @onnxscript.script(_bq, default_opset=op)
-def UnpackBits(packed, bits: int, shape: Sequence[int]):
-    """Unpack ``bits``-bit codes (:func:`bayesq_onnx.quant.packing.pack_bits`: ``bits`` bytes hold 8 codes, code k
-    in bits ``bits·k .. bits·k + bits − 1`` of the little-endian word; for 2 and 4 bits that is ONNX's own
-    UINT2/UINT4 packing, for 8 bits the bytes themselves).
+def UnpackRuns(packed, bits: int):
+    """Unpack ``bits``-bit codes (:func:`bayesq_onnx.quant.packing.pack_bits`, stored ``[runs, bits]``: each row
+    ``bits`` bytes holding 8 codes, code k in bits ``bits·k .. bits·k + bits − 1`` of the little-endian word) into
+    uint8 ``[runs, 8]``.
 
-    Code k lies within the two bytes ``i = ⌊bits·k/8⌋`` and ``i + 1`` (``bits`` ≤ 8): with ``s = bits·k mod 8``
-    it is ``((byte_i >> s) | (byte_{i+1} << (8 − s))) & (2^bits − 1)``, all in uint8 (the left shift drops the
-    bits past the code; it is done as ``<< 1 << (7 − s)`` so that no shift reaches the width of the type).
-    Every intermediate is one byte per code, which keeps ORT's constant folding of large tensors small.
-    Returns uint8 codes reshaped to ``shape``, the padding codes of the last word dropped.
+    Code k lies within bytes ``i = ⌊bits·k/8⌋`` and ``h = min(i + 1, bits − 1)``: with ``s = bits·k mod 8`` it is
+    ``((byte_i >> s) | (byte_h << t)) & (2^bits − 1)``, where ``t = 8 − s`` brings the high byte's low bits to
+    position ``8 − s`` and, for a code that does not reach the next byte (``s + bits ≤ 8``: ``s = 0`` gets
+    ``t = bits``), puts them at or above position ``bits``, where the mask drops them. Every shift is 1..7, all
+    in uint8, so six ops of one byte per code: the intermediates ORT's constant folding holds stay small.
     """
     width = op.Constant(value_int=bits)
-    rows = op.Concat(op.Constant(value_ints=[-1]), op.Reshape(width, op.Constant(value_ints=[1])), axis=0)
-    byte_rows = op.Reshape(packed, rows)
-    first_bit = op.Mul(op.Range(op.Constant(value_int=0), op.Constant(value_int=8), op.Constant(value_int=1)), width)
     eight = op.Constant(value_int=8)
+    first_bit = op.Mul(op.Range(op.Constant(value_int=0), eight, op.Constant(value_int=1)), width)
     low = op.Div(first_bit, eight)
     high = op.Min(op.Add(low, op.Constant(value_int=1)), op.Sub(width, op.Constant(value_int=1)))
     shift = op.Mod(first_bit, eight)
-    one = op.Cast(op.Constant(value_int=1), to=_UINT8)
-    from_low = op.BitShift(op.Gather(byte_rows, low, axis=1), op.Cast(shift, to=_UINT8), direction="RIGHT")
-    from_high = op.BitShift(op.BitShift(op.Gather(byte_rows, high, axis=1), one, direction="LEFT"),
-                            op.Cast(op.Sub(op.Constant(value_int=7), shift), to=_UINT8), direction="LEFT")
+    high_shift = op.Where(op.Equal(shift, op.Constant(value_int=0)), width, op.Sub(eight, shift))
+    from_low = op.BitShift(op.Gather(packed, low, axis=1), op.Cast(shift, to=_UINT8), direction="RIGHT")
+    from_high = op.BitShift(op.Gather(packed, high, axis=1), op.Cast(high_shift, to=_UINT8), direction="LEFT")
     mask = op.BitShift(op.Cast(op.Constant(value_int=255), to=_UINT8), op.Cast(op.Sub(eight, width), to=_UINT8),
                        direction="RIGHT")
-    codes = op.BitwiseAnd(op.BitwiseOr(from_low, from_high), mask)
+    return op.BitwiseAnd(op.BitwiseOr(from_low, from_high), mask)
+
+
+@onnxscript.script(_bq, default_opset=op)
+def UnpackBits(packed, bits: int, shape: Sequence[int]):
+    """:func:`UnpackRuns` reshaped to ``shape``, whose element count is a whole number of runs of 8 (no padding
+    codes: one reshape, no slice)."""
+    return op.Reshape(UnpackRuns(packed, bits=bits), op.Constant(value_ints=shape))
+
+
+@onnxscript.script(_bq, default_opset=op)
+def UnpackBitsPadded(packed, bits: int, shape: Sequence[int]):
+    """:func:`UnpackBits` for a count that is not a multiple of 8: the padding codes of the last run dropped."""
     target = op.Constant(value_ints=shape)
-    flat = op.Reshape(codes, op.Constant(value_ints=[-1]))
-    count = op.ReduceProd(target, keepdims=1)
-    return op.Reshape(op.Slice(flat, op.Constant(value_ints=[0]), count), target)
+    flat = op.Reshape(UnpackRuns(packed, bits=bits), op.Constant(value_ints=[-1]))
+    return op.Reshape(op.Slice(flat, op.Constant(value_ints=[0]), op.ReduceProd(target, keepdims=1)), target)
 
 
 @onnxscript.script(_bq, default_opset=op)
@@ -87,18 +95,23 @@ def UnpackWords(packed, bits: int, shape: Sequence[int]):
 
 
 @onnxscript.script(_bq, default_opset=op)
-def CodebookLookup(codes, levels, pre_shape: Sequence[int], perm: Sequence[int]):
-    """Decode a codebook weight: ``W = transpose(reshape(levels[table(r), codes[r, c]], pre_shape), perm)``.
+def CodebookLookup(codes, levels, rows_shape: Sequence[int], table_shape: Sequence[int], table_perm: Sequence[int],
+                   table_dims: Sequence[int], data_shape: Sequence[int], axis: int):
+    """Decode a codebook weight: ``W[x] = levels[table(row(x)), codes[x]]``, as one ``GatherElements`` from the
+    codes in the weight's own shape.
 
-    ``codes`` (any integer dtype) ``[n_tables, rows_per_table, cols]``; ``levels`` ``[n_tables, 1, 2^b]``
-    float16, broadcast over the rows of its table. Indices are int32 and the lookup, reshape and transpose
-    run in float16 before the one cast to float: the intermediates ORT's constant folding holds are small.
+    ``levels`` ``[n_tables, 1, 2^b]`` float16 becomes a float table per row (``rows_shape`` =
+    ``[n_tables, rows_per_table, 2^b]``), unflattened over the row axes (``table_shape``), its axes put in the
+    weight's order with the level axis at ``axis`` (``table_perm``, ``table_dims``: size 1 on the other column
+    axes), and broadcast to ``data_shape`` (the weight's shape with ``2^b`` at ``axis``, one of its column axes):
+    ``GatherElements(data, codes, axis)`` then reads ``data[..., codes[x], ...] = levels[table(row(x)), codes[x]]``
+    at every position ``x``. The folded intermediates are the int32 indices (4 bytes per weight) and the
+    table (``2^b / W.shape[axis]`` of the weight's size): no reshape or transpose of anything weight-sized.
     """
-    idx = op.Cast(codes, to=_INT32)
-    table_shape = op.Concat(op.Shape(idx, start=0, end=2), op.Shape(levels, start=2, end=3), axis=0)
-    w = op.GatherElements(op.Expand(levels, table_shape), idx, axis=2)
-    w = op.Transpose(op.Reshape(w, op.Constant(value_ints=pre_shape)), perm=perm)
-    return op.Cast(w, to=_FLOAT)
+    rows = op.Expand(op.Cast(levels, to=_FLOAT), op.Constant(value_ints=rows_shape))
+    table = op.Transpose(op.Reshape(rows, op.Constant(value_ints=table_shape)), perm=table_perm)
+    data = op.Expand(op.Reshape(table, op.Constant(value_ints=table_dims)), op.Constant(value_ints=data_shape))
+    return op.GatherElements(data, op.Cast(codes, to=_INT32), axis=axis)
 
 
 @onnxscript.script(_bq, default_opset=op)
@@ -158,12 +171,13 @@ def GatherCodebook(codes, indices, levels, bits: int, row_shape: Sequence[int]):
     return op.Reshape(w, GatheredShape(indices, row_shape))
 
 
-FUNCTIONS = {"UnpackBits": UnpackBits, "UnpackWords": UnpackWords, "CodebookLookup": CodebookLookup,
-             "DequantizeAffine": DequantizeAffine, "DequantizeSymmetric": DequantizeSymmetric,
-             "GatherAffine": GatherAffine, "GatherCodebook": GatherCodebook,
-             "GatheredShape": GatheredShape}
+FUNCTIONS = {"UnpackRuns": UnpackRuns, "UnpackBits": UnpackBits, "UnpackBitsPadded": UnpackBitsPadded,
+             "UnpackWords": UnpackWords, "CodebookLookup": CodebookLookup, "DequantizeAffine": DequantizeAffine,
+             "DequantizeSymmetric": DequantizeSymmetric, "GatherAffine": GatherAffine,
+             "GatherCodebook": GatherCodebook, "GatheredShape": GatheredShape}
 # the functions each one calls, added to a model with it
-CALLS = {"GatherAffine": ("UnpackWords", "DequantizeAffine", "GatheredShape"),
+CALLS = {"UnpackBits": ("UnpackRuns",), "UnpackBitsPadded": ("UnpackRuns",),
+         "GatherAffine": ("UnpackWords", "DequantizeAffine", "GatheredShape"),
          "GatherCodebook": ("UnpackWords", "GatheredShape")}
 
 

@@ -169,18 +169,16 @@ class QuantizedTensor:
     def stored(self, broadcast: bool = False) -> dict[str, np.ndarray]:
         """Role -> array exactly as written to the ONNX file (dtype and layout).
 
-        uniform: ``codes`` in the original layout (3/5/6-bit: packed bytes of that layout), ``scale`` and
-        ``zero_point`` shaped for ``DequantizeLinear`` (scalars per tensor, 1-D per row, blocked otherwise;
-        no zero point for symmetric 2/4/8-bit). codebook: canonical ``codes`` (3/5/6-bit packed), ``levels``
-        ``[n_tables, 1, 2^b]``.
+        ``codes`` in the original layout (3/5/6-bit: packed bytes of that layout, ``[runs, bits]``: 8 codes per
+        row). uniform: ``scale`` and ``zero_point`` shaped for ``DequantizeLinear`` (scalars per tensor, 1-D per
+        row, blocked otherwise; no zero point for symmetric 2/4/8-bit). codebook: ``levels`` ``[n_tables, 1, 2^b]``.
 
         ``broadcast=True`` (the standard-op decodes, which ORT folds at session start): the same arrays, same
         bytes in the same order, shaped for a decode with no reshape it can avoid (every reshape ORT folds is
         a copy it holds until folding ends): natively stored uniform codes in :meth:`grouped_shape`, with
         ``scale`` and ``zero_point`` shaped to broadcast against them (per row, size-1 axes except the row
-        axis; per group, the blocked shape with a size-1 axis inserted after the input-channel axis);
-        natively stored codebook codes as ``[n_tables, rows_per_table, cols]``. Only the dims differ, so
-        :meth:`stored_bits` is the same for both.
+        axis; per group, the blocked shape with a size-1 axis inserted after the input-channel axis). Only the
+        dims differ, so :meth:`stored_bits` is the same for both.
         """
         c, lay = self.candidate, self.layout
         if c.family == "float":
@@ -188,10 +186,7 @@ class QuantizedTensor:
         if c.kernel == NBITS:
             return self._stored_nbits()
         if c.family == "codebook":
-            codes = _store_codes(self.codes, c.bits, signed=False)
-            if broadcast and not packing.is_packed(c.bits):
-                per = c.rows_per_table(lay)
-                codes = codes.reshape(lay.rows // per, per, lay.cols)
+            codes = _store_codes(lay.from_canonical(self.codes), c.bits, signed=False)
             return {"codes": codes, "levels": self.levels.astype(np.float16)[:, None, :]}
         packed = packing.is_packed(c.bits)
         # bit-packed codes are unpacked to uint8 in-graph, so signed packed grids are stored shifted by 2^(b−1)
@@ -288,6 +283,22 @@ class QuantizedTensor:
         axis = self.layout.group_axis
         return shape[:axis] + [shape[axis] // c.group_size, c.group_size] + shape[axis + 1:]
 
+    def lookup_shapes(self) -> dict:
+        """Codebook: the attributes of ``bayesq.CodebookLookup`` for this tensor (its codes in the weight's own
+        shape). The level axis is the longest column axis, so the per-row table broadcast along the others
+        holds ``2^b / shape[axis]`` of the weight's elements; the row axes keep their canonical order until
+        ``table_perm`` puts every axis in the weight's order."""
+        lay, c = self.layout, self.candidate
+        n_levels, per = 2 ** c.bits, c.rows_per_table(lay)
+        rank, row_axes = len(lay.shape), lay.row_axes
+        axis = max((a for a in range(rank) if a not in row_axes), key=lambda a: lay.shape[a])
+        return {"rows_shape": [lay.rows // per, per, n_levels],
+                "table_shape": [*lay.pre_shape[:lay.row_dims], n_levels],
+                "table_perm": [int(i) for i in np.argsort([*row_axes, axis])],
+                "table_dims": [lay.shape[a] if a in row_axes else n_levels if a == axis else 1 for a in range(rank)],
+                "data_shape": [n_levels if a == axis else lay.shape[a] for a in range(rank)],
+                "axis": axis}
+
     def stored_bits(self) -> int:
         return 8 * sum(packing.stored_nbytes(a) for a in self.stored().values())
 
@@ -304,8 +315,8 @@ def _contiguous(a: np.ndarray) -> np.ndarray:
 
 
 def _store_codes(codes: np.ndarray, bits: int, *, signed: bool) -> np.ndarray:
-    if packing.is_packed(bits):
-        return packing.pack_bits(codes.astype(np.uint8), bits)
+    if packing.is_packed(bits):  # one row per run of 8 codes: the shape bayesq.UnpackRuns reads, no reshape
+        return packing.pack_bits(codes.astype(np.uint8), bits).reshape(-1, bits)
     return np.ascontiguousarray(codes.astype(np.int16).astype(packing.code_dtype(bits, signed)))
 
 

@@ -220,18 +220,21 @@ def _memory(report: dict) -> list[str]:
     def mb(x) -> str:
         return "—" if x is None else f"{x:.1f}"
 
+    loads = mem.get("loads", 1)
     lines += [f"Feed {mem['feed']}, {', '.join(mem['providers'])}. Whole-process figures from /proc/self/status "
-              "(the baseline is the process before its session).", "",
+              f"(the baseline is the process before its session), the median of {loads} load(s) of each model.", "",
               "| model | baseline MB | peak at session start MB | peak MB | resident after the run MB | session start s |",
               "|---|---|---|---|---|---|"]
     for key in ("fp32", "quantized"):
         m = mem[key]
         lines.append(f"| {key} | {mb(m['baseline']['resident_mb'])} | {mb(m['after_start']['peak_mb'])} | "
                      f"{mb(m['after_run']['peak_mb'])} | {mb(m['after_run']['resident_mb'])} | {m['session_start_s']:.3f} |")
-    r = mem["ratio"]
+    r, spread = mem["ratio"], mem.get("ratio_range") or {}
     resident = "—" if r["resident"] is None else f"{r['resident']:.3f}"
-    return lines + ["", f"Quantized / FP32: peak **{r['peak']:.3f}**, resident **{resident}**, "
-                        f"session start **{r['session_start']:.3f}**", ""]
+    ranges = {k: f" ({v[0]:.3f}–{v[1]:.3f} over the pairs of loads)" if v and v[0] != v[1] else ""
+              for k, v in ((k, spread.get(k)) for k in ("peak", "resident"))}
+    return lines + ["", f"Quantized / FP32: peak **{r['peak']:.3f}**{ranges['peak']}, resident **{resident}**"
+                        f"{ranges['resident']}, session start **{r['session_start']:.3f}**", ""]
 
 
 def _search(sr: dict) -> list[str]:

@@ -15,7 +15,7 @@ Rows (each artifact measured by bayesq_onnx/runtime/load_probe.py in a process o
   or quantizes nothing here is a row with the reason.
 
 Columns: file MB; the whole process's peak (VmHWM) and resident (VmRSS) MB after the run, and the session
-start, each also as a ratio to FP32; for our rows the compile's headline fidelity. Writes
+start, each the median of three loads in fresh processes and also as a ratio to FP32's; for our rows the compile's headline fidelity. Writes
 ``memory_<model>.md`` / ``.csv`` / ``.png`` under ``--out``.
 """
 
@@ -37,14 +37,14 @@ from peers import Peer, PeerError, run_peer, scope_weights  # noqa: E402
 from bayesq_onnx.export import fp32_model  # noqa: E402
 from bayesq_onnx.models import load_model  # noqa: E402
 from bayesq_onnx.models.base import SourceOptions  # noqa: E402
-from bayesq_onnx.runtime.load_memory import LoadProbeFailed, measure_load  # noqa: E402
+from bayesq_onnx.runtime.load_memory import LOADS, LoadProbeFailed, median_load  # noqa: E402
 
 PEERS = (Peer("ort-rtn", 4, 32, 0), Peer("ort-rtn", 4, 128, 0), Peer("ort-static", 8),
          Peer("nncf", 4, 128, symmetric=False))
 
 
 def _row(name: str, path: Path, feed: dict, providers: list[str], fp32: dict | None, **extra) -> dict:
-    m = measure_load(path, feed, providers)
+    m = median_load(path, feed, providers)
     row = {"artifact": name, "file MB": round(path.stat().st_size / 1e6, 2),
            "peak MB": round(m["after_run"]["peak_mb"], 1), "resident MB": round(m["after_run"]["resident_mb"], 1),
            "session start s": round(m["session_start_s"], 3)}
@@ -100,7 +100,8 @@ def main() -> None:
     name = re.sub("[^A-Za-z0-9_-]+", "_", args.model.split(":")[-1])
     args.out.mkdir(parents=True, exist_ok=True)
     header = (f"Memory at load, {args.model}: fresh process, plain ONNX Runtime {_ort()} session (CPU), one run "
-              f"of {', '.join(f'{k} {chr(215).join(map(str, v.shape))}' for k, v in feed.items())}; "
+              f"of {', '.join(f'{k} {chr(215).join(map(str, v.shape))}' for k, v in feed.items())}, median of "
+              f"{LOADS} loads of each artifact; "
               f"`python benchmarks/memory.py --model {args.model}`\n\n")
     table = markdown_table(rows)
     (args.out / f"memory_{name}.md").write_text(header + table)

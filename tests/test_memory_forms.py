@@ -25,7 +25,7 @@ from bayesq_onnx.planning import candidates
 from bayesq_onnx.planning.rtn import fit_minmax
 from bayesq_onnx.quant.layout import WeightLayout
 from bayesq_onnx.report import file_accounting
-from bayesq_onnx.runtime.load_memory import LoadProbeFailed, load_versus_fp32, measure_load
+from bayesq_onnx.runtime.load_memory import LOADS, LoadProbeFailed, _median, load_versus_fp32, measure_load
 from bayesq_onnx.weights import WeightInfo
 from helpers import plan_all, reference_model, rewrite, run
 from tiny_models import embedding_model, linear_model
@@ -207,6 +207,17 @@ def test_load_measurement_sees_the_weights_a_session_holds(tmp_path):
     assert q["after_run"]["resident_mb"] - q["baseline"]["resident_mb"] < 0.5 * weight_mb
     assert mem["ratio"]["peak"] < 0.8 and mem["ratio"]["resident"] < 0.8
     assert mem["feed"] == f"x 4×{k}" and fp["session_start_s"] > 0
+    # the figures are medians over the loads; the ratio of the medians lies within the pairs' ratios
+    assert mem["loads"] == LOADS >= 3
+    for key in ("peak", "resident"):
+        low, high = mem["ratio_range"][key]
+        assert low <= mem["ratio"][key] * (1 + 1e-9) and mem["ratio"][key] <= high * (1 + 1e-9)
+
+
+def test_median_merges_loads_figure_by_figure():
+    runs = [{"a": {"x": 1.0, "y": None}, "t": 3.0}, {"a": {"x": 5.0, "y": 2.0}, "t": 1.0},
+            {"a": {"x": 2.0, "y": 1.0}, "t": 2.0}]
+    assert _median(runs) == {"a": {"x": 2.0, "y": None}, "t": 2.0}
 
 
 def test_a_model_that_cannot_load_is_one_clear_error(tmp_path):

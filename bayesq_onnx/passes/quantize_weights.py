@@ -12,7 +12,8 @@
     uniform, cuda target, and speed target where every consumer is a MatMul and no MatMulNBits form fits
                : codes [-> bayesq.UnpackBits] -> DequantizeLinear(axis | block_size | scalar scale: per tensor),
                  its scale cast to float
-    codebook : codes -> bayesq.CodebookLookup(codes, levels)   (a table per row, per group of rows, or one)
+    codebook : codes [-> bayesq.UnpackBits] -> bayesq.CodebookLookup(codes, levels): codes in the weight's shape,
+               one GatherElements from a table per row (per row, per group of rows, or one for the tensor)
     float16  : values -> Cast float        (float32 "kept" tensors are left untouched)
 
 A table read only by ``Gather`` (axis 0: an embedding) whose rows pack into whole words
@@ -34,6 +35,8 @@ that is no longer an initializer has been rewritten already: running the pass tw
 """
 
 from __future__ import annotations
+
+import math
 
 import onnx_ir as ir
 
@@ -110,17 +113,16 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
             """Bit-packed codes (3/5/6 bits) as uint8 of ``shape``; natively stored codes as they are."""
             if not packing.is_packed(cand.bits):
                 return codes
-            onnx_functions.add_function(model, "UnpackBits")
-            return add("UnpackBits", [codes], domain=onnx_functions.DOMAIN, bits=cand.bits, shape=shape)
+            fn = "UnpackBits" if math.prod(shape) % 8 == 0 else "UnpackBitsPadded"  # no padding: no slice
+            onnx_functions.add_function(model, fn)
+            return add(fn, [codes], domain=onnx_functions.DOMAIN, bits=cand.bits, shape=shape)
 
         if cand.family == "float":
             out = add("Cast", [stored["values"]], to=ir.DataType.FLOAT)
         elif cand.family == "codebook":
-            per = cand.rows_per_table(lay)  # codebook codes are stored canonical, rows grouped by table
-            codes = unpacked(stored["codes"], [lay.rows // per, per, lay.cols])
             onnx_functions.add_function(model, "CodebookLookup")
-            out = add("CodebookLookup", [codes, stored["levels"]], domain=onnx_functions.DOMAIN,
-                      pre_shape=list(lay.pre_shape), perm=list(lay.perm))
+            out = add("CodebookLookup", [unpacked(stored["codes"], list(lay.shape)), stored["levels"]],
+                      domain=onnx_functions.DOMAIN, **qt.lookup_shapes())
         else:
             codes = unpacked(stored["codes"], qt.grouped_shape() if arithmetic else list(lay.shape))
             scale = stored["scale"]
