@@ -128,6 +128,23 @@ def DequantizeAffine(codes, scale, zero_point):
 
 
 @onnxscript.script(_bq, default_opset=op)
+def AffineLookup(codes, scale, zero_point, levels_shape: Sequence[int], data_shape: Sequence[int], axis: int):
+    """:func:`DequantizeAffine` of a grid with one scale and zero point per row (or per tensor) as one table
+    lookup: the row's levels ``(k − z)·s`` for ``k = 0 .. 2^b − 1``, computed by the same float32 ops on the
+    small table (so every weight gets the same bits as from :func:`DequantizeAffine`), broadcast to
+    ``data_shape`` (the weight's shape with ``2^b`` at ``axis``, ``levels_shape`` holding ``2^b`` there and 1
+    elsewhere), then ``GatherElements(data, codes, axis)``. Folded, it holds the int32 indices (4 bytes per
+    weight) where :func:`DequantizeAffine` holds two float32 copies.
+    """
+    shape = op.Constant(value_ints=levels_shape)
+    k = op.Reshape(op.Cast(op.Range(op.Constant(value_int=0), op.ReduceProd(shape, keepdims=0),
+                                    op.Constant(value_int=1)), to=_FLOAT), shape)
+    table = op.Mul(op.Sub(k, op.Cast(zero_point, to=_FLOAT)), op.Cast(scale, to=_FLOAT))
+    data = op.Expand(table, op.Constant(value_ints=data_shape))
+    return op.GatherElements(data, op.Cast(codes, to=_INT32), axis=axis)
+
+
+@onnxscript.script(_bq, default_opset=op)
 def DequantizeSymmetric(codes, scale):
     """:func:`DequantizeAffine` without a zero point (signed codes): ``W = q·s``."""
     return op.Mul(op.Cast(codes, to=_FLOAT), op.Cast(scale, to=_FLOAT))
@@ -172,7 +189,7 @@ def GatherCodebook(codes, indices, levels, bits: int, row_shape: Sequence[int]):
 
 
 FUNCTIONS = {"UnpackRuns": UnpackRuns, "UnpackBits": UnpackBits, "UnpackBitsPadded": UnpackBitsPadded,
-             "UnpackWords": UnpackWords, "CodebookLookup": CodebookLookup, "DequantizeAffine": DequantizeAffine,
+             "UnpackWords": UnpackWords, "CodebookLookup": CodebookLookup, "AffineLookup": AffineLookup, "DequantizeAffine": DequantizeAffine,
              "DequantizeSymmetric": DequantizeSymmetric, "GatherAffine": GatherAffine,
              "GatherCodebook": GatherCodebook, "GatheredShape": GatheredShape}
 # the functions each one calls, added to a model with it

@@ -283,15 +283,32 @@ class QuantizedTensor:
         axis = self.layout.group_axis
         return shape[:axis] + [shape[axis] // c.group_size, c.group_size] + shape[axis + 1:]
 
+    def level_axis(self) -> int:
+        """The axis a decode by table lookup gathers along: the weight's longest column axis, so that the
+        per-row table broadcast along the others holds ``2^b / shape[axis]`` of the weight's elements."""
+        shape, row_axes = self.layout.shape, self.layout.row_axes
+        return max((a for a in range(len(shape)) if a not in row_axes), key=lambda a: shape[a])
+
+    def affine_lookup(self) -> dict | None:
+        """Uniform with a zero point, per row or per tensor, in the size and fold targets' decode: the attributes
+        of ``bayesq.AffineLookup`` when its table of levels is no larger than the weight (``2^b`` at most the
+        length of :meth:`level_axis`); otherwise ``None`` (``bayesq.DequantizeAffine`` decodes it)."""
+        c, shape = self.candidate, self.layout.shape
+        if c.family != "uniform" or c.symmetric or c.kernel == NBITS or c.group_size not in (0, TENSOR):
+            return None
+        axis, n_levels = self.level_axis(), 2 ** c.bits
+        if n_levels > shape[axis]:
+            return None
+        return {"levels_shape": [n_levels if a == axis else 1 for a in range(len(shape))],
+                "data_shape": [n_levels if a == axis else d for a, d in enumerate(shape)], "axis": axis}
+
     def lookup_shapes(self) -> dict:
         """Codebook: the attributes of ``bayesq.CodebookLookup`` for this tensor (its codes in the weight's own
-        shape). The level axis is the longest column axis, so the per-row table broadcast along the others
-        holds ``2^b / shape[axis]`` of the weight's elements; the row axes keep their canonical order until
+        shape), gathering along :meth:`level_axis`; the row axes keep their canonical order until
         ``table_perm`` puts every axis in the weight's order."""
         lay, c = self.layout, self.candidate
         n_levels, per = 2 ** c.bits, c.rows_per_table(lay)
-        rank, row_axes = len(lay.shape), lay.row_axes
-        axis = max((a for a in range(rank) if a not in row_axes), key=lambda a: lay.shape[a])
+        rank, row_axes, axis = len(lay.shape), lay.row_axes, self.level_axis()
         return {"rows_shape": [lay.rows // per, per, n_levels],
                 "table_shape": [*lay.pre_shape[:lay.row_dims], n_levels],
                 "table_perm": [int(i) for i in np.argsort([*row_axes, axis])],

@@ -14,6 +14,7 @@ import json
 import numpy as np
 import onnx
 import onnx_ir as ir
+import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
@@ -28,7 +29,7 @@ from bayesq_onnx.report import file_accounting
 from bayesq_onnx.runtime.load_memory import LOADS, LoadProbeFailed, _median, load_versus_fp32, measure_load
 from bayesq_onnx.weights import WeightInfo
 from helpers import plan_all, reference_model, rewrite, run
-from tiny_models import embedding_model, linear_model
+from tiny_models import conv_model, embedding_model, linear_model
 
 NBITS_CANDIDATES = [Candidate("uniform", b, g, symmetric=s, scale_dtype=d, kernel=NBITS)
                     for b in (2, 4, 8) for g in (0, 16, 32) for s in (False, True) for d in ("float16", "float32")]
@@ -232,3 +233,26 @@ def test_8_bit_tables_are_folded_not_gathered():
     2^53 that ORT's int64 ReduceSum (in bayesq.UnpackWords) keeps exact."""
     plan = plan_all(embedding_model(), candidates.parse("uint8-row"))
     assert not plan.tensors["e"].row_gatherable()
+
+
+@pytest.mark.parametrize("label,cin,expected", [
+    ("uint4-row", 64, "AffineLookup"),      # 16 levels along 64 input channels: one gather from the row's levels
+    ("uint8-row", 64, "DequantizeAffine"),  # 256 levels: a table larger than the weight itself
+    ("uint8-row", 256, "AffineLookup"),
+    ("uint4-g128", 256, "DequantizeAffine"),  # a scale per group: no per-row table
+    ("int4-row", 64, "DequantizeSymmetric"),  # Cast -> Mul already holds one copy
+])
+def test_affine_weights_decode_by_table_where_it_is_smaller(label, cin, expected):
+    """A per-row affine grid folds as one GatherElements from its row's 2^b levels, exactly the values
+    dequantize() gives, where that table is no larger than the weight; other grids keep the arithmetic."""
+    proto = conv_model(cin=cin)
+    plan = plan_all(proto, candidates.parse(label))
+    model, _ = rewrite(proto, plan)
+    ops = {node.op_type for node in model.graph if node.domain == "bayesq"}
+    assert expected in ops and not ops & {"AffineLookup", "DequantizeAffine", "DequantizeSymmetric"} - {expected}
+    q = ir.serde.serialize_model(model)
+    name = next(iter(plan.tensors))
+    q.graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
+    x = np.random.default_rng(0).normal(size=(2, cin, 8, 8)).astype(np.float32)
+    got = ort.InferenceSession(q.SerializeToString()).run([name], {"x": x})[0]
+    np.testing.assert_array_equal(got, plan.tensors[name].dequantize())

@@ -122,9 +122,10 @@ def test_shared_grid_artifact_decodes_to_dequantize(kind, cand):
             assert (f"{name}.zero_point" in inits) == has_zero
             if has_zero:
                 assert list(inits[f"{name}.zero_point"].dims) == [] and len(inits[f"{name}.zero_point"].raw_data) == 1
-            # size target: a scalar scale in the arithmetic decode; speed/cuda: DequantizeLinear per tensor
+            # size target: a scalar scale in the arithmetic decode or the level table; speed/cuda:
+            # DequantizeLinear per tensor
             assert {node.op_type for node in q.graph.node if node.domain == "bayesq"} & \
-                {"DequantizeAffine", "DequantizeSymmetric"}
+                {"DequantizeAffine", "DequantizeSymmetric", "AffineLookup"}
             assert not [node for node in q.graph.node if node.op_type == "DequantizeLinear"]
             dq = [node for node in ir.serde.serialize_model(rewrite(proto, plan, target="cuda")[0]).graph.node
                   if node.op_type == "DequantizeLinear"]

@@ -5,10 +5,13 @@
                : every reader becomes com.microsoft.MatMulNBits(A, codes, scale[, zero_point][, bias]),
                  which multiplies from the packed codes: the weight is never held in float
     uniform, size target (the rest)
-               : codes [-> bayesq.UnpackBits] -> bayesq.DequantizeAffine(codes, scale, zero_point)
-                 (symmetric 2/4/8-bit: bayesq.DequantizeSymmetric(codes, scale)): Cast -> Sub -> Mul on the codes
-                 stored in the weight's shape (blocked: input channels split into [groups, group_size],
-                 then one Reshape back), scales stored in a shape that broadcasts
+               : codes [-> bayesq.UnpackBits] -> bayesq.AffineLookup(codes, scale, zero_point): per row or per
+                 tensor, where the row's 2^b levels fit the weight's longest column axis: the levels (k − z)·s
+                 as a small table, then one GatherElements from the codes (the same values);
+                 otherwise bayesq.DequantizeAffine(codes, scale, zero_point) (symmetric 2/4/8-bit:
+                 bayesq.DequantizeSymmetric(codes, scale)): Cast -> Sub -> Mul on the codes stored in the
+                 weight's shape (blocked: input channels split into [groups, group_size], then one Reshape
+                 back), scales stored in a shape that broadcasts
     uniform, cuda target, and speed target where every consumer is a MatMul and no MatMulNBits form fits
                : codes [-> bayesq.UnpackBits] -> DequantizeLinear(axis | block_size | scalar scale: per tensor),
                  its scale cast to float
@@ -129,7 +132,10 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
             if cand.scale_dtype != "float32" and not arithmetic:  # a float32 scale: DequantizeLinear outputs float
                 scale = add("Cast", [scale], to=ir.DataType.FLOAT)
             dq_inputs = [codes, scale] + ([stored["zero_point"]] if "zero_point" in stored else [])
-            if arithmetic:  # (q - z)·s in ops ORT's default constant folding folds
+            if arithmetic and (lookup := qt.affine_lookup()):  # one gather from a table of the row's levels
+                onnx_functions.add_function(model, "AffineLookup")
+                out = add("AffineLookup", dq_inputs, domain=onnx_functions.DOMAIN, **lookup)
+            elif arithmetic:  # (q - z)·s in ops ORT's default constant folding folds
                 fn = "DequantizeAffine" if "zero_point" in stored else "DequantizeSymmetric"
                 onnx_functions.add_function(model, fn)
                 out = add(fn, dq_inputs, domain=onnx_functions.DOMAIN)
