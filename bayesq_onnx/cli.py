@@ -187,6 +187,8 @@ def _config_defaults(command: click.Command) -> click.Command:
 @_advanced("--latency-warmup", type=int, show_default=True, help="Untimed runs before timing.")
 @_advanced("--latency-batch", type=int, show_default=True, help="Batch size for latency.")
 @_advanced("--latency-seq", type=int, show_default=True, help="Sequence length for latency.")
+@_advanced("--memory-loads", type=int, show_default=True,
+           help="Fresh-process loads of each model for memory at load (the median is reported).")
 @_advanced("--fail-on", type=click.Choice(FAIL_ON),
            help="Exit with code 3 (artifact and report written) when the verdict is this or worse: for CI "
                 "pipelines (docs/reliability.md#verdict).")

@@ -69,6 +69,7 @@ class CompileConfig:
     latency_warmup: int = 3
     latency_batch: int = 8
     latency_seq: int = 128
+    memory_loads: int = 3        # fresh-process loads of each model for memory at load (figures: the median)
     fail_on: str | None = None   # degraded | collapsed: a verdict this bad fails the compile (CLI exit 3)
     verify_each: bool = False
     dump_dir: Path | None = None
@@ -113,7 +114,7 @@ class CompileConfig:
             raise UserError(f"unknown provider {self.provider!r}; choose one of {', '.join(PROVIDERS)}")
         if self.group_size < 0 or (self.group_size and self.group_size & (self.group_size - 1)):
             raise UserError(f"`group_size` {self.group_size} must be 0 (per row) or a power of two")
-        for name in ("calib_size", "eval_size", "latency_runs", "latency_batch", "latency_seq"):
+        for name in ("calib_size", "eval_size", "latency_runs", "latency_batch", "latency_seq", "memory_loads"):
             if getattr(self, name) < 1:
                 raise UserError(f"`{name}` must be at least 1")
         if self.latency_warmup < 0:
@@ -152,7 +153,7 @@ class CompileConfig:
 # calibration items, a larger evaluation set for a tighter interval), at about 4x the default's time. On
 # MiniLM the FP32 teacher beat the posterior-predictive one at every budget tried (docs/results.md).
 RECIPES: dict[str, dict] = {
-    "fast": {"calib_size": 64, "eval_size": 128, "latency_runs": 5},
+    "fast": {"calib_size": 64, "eval_size": 128, "latency_runs": 5, "memory_loads": 1},
     "default": {},
     "best": {"calib_size": 512, "eval_size": 1024, "distill": True, "teacher": "fp"},
 }

@@ -179,7 +179,8 @@ def compile_model(config: CompileConfig, reporter: Reporter | None = None,
         with rep.stage("validate in ONNX Runtime") as outcome:
             validation = validate(bundle, fp_path, q_path, providers, rep, target=config.target, seed=config.seed,
                                   latency_runs=config.latency_runs, latency_warmup=config.latency_warmup,
-                                  undistilled=undistilled_path, reference=reference, eight_bit=eight_bit_path)
+                                  memory_loads=config.memory_loads, undistilled=undistilled_path,
+                                  reference=reference, eight_bit=eight_bit_path)
             verdict = validation["verdict"]
             if verdict["verdict"] != "holds":
                 advice = verdict_advice(verdict, plan.all_in_bits)

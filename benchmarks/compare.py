@@ -52,6 +52,7 @@ from bayesq_onnx.runtime.session import (
 
 OURS = ("bayesq", "rtn", "gptq")
 METHOD_FAMILIES = (*OURS, *peer_mod.FAMILIES)
+DEFAULT_METHODS = tuple(m for m in METHOD_FAMILIES if m != "aimet")
 BUDGETS = (2.5, 3.0, 3.5, 4.0)
 SPEED_BUDGETS = (4.5,)  # uniform 4/8-bit blocks with their scales and zero points cost ≥ 4.19 bits all-in
 RTN_ROW_BITS = (2, 3, 4, 8)
@@ -64,7 +65,7 @@ class Settings:
     speed_budgets: tuple[float, ...] = SPEED_BUDGETS  # bayesq --target speed (MatMulNBits form)
     fold_budgets: tuple[float, ...] = BUDGETS  # bayesq --target fold (every width on every weight, folded at load)
     reconstruct_budgets: tuple[float, ...] = ()  # bayesq --reconstruct (block reconstruction after planning)
-    methods: tuple[str, ...] = METHOD_FAMILIES
+    methods: tuple[str, ...] = DEFAULT_METHODS
     calib_size: int = 256
     eval_size: int = 1024
     latency_runs: int = 20
@@ -384,7 +385,7 @@ def _representative_peers(methods) -> list[peer_mod.Peer]:
 
 
 MARKERS = {"fp32": "*", "bayesq": "o", "gptq": "s", "rtn": "^", "ort-rtn": "v", "ort-hqq": "D",
-           "ort-kquant": "P", "ort-static": "X", "nncf": "h"}
+           "ort-kquant": "P", "ort-static": "X", "nncf": "h", "aimet": "<"}
 
 
 def plot(rows: list[dict], headline: str, title: str) -> bytes:
@@ -459,7 +460,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="budgets for bayesq --target fold rows (none: no such rows)")
     ap.add_argument("--reconstruct-budgets", type=float, nargs="*", default=[],
                     help="also bayesq --reconstruct at these all-in budgets")
-    ap.add_argument("--methods", nargs="+", choices=METHOD_FAMILIES, default=list(METHOD_FAMILIES))
+    ap.add_argument("--methods", nargs="+", choices=METHOD_FAMILIES, default=list(DEFAULT_METHODS),
+                    help="default: all but aimet (AdaRound takes tens of minutes per model on a CPU; name it to run it)")
     ap.add_argument("--quick", action="store_true", help="32 calibration / 64 evaluation items, 10 latency runs")
     ap.add_argument("--calib-size", type=int, default=256)
     ap.add_argument("--eval-size", type=int, default=1024)

@@ -21,6 +21,15 @@ Each peer takes the FP32 ONNX model the pipeline exports and returns the quantiz
               1.31.1, pinned in benchmarks/nncf-requirements.txt); ``BAYESQ_NNCF_PYTHON`` points at another
               interpreter. Without it the nncf rows are rows with the reason ("not installed: run ...").
 
+  aimet       AIMET's AdaRound (``aimet_onnx`` 2.42.0, ONNX in, ONNX QDQ out), run in AIMET's own virtual
+              environment by ``benchmarks/aimet_peer.py``: weights per-channel asymmetric int4 (AIMET's
+              min-max encodings, then AdaRound's learned rounding layer by layer on the calibration batches,
+              :data:`AIMET_ITERATIONS` steps per layer, stated in the row), activations float (every activation
+              quantizer of its sim disabled); its QDQ file stores int4 codes → ``DequantizeLinear`` with a float32
+              scale and an int4 zero point per output channel. Setup: ``bash benchmarks/setup_aimet.sh`` makes
+              ``.venv-aimet`` (aimet-onnx, the CPU onnxruntime, torch from the project's constraints);
+              ``BAYESQ_AIMET_PYTHON`` points at another interpreter.
+
 MatMulNBits peers quantize only MatMul nodes with a constant 2-D B; Conv and Gemm weights stay FP32 there,
 which :func:`peer_accounting` reports as coverage (the fraction of our scope's weights the peer quantized).
 
@@ -81,7 +90,7 @@ from bayesq_onnx.report import tensor_bytes
 
 Batch = dict[str, np.ndarray]
 
-FAMILIES = ("ort-rtn", "ort-hqq", "ort-kquant", "ort-static", "nncf")
+FAMILIES = ("ort-rtn", "ort-hqq", "ort-kquant", "ort-static", "nncf", "aimet")
 NBITS = (2, 4, 8)
 BLOCKS = (32, 128)
 
@@ -89,6 +98,10 @@ HERE = Path(__file__).resolve().parent
 NNCF_SCRIPT = HERE / "nncf_peer.py"
 NNCF_SETUP = "bash benchmarks/setup_nncf.sh"
 NNCF_TIMEOUT_S = 3600
+AIMET_SCRIPT = HERE / "aimet_peer.py"
+AIMET_SETUP = "bash benchmarks/setup_aimet.sh"
+AIMET_TIMEOUT_S = 4 * 3600
+AIMET_ITERATIONS = 200  # AdaRound steps per layer (AIMET's default 10 000 takes hours per model on a 2-core CPU)
 
 # (op type, index of its weight input) -- the consumers our scope quantizes (docs/design.md §2)
 _WEIGHT_SLOTS = {"MatMul": 1, "Gemm": 1, "Conv": 1}
@@ -111,6 +124,7 @@ class Peer:
     scale_estimation: bool = False
     all_layers: bool = False       # the last MatMul in the primary precision too (NNCF's default: INT8 backup)
     opset: int | None = 21         # the FP32 model converted to this opset first; None: as exported (see above)
+    iterations: int = AIMET_ITERATIONS  # aimet only: AdaRound steps per layer
 
     @property
     def data_aware(self) -> bool:
@@ -122,6 +136,8 @@ class Peer:
 
     @property
     def label(self) -> str:
+        if self.family == "aimet":
+            return f"aimet adaround int{self.bits} per-channel {self.iterations} it"
         if self.family == "ort-static":
             return f"ort-static int{self.bits} per-channel (act uint8)"
         if self.family == "nncf":
@@ -171,6 +187,11 @@ class Peer:
     @property
     def invocation(self) -> str:
         """How the peer is called, in words a reader can paste."""
+        if self.family == "aimet":
+            return (f"QuantizationSimModel(model, param_type='int{self.bits}', quant_scheme='min_max', config_file="
+                    "<default_config_per_channel.json, weights asymmetric>) with every activation quantizer disabled; "
+                    f"Adaround.apply_adaround(sim, <calibration batches>, num_iterations={self.iterations}); "
+                    "sim.to_onnx_qdq(prequantize_constants=True)")
         if self.family == "nncf":
             kw = [f"mode=CompressWeightsMode.{self.nncf_mode.upper()}"]
             if self.bits < 8:
@@ -212,6 +233,8 @@ class Peer:
         model_bytes = Path(fp32).read_bytes() if isinstance(fp32, (str, Path)) else fp32
         if self.family == "nncf":
             return _nncf(model_bytes, self, calibration)
+        if self.family == "aimet":
+            return _aimet(model_bytes, self, calibration)
         with _quiet():
             if self.family == "ort-static":
                 return _quantize_static(model_bytes, self.bits, calibration), []
@@ -242,6 +265,8 @@ def all_peers(families: tuple[str, ...] = FAMILIES, bits: tuple[int, ...] = NBIT
     for family in families:
         if family == "nncf":
             out += list(NNCF_POINTS)
+        elif family == "aimet":
+            out.append(Peer(family, 4))
         elif family == "ort-static":
             out += [Peer(family, b) for b in (8, 4)]
         elif family == "ort-rtn":
@@ -372,6 +397,42 @@ def _nncf(model_bytes: bytes, peer: Peer, calibration: list[Batch] | None) -> tu
         before = peer_accounting(emitted, {})
         notes.append(f"repaired for onnxruntime: {'; '.join(fixes)}; as emitted {before.all_in_bits:.3f} all-in bits")
     return repaired, notes
+
+
+def aimet_python() -> Path:
+    """The interpreter of AIMET's environment: ``$BAYESQ_AIMET_PYTHON``, else ``.venv-aimet`` at the repository root."""
+    env = os.environ.get("BAYESQ_AIMET_PYTHON")
+    return Path(env) if env else HERE.parent / ".venv-aimet" / "bin" / "python"
+
+
+def _aimet(model_bytes: bytes, peer: Peer, calibration: list[Batch] | None) -> tuple[bytes, list[str]]:
+    """AIMET's AdaRound QDQ model (benchmarks/aimet_peer.py), run in AIMET's environment, not modified here."""
+    python = aimet_python()
+    if not python.is_file():
+        raise PeerError(f"aimet not installed: run `{AIMET_SETUP}` (makes .venv-aimet; or set BAYESQ_AIMET_PYTHON "
+                        f"to an interpreter with aimet-onnx), no {python}")
+    if not calibration:
+        raise PeerError(f"{peer.label} needs calibration batches")
+    model = onnx.load_from_string(model_bytes)
+    with tempfile.TemporaryDirectory(prefix="bayesq-aimet-") as tmp:
+        src, dst, calib = Path(tmp) / "fp32.onnx", Path(tmp) / "aimet.onnx", Path(tmp) / "calib.npz"
+        src.write_bytes(model_bytes)
+        write_nncf_calibration(calib, calibration, {i.name for i in model.graph.input})
+        cmd = [str(python), str(AIMET_SCRIPT), "--fp32", str(src), "--out", str(dst), "--calib", str(calib),
+               "--bits", str(peer.bits), "--iterations", str(peer.iterations)]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=AIMET_TIMEOUT_S,
+                                  env={**os.environ, "PYTHONPATH": ""})
+        except subprocess.TimeoutExpired as exc:
+            raise PeerError(f"aimet ran past {AIMET_TIMEOUT_S} s") from exc
+        if proc.returncode != 0:
+            raise PeerError(f"aimet: {_last_error_line(proc.stderr) or _last_error_line(proc.stdout) or f'exit {proc.returncode}'}")
+        emitted = dst.read_bytes()
+    info = json.loads(proc.stdout.strip().splitlines()[-1])
+    return emitted, [f"aimet_onnx {info['aimet_onnx']} (onnxruntime {info['onnxruntime']} in its venv): AdaRound "
+                     f"{info['iterations']} iterations per layer on {info['items']} calibration items in "
+                     f"{info['batches']} batches, {info['seconds']:.0f} s; weights per-channel asymmetric "
+                     f"int{peer.bits} (float32 scale, int{peer.bits} zero point), activations float"]
 
 
 def write_nncf_calibration(path: Path, calibration: list[Batch], names: set[str]) -> None:

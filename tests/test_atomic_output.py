@@ -158,7 +158,7 @@ CLI = "from bayesq_onnx.cli import main; main()"
 
 def _compile_args(out: Path, bits: int) -> list[str]:
     return ["compile", "module:user_models:bundle", "--method", "rtn", "--bits", str(bits), "--out", str(out),
-            "--latency-runs", "1", "-q"]
+            "--latency-runs", "1", "--memory-loads", "1", "-q"]
 
 
 def _compile(out: Path, bits: int, cwd: Path) -> None:
@@ -237,7 +237,8 @@ def test_disk_full_during_compile_leaves_previous_artifact(tmp_path, monkeypatch
     before = _digests(out)
     # the disk fills 1000 bytes into model.onnx: a partial file is on disk in the staging directory
     _fail_in_staging(monkeypatch, "write", quota=1000)
-    config = CompileConfig(model="tiny", method="rtn", bits=4, out=out, latency_runs=1, latency_warmup=0)
+    config = CompileConfig(model="tiny", method="rtn", bits=4, out=out, latency_runs=1,
+                           memory_loads=1, latency_warmup=0)
     with pytest.raises(UserError, match=r"No space left on device\); free space or pick another `out`"):
         compile_model(config, bundle=tiny_bundle())
     assert _digests(out) == before

@@ -142,7 +142,7 @@ def test_missing_model_file(tmp_path):
 def test_already_quantized_artifact_as_input(files, tmp_path):
     first = tmp_path / "first"
     r = _run(["compile", f"onnx:{files / 'model.onnx'}", "--calib", str(files / "calib.npz"), "--method", "rtn",
-              "--bits", "8", "--latency-runs", "1"], first)
+              "--bits", "8", "--latency-runs", "1", "--memory-loads", "1"], first)
     assert r.exit_code == 0, r.output
     out = tmp_path / "out"
     _assert_refused(_run(["compile", f"onnx:{first / 'model.onnx'}", "--calib", str(files / "calib.npz")], out),
@@ -237,7 +237,7 @@ def test_disk_full_while_writing(files, tmp_path, monkeypatch):
     monkeypatch.setattr(artifact.os, "fsync", full)
     out = tmp_path / "out"
     _assert_refused(_run(["compile", f"onnx:{files / 'model.onnx'}", "--calib", str(files / "calib.npz"),
-                          "--method", "rtn", "--bits", "4", "--latency-runs", "1"], out), out,
+                          "--method", "rtn", "--bits", "4", "--latency-runs", "1", "--memory-loads", "1"], out), out,
                     "No space left on device")
     assert [p.name for p in tmp_path.iterdir()] == []
 

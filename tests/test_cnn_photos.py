@@ -109,7 +109,7 @@ def test_lite1_verdict_holds_at_4_bits_and_collapses_at_2_bit_rtn(cnn_photos, tm
     from bayesq_onnx.cli import main
 
     common = ["compile", "module:benchmarks.cnn_photos:efficientnet_lite1", "--calib-size", "32", "--eval-size", "64",
-              "--latency-runs", "1", "-q"]
+              "--latency-runs", "1", "--memory-loads", "1", "-q"]
     good = CliRunner().invoke(main, common + ["--out", str(tmp_path / "good"), "--fail-on", "collapsed"])
     assert good.exit_code == 0, good.output
     v = json.loads((tmp_path / "good" / "report.json").read_text())["verdict"]

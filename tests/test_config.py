@@ -22,6 +22,7 @@ def test_recipes_are_fields_over_the_defaults():
             assert getattr(config, key) == value
         config.validate()
     assert build_config("fast").calib_size < CompileConfig().calib_size
+    assert build_config("fast").memory_loads == 1 < CompileConfig().memory_loads
     assert build_config("best").distill and not CompileConfig().distill
 
 
@@ -81,6 +82,8 @@ def test_cli_speaks_in_flags():
     assert in_words_of("lower `calib_size` or `x`", {"calib_size": "--calib-size"}) == "lower --calib-size or `x`"
     r = CliRunner().invoke(main, ["compile", "--calib-size", "0"])
     assert r.exit_code == 2 and r.stderr.strip() == "error: --calib-size must be at least 1"
+    r = CliRunner().invoke(main, ["compile", "--memory-loads", "0"])
+    assert r.exit_code == 2 and r.stderr.strip() == "error: --memory-loads must be at least 1"
 
 
 def test_cli_config_file_and_flags(tmp_path):

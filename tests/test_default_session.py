@@ -142,7 +142,7 @@ def test_size_artifact_records_no_session_config(tmp_path):
     """A compiled size artifact asks for no session settings, and folds in a default session."""
     assert session_config_for("size") == {} and session_config_for("speed") == {}
     bundle = tiny_bundle()
-    config = CompileConfig(model="tiny", method="bayesq", bits=3, out=tmp_path / "out", latency_runs=1,
+    config = CompileConfig(model="tiny", method="bayesq", bits=3, out=tmp_path / "out", latency_runs=1, memory_loads=1,
                            latency_warmup=0)
     result = compile_model(config, bundle=bundle)
     proto = onnx.load(result.artifact)

@@ -23,7 +23,7 @@ def _start(out: Path, hash_seed: int) -> subprocess.Popen:
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(TESTS), env.get("PYTHONPATH")) if p)
     return subprocess.Popen([sys.executable, "-m", "bayesq_onnx", "compile", "module:user_models:bundle",
                              "--method", "bayesq", "--bits", "3.5", "--seed", "0", "--out", str(out),
-                             "--latency-runs", "1", "-q"],
+                             "--latency-runs", "1", "--memory-loads", "1", "-q"],
                             cwd=out.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 

@@ -157,7 +157,7 @@ def test_corrupt_weights_are_a_user_error(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_compile_rtn_4_bits_keeps_accuracy(tmp_path):
     config = CompileConfig(model="digits-resnet", bits=4, method="rtn", out=tmp_path / "out", calib_size=64,
-                           eval_size=128, latency_runs=2, latency_warmup=1)
+                           eval_size=128, latency_runs=2, memory_loads=1, latency_warmup=1)
     report = compile_model(config).report
     fidelity = report["fidelity"]
     assert {"top1", "top1_fp32", "nll", "ece"} <= set(fidelity)
@@ -173,7 +173,8 @@ def test_compile_rtn_4_bits_keeps_accuracy(tmp_path):
 def test_cli_compile_rtn_8_bits(tmp_path):
     out = tmp_path / "out"
     r = CliRunner().invoke(main, ["compile", "digits-resnet", "--method", "rtn", "--bits", "8", "--out", str(out),
-                                  "--calib-size", "32", "--eval-size", "64", "--latency-runs", "2", "-q"],
+                                  "--calib-size", "32", "--eval-size", "64", "--latency-runs", "2",
+                                  "--memory-loads", "1", "-q"],
                            catch_exceptions=False)
     assert r.exit_code == 0, r.output
     report = json.loads((out / "report.json").read_text())

@@ -68,6 +68,7 @@ def compiled(tmp_path_factory):
     for model, make in BUNDLES.items():
         for on in (False, True):
             config = CompileConfig(model=model, out=tmp_path_factory.mktemp(model) / "out", latency_runs=1,
+                                   memory_loads=1,
                                    latency_warmup=0, distill=on, distill_steps=60, **SETTINGS[model])
             out[model, on] = compile_model(config, bundle=make())
     return out

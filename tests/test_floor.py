@@ -54,11 +54,12 @@ def test_a_compile_reports_the_floor_at_the_same_budget(tmp_path):
     g = torch.Generator().manual_seed(0)
     data = [torch.randn(16, 64, generator=g) for _ in range(10)]
     r = bayesq_onnx.compile(model, data[:8], evaluation=data[8:],
-                            config=CompileConfig(bits=3.0, out=tmp_path / "out", latency_runs=1)).report
+                            config=CompileConfig(bits=3.0, out=tmp_path / "out", latency_runs=1, memory_loads=1)).report
     floor = r["floor"]
     assert floor["items"] == 16  # one of the eight calibration batches, held out of the fit
     assert floor["gptq"]["all_in_bits"] <= 3.0 + 1e-9 and floor["bayesq"]["all_in_bits"] <= 3.0 + 1e-9
     assert r["plan"]["method"] == floor["shipped"] and r["bits"]["all_in"] <= 3.0 + 1e-9
     off = bayesq_onnx.compile(model, data[:8], evaluation=data[8:],
-                              config=CompileConfig(bits=3.0, floor="none", out=tmp_path / "off", latency_runs=1))
+                              config=CompileConfig(bits=3.0, floor="none", out=tmp_path / "off", latency_runs=1,
+                                                   memory_loads=1))
     assert "floor" not in off.report and off.report["plan"]["method"] == "bayesq"

@@ -24,7 +24,7 @@ def compiled(tmp_path_factory):
     """(artifact dir, report, FP32 reference path, evaluation .npz path) for the tiny LM at 3.5 bits."""
     root = tmp_path_factory.mktemp("inspect")
     bundle = tiny_bundle()
-    config = CompileConfig(model="tiny", out=root / "out", method="bayesq", bits=3.5, latency_runs=2,
+    config = CompileConfig(model="tiny", out=root / "out", method="bayesq", bits=3.5, latency_runs=2, memory_loads=1,
                            latency_warmup=1)
     result = compile_model(config, bundle=bundle)
     reference = root / "fp32.onnx"

@@ -17,6 +17,7 @@ pytestmark = pytest.mark.slow
 def compiled(tmp_path_factory):
     out = tmp_path_factory.mktemp("minilm") / "out"
     config = CompileConfig(model="minilm", method="rtn", bits=8, out=out, calib_size=32, eval_size=64, latency_runs=2,
+                           memory_loads=1,
                            latency_warmup=1, latency_batch=2, latency_seq=16)
     return compile_model(config), out
 
@@ -55,7 +56,7 @@ def test_bayesian_quantizer_beats_rtn_on_minilm(tmp_path):
     from bayesq_onnx.models.base import SourceOptions
 
     bundle = load_model("minilm", SourceOptions(calib_size=32, eval_size=64))
-    common = dict(model="minilm", bits=3, calib_size=32, eval_size=64, latency_runs=1, latency_warmup=0,
+    common = dict(model="minilm", bits=3, calib_size=32, eval_size=64, latency_runs=1, memory_loads=1, latency_warmup=0,
                   latency_batch=1, latency_seq=8)
     rtn = compile_model(CompileConfig(out=tmp_path / "rtn", method="rtn", **common), bundle=bundle).report
     bq = compile_model(CompileConfig(out=tmp_path / "bq", method="bayesq-fixed", curvature="kfac", **common),
@@ -73,7 +74,8 @@ def test_minilm_verdict_at_2_5_bits_is_degraded_and_at_8_bits_holds(compiled, tm
     result, _ = compiled
     assert result.report["verdict"]["verdict"] == "holds"
     low = compile_model(CompileConfig(model="minilm", bits=2.5, out=tmp_path / "low", calib_size=64, eval_size=128,
-                                      latency_runs=1, latency_warmup=0, latency_batch=2, latency_seq=16)).report
+                                      latency_runs=1,
+                                      memory_loads=1, latency_warmup=0, latency_batch=2, latency_seq=16)).report
     v = low["verdict"]
     print(f"MiniLM 2.5 bits: {v['line']}; floor {low.get('floor')}")
     assert v["measure"] == "cosine_mean" and v["verdict"] == "degraded", v["line"]

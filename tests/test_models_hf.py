@@ -241,7 +241,8 @@ def test_compile_sst2_end_to_end(assets, tmp_path):
     model_dir, data = assets["models"][2], assets["glue"]["SST-2"]
     out = tmp_path / "out"
     result = compile_model(CompileConfig(model=f"hf:{model_dir}", task="glue:sst2", data=data, method="rtn", bits=8,
-                                         out=out, calib_size=8, eval_size=8, latency_runs=2, latency_batch=2,
+                                         out=out, calib_size=8, eval_size=8, latency_runs=2,
+                                         memory_loads=1, latency_batch=2,
                                          latency_seq=16))
     report = json.loads((out / "report.json").read_text())
     assert report["headline"]["metric"] == "accuracy"
@@ -267,6 +268,7 @@ def test_compile_sst2_end_to_end(assets, tmp_path):
 def test_compile_encoder_gives_embedding_fidelity(assets, tmp_path):
     report = compile_model(CompileConfig(model=f"hf:{assets['models']['enc']}", method="rtn", bits=8,
                                          out=tmp_path / "out", calib_size=8, eval_size=8, latency_runs=2,
+                                         memory_loads=1,
                                          latency_batch=2, latency_seq=16)).report
     assert report["headline"]["metric"] == "cosine_mean" and report["fidelity"]["cosine_mean"] > 0.99
     assert report["model"]["architecture"] == "BertModel" and report["fidelity"]["items"] == 8

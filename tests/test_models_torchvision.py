@@ -130,7 +130,8 @@ def test_compile_resnet18_with_weights(image_folder, tmp_path):
     torch.save({"state_dict": {f"module.{k}": v for k, v in ref.state_dict().items()}}, tmp_path / "w.pth")
     out = tmp_path / "out"
     config = CompileConfig(model="torchvision:resnet18", weights=tmp_path / "w.pth", data=image_folder, out=out,
-                           method="rtn", bits=8, calib_size=4, eval_size=4, latency_runs=2, latency_warmup=1,
+                           method="rtn", bits=8, calib_size=4, eval_size=4, latency_runs=2,
+                           memory_loads=1, latency_warmup=1,
                            latency_batch=2)
     result = compile_model(config)
     report = json.loads((out / "report.json").read_text())

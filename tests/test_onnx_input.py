@@ -129,7 +129,7 @@ def _invoke(*args):
 def test_onnx_input_compiles_end_to_end(exported, tmp_path):
     out = tmp_path / "out"
     r = _invoke("compile", f"onnx:{exported / 'net.onnx'}", "--calib", str(exported / "calib.npz"), "--bits", "3",
-                "--out", str(out), "--latency-runs", "2", "--latency-batch", "4", "-q")
+                "--out", str(out), "--latency-runs", "2", "--memory-loads", "1", "--latency-batch", "4", "-q")
     assert r.exit_code == 0, r.output
     report = json.loads((out / "report.json").read_text())
     assert report["export"]["source"].startswith("ONNX input")
@@ -168,7 +168,7 @@ def test_onnx_input_bad_input(exported, tmp_path, case):
         model.write_bytes((exported / "net.onnx").read_bytes()[:50])
     if case == "artifact_input":
         r = _invoke("compile", f"onnx:{exported / 'net.onnx'}", "--calib", str(calib), "--method", "rtn",
-                    "--bits", "8", "--out", str(tmp_path / "first"), "--latency-runs", "1", "-q")
+                    "--bits", "8", "--out", str(tmp_path / "first"), "--latency-runs", "1", "--memory-loads", "1", "-q")
         assert r.exit_code == 0, r.output
         model = tmp_path / "first" / "model.onnx"
     if case == "mc_risk":

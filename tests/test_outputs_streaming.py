@@ -25,7 +25,7 @@ pytestmark = [pytest.mark.usefixtures("one_torch_thread"),
 
 def _config(tmp_path, name="out", **kw):
     kw.setdefault("bits", 4.0)
-    return CompileConfig(out=tmp_path / name, latency_runs=1, latency_warmup=0, **kw)
+    return CompileConfig(out=tmp_path / name, latency_runs=1, memory_loads=1, latency_warmup=0, **kw)
 
 
 def _artifact_outputs(path, batches) -> tuple[list[str], np.ndarray]:
@@ -168,7 +168,8 @@ def test_cli_module_spec_picks_an_output(tmp_path):
 
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "calib.npz", x=rng.normal(size=(48, 3, 16, 16)).astype(np.float32))
-    common = ["--calib", str(tmp_path / "calib.npz"), "--method", "rtn", "--bits", "8", "--latency-runs", "1", "-q"]
+    common = ["--calib", str(tmp_path / "calib.npz"), "--method", "rtn", "--bits", "8", "--latency-runs", "1",
+              "--memory-loads", "1", "-q"]
     runner = CliRunner()
     r = runner.invoke(main, ["compile", "module:test_outputs_streaming:dict_model:features", "--out",
                              str(tmp_path / "out"), *common], catch_exceptions=False)

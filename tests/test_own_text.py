@@ -350,6 +350,7 @@ def test_compile_on_your_own_text(encoder_dir, tmp_path):
     data = _write(tmp_path / "mine.txt", _texts(24))
     report = compile_model(CompileConfig(model=f"hf:{encoder_dir}", data=data, method="rtn", bits=8,
                                          out=tmp_path / "out", calib_size=8, eval_size=8, latency_runs=2,
+                                         memory_loads=1,
                                          latency_batch=2, latency_seq=16)).report
     assert str(data) in report["model"]["data"] and report["model"]["calibration_items"] == 8
     assert report["fidelity"]["items"] == 8 and report["fidelity"]["cosine_mean"] > 0.99

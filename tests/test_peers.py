@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import math
 import sys
 from pathlib import Path
@@ -87,7 +88,7 @@ def test_matmul_nbits_accounting_by_hand():
     assert np.abs(got - ref).max() < 0.1 * np.abs(ref).max()
 
 
-@pytest.mark.parametrize("peer", peers.all_peers(tuple(f for f in peers.FAMILIES if f != "nncf")),
+@pytest.mark.parametrize("peer", peers.all_peers(tuple(f for f in peers.FAMILIES if f not in ("nncf", "aimet"))),
                          ids=lambda p: p.label)
 def test_every_peer_runs_or_is_reported(peer):
     """Each peer on the MatMul + Gemm model gives a file whose accounting is exactly its stored arrays, or
@@ -469,3 +470,32 @@ def test_nncf_real_run_both_forms():
     np.testing.assert_allclose(outs[21], outs[None], rtol=1e-5, atol=1e-5)
     ref = ort.InferenceSession(fp).run(None, x)[0]
     assert np.abs(outs[21] - ref).max() < 0.1 * np.abs(ref).max()
+
+
+# ---- AIMET (benchmarks/aimet_peer.py in its own venv) ----------------------------------------------------------
+
+def test_aimet_missing_venv_is_a_row_with_the_reason(tmp_path, monkeypatch):
+    """No AIMET environment: the aimet row is a row whose error says how to make one."""
+    monkeypatch.setenv("BAYESQ_AIMET_PYTHON", str(tmp_path / "no-venv" / "bin" / "python"))
+    fp = linear_model(k=128, n=128).SerializeToString()
+    with pytest.raises(peers.PeerError, match=r"aimet not installed: run `bash benchmarks/setup_aimet.sh`"):
+        peers.run_peer(peers.Peer("aimet", 4), fp, peers.scope_weights(fp), _calib((4, 128)))
+
+
+def test_aimet_config_is_weight_only_per_channel_asymmetric(tmp_path):
+    """The config handed to AIMET: its per-channel default with asymmetric weights, a scale per output channel
+    on every weight op, float biases (activations are disabled on the sim itself)."""
+    import aimet_peer
+
+    default = {"defaults": {"ops": {"is_output_quantized": "True"}, "params": {"is_quantized": "True",
+               "is_symmetric": "True"}, "per_channel_quantization": "False"},
+               "params": {"bias": {"is_quantized": "False"}}, "op_type": {"Conv": {"per_channel_quantization": "True"}},
+               "supergroups": [{"op_list": ["Conv", "Relu"]}]}
+    path = tmp_path / "default_config_per_channel.json"
+    path.write_text(json.dumps(default))
+    config = aimet_peer.weight_only_config(path)
+    assert config["defaults"]["params"] == {"is_quantized": "True", "is_symmetric": "False"}
+    assert all(config["op_type"][op] == {"per_channel_quantization": "True"} for op in aimet_peer.WEIGHT_OPS)
+    assert config["params"]["bias"] == {"is_quantized": "False"} and config["supergroups"] == []
+    assert peers.Peer("aimet", 4).label == f"aimet adaround int4 per-channel {peers.AIMET_ITERATIONS} it"
+    assert "aimet" not in compare.DEFAULT_METHODS and "aimet" in compare.METHOD_FAMILIES

@@ -19,7 +19,7 @@ from tiny_torch import logits_fidelity, tiny_bundle
 
 def _compile(tmp_path, name="out", **kw):
     kw.setdefault("method", "rtn")
-    config = CompileConfig(model="tiny", out=tmp_path / name, latency_runs=2, latency_warmup=1, **kw)
+    config = CompileConfig(model="tiny", out=tmp_path / name, latency_runs=2, memory_loads=1, latency_warmup=1, **kw)
     return compile_model(config, bundle=tiny_bundle())
 
 
@@ -102,7 +102,7 @@ def test_nan_weights_are_refused(tmp_path):
     bundle = tiny_bundle()
     with torch.no_grad():
         bundle.module.proj.weight[0, 0] = float("nan")
-    config = CompileConfig(model="tiny", out=tmp_path / "out", method="rtn", bits=4, latency_runs=1)
+    config = CompileConfig(model="tiny", out=tmp_path / "out", method="rtn", bits=4, latency_runs=1, memory_loads=1)
     with pytest.raises(UserError, match="'proj.weight' holds NaN or Inf"):
         compile_model(config, bundle=bundle)
     assert not (tmp_path / "out").exists()

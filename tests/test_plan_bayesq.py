@@ -198,7 +198,8 @@ def test_monte_carlo_risk_tracks_the_closed_form(analysed):
 
 
 def test_compile_default_method_writes_report_with_risks(tmp_path):
-    config = CompileConfig(model="tiny", bits=3.5, out=tmp_path / "out", latency_runs=1, latency_warmup=0)
+    config = CompileConfig(model="tiny", bits=3.5, out=tmp_path / "out", latency_runs=1,
+                           memory_loads=1, latency_warmup=0)
     report = compile_model(config, bundle=tiny_bundle()).report
     assert report["plan"]["method"] == "bayesq"
     assert report["bits"]["all_in"] <= 3.5 and report["bits"]["all_in"] == pytest.approx(report["bits"]["all_in_from_file"])

@@ -134,7 +134,7 @@ def test_conv_weights_use_their_patch_hessian():
 
 
 def test_gptq_through_the_pipeline(tmp_path):
-    config = CompileConfig(model="tiny", out=tmp_path / "out", method="gptq", bits=3.5, latency_runs=2,
+    config = CompileConfig(model="tiny", out=tmp_path / "out", method="gptq", bits=3.5, latency_runs=2, memory_loads=1,
                            latency_warmup=1)
     result = compile_model(config, bundle=tiny_bundle())
     report = json.loads((tmp_path / "out" / "report.json").read_text())

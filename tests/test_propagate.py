@@ -165,6 +165,7 @@ def test_compile_with_propagation_keeps_the_budget_and_is_deterministic(tmp_path
 
     def run(name, **kw):
         config = CompileConfig(model="tiny", out=tmp_path / name, method="bayesq", bits=3.5, latency_runs=2,
+                               memory_loads=1,
                                latency_warmup=1, **kw)
         return compile_model(config, bundle=tiny_bundle())
 

@@ -20,7 +20,7 @@ from bayesq_onnx.models.state_dict import load_weights
 
 def _config(tmp_path, **kw):
     kw.setdefault("bits", 4.0)
-    return CompileConfig(out=tmp_path / "out", latency_runs=2, latency_warmup=1, **kw)
+    return CompileConfig(out=tmp_path / "out", latency_runs=2, memory_loads=1, latency_warmup=1, **kw)
 
 
 def test_compile_a_module_from_python(tmp_path):
@@ -111,7 +111,7 @@ def test_module_spec_with_weights_and_npz(tmp_path):
     out = tmp_path / "out"
     r = _invoke("compile", "module:user_models:mlp", "--weights", str(tmp_path / "w.pt"), "--calib",
                 str(tmp_path / "calib.npz"), "--method", "rtn", "--bits", "8", "--out", str(out),
-                "--latency-runs", "2", "-q")
+                "--latency-runs", "2", "--memory-loads", "1", "-q")
     assert r.exit_code == 0, r.output
     report = json.loads((out / "report.json").read_text())
     assert report["model"]["weights"] == str(tmp_path / "w.pt")
@@ -124,7 +124,7 @@ def test_module_spec_with_weights_and_npz(tmp_path):
 
 def test_module_spec_returning_a_bundle(tmp_path):
     r = _invoke("compile", "module:user_models:bundle", "--method", "rtn", "--bits", "4", "--out",
-                str(tmp_path / "out"), "--latency-runs", "2", "-q")
+                str(tmp_path / "out"), "--latency-runs", "2", "--memory-loads", "1", "-q")
     assert r.exit_code == 0, r.output
     assert json.loads((tmp_path / "out" / "report.json").read_text())["model"]["name"] == "user-bundle"
 

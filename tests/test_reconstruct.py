@@ -124,7 +124,7 @@ def cnn_case():
     bundle = module_bundle(model, batches, likelihood="categorical", name="residual-cnn")
 
     def compile_(tmp, **kw):
-        config = CompileConfig(model="residual-cnn", out=tmp, method="bayesq", bits=3.0, latency_runs=2,
+        config = CompileConfig(model="residual-cnn", out=tmp, method="bayesq", bits=3.0, latency_runs=2, memory_loads=1,
                                latency_warmup=1, **kw)
         return compile_model(config, bundle=dataclasses.replace(bundle, info=dict(bundle.info)))
 

@@ -108,7 +108,7 @@ def test_compiled_tiny_lm_runs_in_reference_evaluator(tmp_path, method, bits, fa
                                                       record_property):
     bundle = tiny_bundle()
     config = CompileConfig(model="tiny", method=method, bits=bits, family=family, out=tmp_path / "out",
-                           latency_runs=1, latency_warmup=0)
+                           latency_runs=1, memory_loads=1, latency_warmup=0)
     result = compile_model(config, bundle=bundle)
     diff, note = _compare(result.artifact.read_bytes(), bundle.evaluation, monkeypatch)
     labels = sorted({t["candidate"]["label"] for t in result.report["plan"]["tensors"]})

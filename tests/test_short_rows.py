@@ -357,6 +357,7 @@ def test_compiled_short_row_model_is_accounted_by_inspect(tmp_path):
 
     bundle = _tiny_depthwise_bundle()
     config = CompileConfig(model="tiny-dw", method="bayesq", bits=2.5, out=tmp_path / "out", latency_runs=1,
+                           memory_loads=1,
                            latency_warmup=0)
     result = compile_model(config, bundle=bundle)
     tensors = {t["name"]: t for t in result.report["plan"]["tensors"]}

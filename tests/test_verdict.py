@@ -121,7 +121,8 @@ def _collapsing(tmp_path, **config):
     data = [torch.randn(16, 64, generator=g) for _ in range(4)]
     return lambda: bayesq_onnx.compile(
         model, data[:3], evaluation=data[3:],
-        config=CompileConfig(method="rtn", bits=2, out=tmp_path / "out", latency_runs=1, latency_warmup=0, **config))
+        config=CompileConfig(method="rtn", bits=2, out=tmp_path / "out", latency_runs=1,
+                             memory_loads=1, latency_warmup=0, **config))
 
 
 def test_the_api_raises_a_project_warning_and_fail_on_raises(tmp_path):
@@ -147,7 +148,8 @@ def test_the_api_raises_a_project_warning_and_fail_on_raises(tmp_path):
 def test_cli_last_line_is_the_verdict_and_fail_on_exits_3(tmp_path):
     np.savez(tmp_path / "calib.npz", input=np.random.default_rng(0).normal(size=(64, 64)).astype(np.float32))
     base = [sys.executable, "-m", "bayesq_onnx", "compile", "module:user_models:deep_tanh",
-            "--calib", str(tmp_path / "calib.npz"), "--method", "rtn", "--latency-runs", "1", "-q"]
+            "--calib", str(tmp_path / "calib.npz"), "--method", "rtn", "--latency-runs", "1",
+            "--memory-loads", "1", "-q"]
     env_path = {"PYTHONPATH": str(__import__("pathlib").Path(__file__).parent)}
     import os
 

@@ -385,7 +385,7 @@ def compile_and_check(name: str, model: nn.Module, calibration, evaluation, like
 
     start = time.perf_counter()
     result = bayesq_onnx.compile(model, calibration, evaluation=evaluation, likelihood=likelihood,
-                                 config=CompileConfig(bits=BITS, out=tmp_path / "out", latency_runs=2,
+                                 config=CompileConfig(bits=BITS, out=tmp_path / "out", latency_runs=2, memory_loads=1,
                                                       latency_warmup=1))
     wall = time.perf_counter() - start
     r = result.report
@@ -410,10 +410,12 @@ def compile_and_check(name: str, model: nn.Module, calibration, evaluation, like
     # (it trades fidelity for memory), so the method is held to RTN on the same folded forms: --target fold.
     rtn = bayesq_onnx.compile(model, calibration, evaluation=evaluation, likelihood=likelihood,
                               config=CompileConfig(method="rtn", bits=4, out=tmp_path / "rtn", latency_runs=1,
+                                                   memory_loads=1,
                                                    latency_warmup=1))
     base = fidelity(reference, run_artifact(rtn.artifact, evaluation))
     fold = bayesq_onnx.compile(model, calibration, evaluation=evaluation, likelihood=likelihood,
                                config=CompileConfig(bits=BITS, target="fold", out=tmp_path / "fold", latency_runs=1,
+                                                    memory_loads=1,
                                                     latency_warmup=1))
     folded = fidelity(reference, run_artifact(fold.artifact, evaluation))
     print(f"\nZOO {name}: compile {wall:.1f} s | all-in {r['bits']['all_in']:.4f} bits "
@@ -511,7 +513,7 @@ def test_varying_sequence_length_with_per_token_output(tmp_path):
 
     calibration, evaluation = batches([12, 9], 0), batches([14, 10], 10)
     result = bayesq_onnx.compile(model, calibration, evaluation=evaluation,
-                                 config=CompileConfig(bits=BITS, out=tmp_path / "out", latency_runs=2,
+                                 config=CompileConfig(bits=BITS, out=tmp_path / "out", latency_runs=2, memory_loads=1,
                                                       latency_warmup=1))
     check_posteriors(result.report)
     check_accounting(result.report, result.artifact)

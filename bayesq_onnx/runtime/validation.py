@@ -32,14 +32,15 @@ def check_export(bundle: ModelBundle, fp_path: Path, bindings: dict, batches: in
 
 
 def validate(bundle: ModelBundle, fp_path: Path, q_path: Path, providers: list[str], rep: Reporter, *,
-             target: str, seed: int, latency_runs: int, latency_warmup: int, undistilled: Path | None = None,
+             target: str, seed: int, latency_runs: int, latency_warmup: int, memory_loads: int = 3,
+             undistilled: Path | None = None,
              reference: np.ndarray | None = None, eight_bit: Path | None = None) -> dict:
     """Fidelity of the artifact (and of ``undistilled``, and of ``eight_bit``: the same model with every
     quantized weight rounded to 8 bits, the verdict's reference) against the FP32 outputs on the evaluation
     set (``reference``, when a budget search already computed them) with the headline's bootstrap interval,
     the verdict (:func:`~bayesq_onnx.verdict.judge`), latency, session start, and the memory of loading each
-    model in a fresh process (:func:`~bayesq_onnx.runtime.load_memory.load_versus_fp32`, on the latency
-    feed); the artifact's sessions take ``target``'s session settings."""
+    model in ``memory_loads`` fresh processes (:func:`~bayesq_onnx.runtime.load_memory.load_versus_fp32`, on
+    the latency feed); the artifact's sessions take ``target``'s session settings."""
     fp_session, fp_start = make_session(fp_path, providers)
     q_session, q_start = make_session(q_path, providers, session_config_for(target))
     if reference is None:
@@ -61,7 +62,8 @@ def validate(bundle: ModelBundle, fp_path: Path, q_path: Path, providers: list[s
     latency = latency_versus_fp32(fp_session, q_session, bundle.latency_feed, providers[0],
                                   runs=latency_runs, warmup=latency_warmup)
     try:
-        memory = load_versus_fp32(fp_path, q_path, bundle.latency_feed, providers, session_config_for(target))
+        memory = load_versus_fp32(fp_path, q_path, bundle.latency_feed, providers, session_config_for(target),
+                                  loads=memory_loads)
     except LoadProbeFailed as exc:  # a measurement that could not be made is reported, not fatal
         rep.note(f"[yellow]memory at load not measured: {exc}[/]")
         memory = {"error": str(exc)}
