@@ -149,13 +149,14 @@ class CompileConfig:
 
 
 # Named settings over the defaults. fast: a quick look (fewer calibration and evaluation items, fewer latency
-# runs); best: the most faithful artifact the method reaches (distillation toward the FP32 model on more
-# calibration items, a larger evaluation set for a tighter interval), at about 4x the default's time. On
-# MiniLM the FP32 teacher beat the posterior-predictive one at every budget tried (docs/results.md).
+# runs); best: the most faithful artifact the method reaches (block reconstruction, then distillation toward
+# the FP32 model, on more calibration items, a larger evaluation set for a tighter interval), at several times
+# the default's time. On MiniLM the FP32 teacher beat the posterior-predictive one at every budget tried, and
+# reconstruction added to distillation at 4.0 and 3.0 bits (docs/results.md).
 RECIPES: dict[str, dict] = {
     "fast": {"calib_size": 64, "eval_size": 128, "latency_runs": 5, "memory_loads": 1},
     "default": {},
-    "best": {"calib_size": 512, "eval_size": 1024, "distill": True, "teacher": "fp"},
+    "best": {"calib_size": 512, "eval_size": 1024, "reconstruct": True, "distill": True, "teacher": "fp"},
 }
 
 

@@ -24,6 +24,7 @@ def test_recipes_are_fields_over_the_defaults():
     assert build_config("fast").calib_size < CompileConfig().calib_size
     assert build_config("fast").memory_loads == 1 < CompileConfig().memory_loads
     assert build_config("best").distill and not CompileConfig().distill
+    assert build_config("best").reconstruct and not CompileConfig().reconstruct
 
 
 def test_precedence_default_recipe_file_arguments(tmp_path):
