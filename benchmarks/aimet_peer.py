@@ -1,7 +1,8 @@
 """Run AIMET's AdaRound (``aimet_onnx``, weight-only, per-channel) on an FP32 ONNX model, as AIMET ships it.
 
 This script runs in AIMET's own virtual environment (``benchmarks/setup_aimet.sh`` makes it), not in the
-project's: it imports numpy, onnx and aimet_onnx, never ``bayesq_onnx``. ``benchmarks/peers.py`` calls it in a
+project's: it imports numpy, onnx, aimet_onnx and the calibration reader of its sibling ``nncf_peer.py``, never
+``bayesq_onnx``. ``benchmarks/peers.py`` calls it in a
 subprocess and does the accounting and the evaluation in the main environment.
 
     .venv-aimet/bin/python benchmarks/aimet_peer.py --fp32 model.onnx --calib calib.npz --out q.onnx \\
@@ -34,19 +35,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
+from nncf_peer import read_calibration  # numpy only: the same .npz layout as NNCF's
 
 WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
-
-
-def read_calibration(path: Path) -> list[dict[str, np.ndarray]]:
-    """The batches of the .npz, in order (the layout ``nncf_peer.write_calibration`` writes)."""
-    batches: dict[int, dict[str, np.ndarray]] = {}
-    with np.load(path) as data:
-        for key in data.files:
-            index, _, name = key.partition("__")
-            batches.setdefault(int(index[1:]), {})[name] = data[key]
-    return [batches[i] for i in sorted(batches)]
 
 
 def weight_only_config(per_channel_default: Path) -> dict:

@@ -344,10 +344,34 @@ def _quantize_static(model_bytes: bytes, bits: int, calibration: list[Batch] | N
         return onnx.load(str(dst)).SerializeToString()
 
 
+def _venv_python(variable: str, venv: str) -> Path:
+    """A peer environment's interpreter: ``$variable``, else ``venv`` at the repository root."""
+    env = os.environ.get(variable)
+    return Path(env) if env else HERE.parent / venv / "bin" / "python"
+
+
 def nncf_python() -> Path:
-    """The interpreter of NNCF's environment: ``$BAYESQ_NNCF_PYTHON``, else ``.venv-nncf`` at the repository root."""
-    env = os.environ.get("BAYESQ_NNCF_PYTHON")
-    return Path(env) if env else HERE.parent / ".venv-nncf" / "bin" / "python"
+    """The interpreter of NNCF's environment: ``$BAYESQ_NNCF_PYTHON``, else ``.venv-nncf``."""
+    return _venv_python("BAYESQ_NNCF_PYTHON", ".venv-nncf")
+
+
+def aimet_python() -> Path:
+    """The interpreter of AIMET's environment: ``$BAYESQ_AIMET_PYTHON``, else ``.venv-aimet``."""
+    return _venv_python("BAYESQ_AIMET_PYTHON", ".venv-aimet")
+
+
+def _run_peer_script(name: str, cmd: list[str], timeout_s: int) -> subprocess.CompletedProcess:
+    """Run a peer's script in its own environment (PYTHONPATH cleared: nothing of this project's leaks in). A
+    timeout or a failure is a :class:`PeerError` with the script's own last error line; on success the last
+    line of its stdout is its JSON record."""
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s,
+                              env={**os.environ, "PYTHONPATH": ""})
+    except subprocess.TimeoutExpired as exc:
+        raise PeerError(f"{name} ran past {timeout_s} s") from exc
+    if proc.returncode != 0:
+        raise PeerError(f"{name}: {_last_error_line(proc.stderr) or _last_error_line(proc.stdout) or f'exit {proc.returncode}'}")
+    return proc
 
 
 def _nncf(model_bytes: bytes, peer: Peer, calibration: list[Batch] | None) -> tuple[bytes, list[str]]:
@@ -376,15 +400,9 @@ def _nncf(model_bytes: bytes, peer: Peer, calibration: list[Batch] | None) -> tu
         src.write_bytes(model.SerializeToString())
         cmd = [str(python), str(NNCF_SCRIPT), "--fp32", str(src), "--out", str(dst), *peer.nncf_arguments()]
         if peer.data_aware:
-            write_nncf_calibration(calib, calibration, {i.name for i in model.graph.input})
+            write_calibration(calib, calibration, {i.name for i in model.graph.input})
             cmd += ["--calib", str(calib)]
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=NNCF_TIMEOUT_S,
-                                  env={**os.environ, "PYTHONPATH": ""})
-        except subprocess.TimeoutExpired as exc:
-            raise PeerError(f"nncf ran past {NNCF_TIMEOUT_S} s") from exc
-        if proc.returncode != 0:
-            raise PeerError(f"nncf: {_last_error_line(proc.stderr) or _last_error_line(proc.stdout) or f'exit {proc.returncode}'}")
+        proc = _run_peer_script("nncf", cmd, NNCF_TIMEOUT_S)
         emitted = dst.read_bytes()
     info = json.loads(proc.stdout.strip().splitlines()[-1])
     data = f"{info['items']} calibration items" if info["items"] else "data-free"
@@ -399,12 +417,6 @@ def _nncf(model_bytes: bytes, peer: Peer, calibration: list[Batch] | None) -> tu
     return repaired, notes
 
 
-def aimet_python() -> Path:
-    """The interpreter of AIMET's environment: ``$BAYESQ_AIMET_PYTHON``, else ``.venv-aimet`` at the repository root."""
-    env = os.environ.get("BAYESQ_AIMET_PYTHON")
-    return Path(env) if env else HERE.parent / ".venv-aimet" / "bin" / "python"
-
-
 def _aimet(model_bytes: bytes, peer: Peer, calibration: list[Batch] | None) -> tuple[bytes, list[str]]:
     """AIMET's AdaRound QDQ model (benchmarks/aimet_peer.py), run in AIMET's environment, not modified here."""
     python = aimet_python()
@@ -417,16 +429,10 @@ def _aimet(model_bytes: bytes, peer: Peer, calibration: list[Batch] | None) -> t
     with tempfile.TemporaryDirectory(prefix="bayesq-aimet-") as tmp:
         src, dst, calib = Path(tmp) / "fp32.onnx", Path(tmp) / "aimet.onnx", Path(tmp) / "calib.npz"
         src.write_bytes(model_bytes)
-        write_nncf_calibration(calib, calibration, {i.name for i in model.graph.input})
+        write_calibration(calib, calibration, {i.name for i in model.graph.input})
         cmd = [str(python), str(AIMET_SCRIPT), "--fp32", str(src), "--out", str(dst), "--calib", str(calib),
                "--bits", str(peer.bits), "--iterations", str(peer.iterations)]
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=AIMET_TIMEOUT_S,
-                                  env={**os.environ, "PYTHONPATH": ""})
-        except subprocess.TimeoutExpired as exc:
-            raise PeerError(f"aimet ran past {AIMET_TIMEOUT_S} s") from exc
-        if proc.returncode != 0:
-            raise PeerError(f"aimet: {_last_error_line(proc.stderr) or _last_error_line(proc.stdout) or f'exit {proc.returncode}'}")
+        proc = _run_peer_script("aimet", cmd, AIMET_TIMEOUT_S)
         emitted = dst.read_bytes()
     info = json.loads(proc.stdout.strip().splitlines()[-1])
     return emitted, [f"aimet_onnx {info['aimet_onnx']} (onnxruntime {info['onnxruntime']} in its venv): AdaRound "
@@ -435,8 +441,9 @@ def _aimet(model_bytes: bytes, peer: Peer, calibration: list[Batch] | None) -> t
                      f"int{peer.bits} (float32 scale, int{peer.bits} zero point), activations float"]
 
 
-def write_nncf_calibration(path: Path, calibration: list[Batch], names: set[str]) -> None:
-    """The model's inputs of each batch in the .npz layout ``nncf_peer.read_calibration`` reads."""
+def write_calibration(path: Path, calibration: list[Batch], names: set[str]) -> None:
+    """The model's inputs of each batch in the .npz layout ``nncf_peer.read_calibration`` reads (the NNCF and
+    AIMET scripts both)."""
     np.savez(path, **{f"b{i}__{k}": v for i, b in enumerate(calibration) for k, v in b.items() if k in names})
 
 

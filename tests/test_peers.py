@@ -440,7 +440,7 @@ def test_nncf_points_and_calls(tmp_path):
     tmp = tmp_path / "c.npz"
     batches = [{"a": np.arange(6).reshape(3, 2), "m": np.ones((3, 2)), "label": np.zeros(3)},
                {"a": np.arange(4).reshape(1, 4)}]
-    peers.write_nncf_calibration(tmp, batches, {"a", "m"})  # what the harness hands the subprocess
+    peers.write_calibration(tmp, batches, {"a", "m"})  # what the harness hands the subprocess
     back = nncf_peer.read_calibration(tmp)
     assert [sorted(b) for b in back] == [["a", "m"], ["a"]]
     nncf_peer.write_calibration(tmp_path / "d.npz", back)

@@ -11,7 +11,7 @@ from ..models.base import ModelBundle
 from ..models.metrics import bootstrap_interval
 from ..progress import Reporter
 from .latency import latency_versus_fp32
-from .load_memory import LoadProbeFailed, load_versus_fp32
+from .load_memory import LOADS, LoadProbeFailed, load_versus_fp32
 from ..verdict import judge, measure_for
 from .session import make_session, run_batches, session_config_for
 
@@ -32,7 +32,7 @@ def check_export(bundle: ModelBundle, fp_path: Path, bindings: dict, batches: in
 
 
 def validate(bundle: ModelBundle, fp_path: Path, q_path: Path, providers: list[str], rep: Reporter, *,
-             target: str, seed: int, latency_runs: int, latency_warmup: int, memory_loads: int = 3,
+             target: str, seed: int, latency_runs: int, latency_warmup: int, memory_loads: int = LOADS,
              undistilled: Path | None = None,
              reference: np.ndarray | None = None, eight_bit: Path | None = None) -> dict:
     """Fidelity of the artifact (and of ``undistilled``, and of ``eight_bit``: the same model with every
