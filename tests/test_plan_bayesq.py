@@ -107,12 +107,13 @@ def test_infeasible_budget_names_a_range_that_excludes_it(analysed):
     """Every weight pinned to one candidate makes lo = hi, a hair below a round budget: the message must not
     read "between 4.000 and 4.000" for a budget of 4."""
     _, _, weights, _ = analysed
-    allowed = {n: [c for c in cands if c.label.startswith("uint4-row")] or cands[:1]
-               for n, cands in candidates.allowed(weights).items()}
-    lo, hi = candidates.budget_range(weights, allowed)
+    pinned = {n: ([c for c in cands if c.label.startswith("uint4-row")] or cands)[:1]
+              for n, cands in candidates.allowed(weights).items()}
+    lo, hi = candidates.budget_range(weights, pinned)
+    assert lo == hi
     budget = hi + 2e-5
     with pytest.raises(UserError, match="cannot be met") as err:
-        candidates.check_budget(budget, weights, {n: c[:1] for n, c in allowed.items()})
+        candidates.check_budget(budget, weights, pinned)
     low, high = (float(x) for x in str(err.value).split("between ")[1].split(" all-in")[0].split(" and "))
     assert low <= high < budget and abs(high - hi) < 1e-4
 

@@ -230,8 +230,14 @@ def check_budget(budget: float, weights: dict[str, WeightInfo], allowed: dict[st
     """Raise :class:`UserError` unless some choice of allowed candidates meets ``budget`` all-in bits."""
     lo, hi = budget_range(weights, allowed)
     if not lo - 1e-9 <= budget <= hi + 1e-9:
-        # as many decimals as it takes for the range not to print as containing the budget (pinned overrides
-        # can make lo = hi = 3.99970 against a budget of 4)
-        digits = next((d for d in range(3, 10) if f"{budget:.{d}f}" not in (f"{lo:.{d}f}", f"{hi:.{d}f}")), 10)
-        raise UserError(f"`bits` {budget:g} cannot be met: the allowed candidates give between {lo:.{digits}f} and "
-                        f"{hi:.{digits}f} all-in bits per weight for this model; pick a budget in that range")
+        low, high = range_text(budget, lo, hi)
+        raise UserError(f"`bits` {budget:g} cannot be met: the allowed candidates give between {low} and "
+                        f"{high} all-in bits per weight for this model; pick a budget in that range")
+
+
+def range_text(budget: float, lo: float, hi: float) -> tuple[str, str]:
+    """``lo`` and ``hi`` printed for a message refusing ``budget``: three decimals, or as many more as it takes
+    for the range not to read as containing the budget (pinned overrides can make lo = hi = 3.99970 against a
+    budget of 4)."""
+    digits = next((d for d in range(3, 10) if f"{budget:.{d}f}" not in (f"{lo:.{d}f}", f"{hi:.{d}f}")), 10)
+    return f"{lo:.{digits}f}", f"{hi:.{digits}f}"

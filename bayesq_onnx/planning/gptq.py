@@ -28,7 +28,7 @@ from ..quant import knapsack, uniform
 from ..quant.design import UniformGrid
 from ..quant.feedback import gptq_round
 from ..weights import WeightInfo, WeightPosterior, canonical_mu
-from .candidates import cost_bits
+from .candidates import cost_bits, range_text
 
 MIXES = ("knapsack", "proportional")
 
@@ -74,8 +74,9 @@ class PlanGPTQ:
         lo, hi = (sum(c[i] for c in costs.values()) / total for i in (0, -1))
         mixed = any(len(c) > 1 for c in cands.values())
         if mixed and not lo <= self.bits <= hi:
+            low, high = range_text(self.bits, lo, hi)
             raise UserError(f"`bits` {self.bits:g} cannot be met mixing GPTQ layers of {self.widths[0]} to "
-                            f"{self.widths[-1]} bits: they give {lo:.3f} to {hi:.3f} all-in bits on this model")
+                            f"{self.widths[-1]} bits: they give {low} to {high} all-in bits on this model")
         if not mixed:
             choice = {n: 0 for n in names}
         elif self.mix == "proportional":
