@@ -68,11 +68,15 @@ EVALUATION_PHOTOS = (
     ("skimage", "data/camera.png"),                # grayscale: a cameraman with a tripod
     ("skimage", "data/coins.png"),                 # grayscale: coins
 )
+# every other natural photo installed here, none of them an evaluation photo: the calibration set's four, and
+# matplotlib's sample portrait (a dependency of this package). A diagnostic: are the textures, the moon and the
+# micrographs what the disjoint calibration lacks?
+NATURAL_PHOTOS = CALIBRATION_PHOTOS[:4] + (("matplotlib", "mpl-data/sample_data/grace_hopper.jpg"),)
 # photos, crop seed, whether the first crop of each photo is its standard view. "same-photos" is a diagnostic
 # only: other random crops of the evaluation photos (never their standard views, which are evaluation items), to
-# measure how much of a gap comes from calibrating on photos unlike the evaluated ones
+# measure how much of a gap comes from calibrating on photos unlike the evaluated ones; "natural" another diagnostic
 SPLITS = {"calibration": (CALIBRATION_PHOTOS, 1, True), "evaluation": (EVALUATION_PHOTOS, 2, True),
-          "same-photos": (EVALUATION_PHOTOS, 7, False)}
+          "same-photos": (EVALUATION_PHOTOS, 7, False), "natural": (NATURAL_PHOTOS, 1, True)}
 
 
 def photo_path(package: str, name: str) -> Path:
@@ -198,6 +202,12 @@ def efficientnet_lite1_same_photos(options=None):
     """Diagnostic, not a benchmark: EfficientNet-Lite1 calibrated on *other crops of the evaluation photos*
     (split "same-photos"), to measure what calibrating on photos unlike the evaluated ones costs."""
     return efficientnet_bundle("efficientnet-lite1", options, calibration="same-photos")
+
+
+def efficientnet_lite1_natural(options=None):
+    """Diagnostic, not a benchmark: EfficientNet-Lite1 calibrated on the installed natural photos only
+    (:data:`NATURAL_PHOTOS`, disjoint from the evaluation photos), evaluated as :func:`efficientnet_lite1`."""
+    return efficientnet_bundle("efficientnet-lite1", options, calibration="natural")
 
 
 def main() -> None:

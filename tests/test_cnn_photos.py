@@ -51,7 +51,9 @@ def test_photo_crops_are_deterministic_disjoint_and_normalized(cnn_photos):
     evaluation = cnn_photos.photo_crops("evaluation", 64, 30)
     same = cnn_photos.photo_crops("same-photos", 64, 30)  # the diagnostic split: other crops of the same photos
     assert len({a.tobytes() for a in np.concatenate([calib, evaluation, same])}) == 90  # no crop repeats
-    for package, name in cnn_photos.CALIBRATION_PHOTOS + cnn_photos.EVALUATION_PHOTOS:
+    assert not set(cnn_photos.NATURAL_PHOTOS) & set(cnn_photos.EVALUATION_PHOTOS)  # the other diagnostic split
+    assert cnn_photos.photo_crops("natural", 64, 5).shape == (5, 3, 64, 64)
+    for package, name in cnn_photos.CALIBRATION_PHOTOS + cnn_photos.EVALUATION_PHOTOS + cnn_photos.NATURAL_PHOTOS:
         assert min(np.asarray(cnn_photos._photo(package, name)).shape[:2]) >= 256
 
 

@@ -215,3 +215,63 @@ def test_fisher_weights_are_the_items_mean_of_squared_output_gradients(cnn_case)
         assert abs(float(torch.cat(pooled[o]).mean()) - 1) < 1e-4
         # the pooled weight is the items' mean of the per-item weights (both normalized to mean 1)
         assert torch.allclose(pooled[o][0][0], every.mean(0), rtol=1e-4, atol=1e-6)
+
+
+def test_predictive_divergence_is_the_likelihoods_kl():
+    """Categorical: the softmaxes' KL (torch's kl_div), 0 at equal logits and invariant to a shift of them;
+    Gaussian (unit variance): half the squared distance; both averaged over items."""
+    from bayesq_onnx.bayes.likelihood import predictive_divergence
+
+    g = torch.Generator().manual_seed(1)
+    r, o = torch.randn(6, 10, generator=g), torch.randn(6, 10, generator=g)
+    want = torch.nn.functional.kl_div(o.log_softmax(-1), r.log_softmax(-1), log_target=True, reduction="batchmean")
+    assert torch.allclose(predictive_divergence(r, o, "categorical"), want, atol=1e-6)
+    assert float(predictive_divergence(r, r + 3.0, "categorical")) == pytest.approx(0.0, abs=1e-6)
+    assert float(predictive_divergence(r, o, "categorical")) > 0
+    e, f = torch.randn(4, 3, 5, generator=g), torch.randn(4, 3, 5, generator=g)
+    assert float(predictive_divergence(e, f, "gaussian")) == pytest.approx(float(0.5 * ((e - f) ** 2).sum() / 4), rel=1e-5)
+
+
+def test_the_tail_after_any_block_finishes_the_program(cnn_case):
+    """The final-output term's runner: after blocks 1..k, the rest of the program (FP32 weights) gives the
+    module's own output; after the last block the tail computes nothing and still reads the output."""
+    from bayesq_onnx.export import fp32_model
+
+    bundle, _ = cnn_case
+    b = dataclasses.replace(bundle, info=dict(bundle.info))
+    fp32_model(b)
+    program = Program(b.module)
+    weight_of = {t: t for t in program.parameter_targets() if t.endswith("weight")}
+    blocks = program.blocks(weight_of, min_ops=3)
+    x = [torch.from_numpy(next(iter(bundle.calibration[0].values())))]
+    with torch.no_grad():
+        want = b.module(*x)
+        env = program.inputs_env(x)
+        for blk in blocks:
+            out = program.run(blk, env, {})
+            env = {n: out[n] if n in out else env[n] for n in blk.live_out}
+            assert torch.allclose(program.output_from(program.tail(blk), env, {}), want, atol=1e-5)
+    assert not program.tail(blocks[-1]).nodes
+
+
+def test_final_output_term_keeps_the_budget_and_never_loses_its_held_out_score(cnn_case, tmp_path):
+    """With the final-output term on, codes still move only (the same bytes twice, bits unchanged), each
+    block reports the held-out output divergence, and the kept codes never score worse on the held-out
+    items than the planned ones by the combined (relative) objective."""
+    _, compile_ = cnn_case
+    base = compile_(tmp_path / "base")
+    a = compile_(tmp_path / "a", reconstruct=True, reconstruct_steps=40, reconstruct_logits=1.0)
+    b = compile_(tmp_path / "b", reconstruct=True, reconstruct_steps=40, reconstruct_logits=1.0)
+    assert a.artifact.read_bytes() == b.artifact.read_bytes()
+    assert a.report["bits"]["all_in"] == base.report["bits"]["all_in"]
+    r = a.report["plan"]["settings"]["reconstruction"]
+    assert r["logits"] == 1.0
+    for blk in r["per_block"]:
+        before, after = blk["heldout_output_divergence_before"], blk["heldout_output_divergence_after"]
+        assert before > 0 and after >= 0
+        combined = blk["heldout_error_after"] / blk["heldout_error_before"] + after / before
+        assert combined <= 2.0 + 1e-6
+    assert sum(blk["codes_moved"] for blk in r["per_block"]) > 0
+    with pytest.raises(Exception, match="reconstruct_logits"):
+        from bayesq_onnx.config import CompileConfig
+        CompileConfig(reconstruct=True, reconstruct_logits=-1.0).validate()
