@@ -159,10 +159,6 @@ def _config_defaults(command: click.Command) -> click.Command:
            help="Reconstruction: block-output errors unweighted (mse), or weighted by the likelihood's Fisher "
                 "on the calibration data, averaged over items (fisher) or per item (fisher-items, BRECQ's); "
                 "the Fisher forms fit calibration data unlike the deployed data (docs/method.md).")
-@_advanced("--reconstruct-logits", type=float, show_default=True,
-           help="Reconstruction: weight of a second term in each block's objective, the divergence of the "
-                "model's output (the rest of the model at FP32 weights) from FP32's, relative to the planned "
-                "codes' (PD-Quant's prediction difference); 0 turns it off.")
 @_advanced("--gptq-mix", type=click.Choice(GPTQ_MIXES), show_default=True,
            help="gptq at a fractional --bits: wider codes by knapsack on GPTQ's layer errors, or to layers "
                 "in graph order (proportional).")

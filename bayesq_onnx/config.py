@@ -46,7 +46,6 @@ class CompileConfig:
     reconstruct: bool = False    # bayesq*, gptq: re-choose codes block by block in the posterior metric (planning/reconstruct.py)
     reconstruct_steps: int = 100  # Adam steps per block at most (the best held-out codes are kept)
     reconstruct_metric: str = "mse"  # how block-output errors are weighted: mse | fisher | fisher-items
-    reconstruct_logits: float = 0.0  # weight of the final-output divergence term in each block's objective (0: off)
     gptq_mix: str = "knapsack"   # gptq at a fractional budget: which layers get the wider codes
     target: str = "size"         # bayesq: size | speed | cuda (which candidates each op may take)
     floor: str = "gptq"          # bayesq: also plan GPTQ at the budget, ship the better on held-out calibration
@@ -91,8 +90,6 @@ class CompileConfig:
                             "points of top-1)")
         if self.reconstruct_steps < 1:
             raise UserError("`reconstruct_steps` must be at least 1")
-        if not self.reconstruct_logits >= 0:
-            raise UserError("`reconstruct_logits` must be >= 0")
         from .planning.methods import method_spec  # the method's own declarations (bits, stages, search)
 
         method_spec(self.method).check(self)

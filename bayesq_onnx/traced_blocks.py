@@ -162,14 +162,6 @@ class Program:
     def whole(self) -> Block:
         return self._block(-1, len(self.dependent) - 1, [])
 
-    def tail(self, after: Block) -> Block:
-        """The rest of the program after ``after``'s closing cut (no nodes when ``after`` ends it)."""
-        return self._block(after.end, len(self.dependent) - 1, [])
-
-    def output_from(self, tail: Block, env: dict, params: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The program's output computed from the values ``env`` live at ``tail``'s start."""
-        return self.final_output(self._evaluate(tail, env, params))
-
     def final_output(self, values: dict) -> torch.Tensor:
         leaves = [values[a] for a in _flat_nodes(self.output.args[0]) if a in values]
         tensors = [v for v in leaves if isinstance(v, torch.Tensor)]

@@ -12,19 +12,6 @@ import torch.nn.functional as F
 LIKELIHOODS = ("gaussian", "categorical")
 
 
-def predictive_divergence(reference: torch.Tensor, out: torch.Tensor, likelihood: str) -> torch.Tensor:
-    """Mean over items of KL(p(y | reference) ‖ p(y | out)) between the likelihood's predictives at two
-    outputs of the model: categorical, Σ_c softmax(r)_c (log softmax(r)_c − log softmax(o)_c) over the last
-    axis; gaussian (unit variance), ½‖r − o‖² over each item's elements."""
-    r, o = reference.float(), out.float()
-    if likelihood == "categorical":
-        lr, lo = F.log_softmax(r, dim=-1), F.log_softmax(o, dim=-1)
-        per_row = (lr.exp() * (lr - lo)).sum(-1)
-    else:
-        per_row = 0.5 * ((r - o) ** 2).reshape(r.shape[0], -1).sum(-1)
-    return per_row.sum() / r.shape[0]
-
-
 class BatchDraws:
     """The random numbers of one calibration batch, drawn from its generator *for the whole batch* and in
     the order an unsplit run draws them (per target sample: the targets, then each layer's sketch test

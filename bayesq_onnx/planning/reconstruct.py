@@ -31,7 +31,8 @@ still lost on the evaluated photos (KL(FP32 ‖ q) at 4.0 bits, 100 steps: ``mse
 ``fisher-items`` 0.130, the planned codes 0.118): weighting the outputs by the directions the calibration
 photos' classes care about fits those classes. QDrop's mixing of FP32 inputs into the block's inputs (half of
 the elements) measured worse too (``mse`` 0.128, ``fisher-items`` 0.115), so the inputs are the quantized
-model's alone.
+model's alone; so did PD-Quant's final-output KL term added to the objective (0.112 and 0.114 at two weights;
+docs/method.md step 4), which was removed.
 
 Each weight chooses between its planned code and the next grid point toward its FP32 value (for a codebook,
 the neighbouring level of its table); the grids, scales, codebook levels and bits stay as planned, so the
@@ -58,7 +59,6 @@ import numpy as np
 import torch
 from torch import fx
 
-from ..bayes.likelihood import predictive_divergence
 from ..export import ParameterBinding
 from ..models.base import Batch
 from ..plan import Plan, QuantizedTensor
@@ -80,11 +80,6 @@ class ReconstructOptions:
     # On EfficientNet-Lite1 with photos unlike the calibration ones, KL(FP32 ‖ q) at 4.0 bits: mse 0.103,
     # fisher 0.138, fisher-items 0.130, planned codes 0.118 (module docstring)
     metric: str = "mse"
-    # γ: weight of the final-output term (PD-Quant's prediction difference): the block's quantized outputs run
-    # through the rest of the model at FP32 weights, KL(p(y | FP32) ‖ p(y | that)) of the likelihood's
-    # predictive, relative to the planned codes'; on batches of `logits_items` items (0: off)
-    logits: float = 0.0
-    logits_items: int = 8
     seed: int = 0
 
 
@@ -112,14 +107,6 @@ class ReconstructBlocks:
         train, heldout = batches[:len(batches) - held], batches[len(batches) - held:]
         program.check_runs(batches[0])
 
-        small, q_small, fp_final = [], [], []
-        if opts.logits > 0:
-            small = [program.tensors(b, self.input_names) for b in _rebatched(self.calibration, opts.logits_items)]
-            q_small = [program.inputs_env(b) for b in small]
-            with torch.no_grad():
-                fp_final = [program.output_from(program.whole(), env, {}) for env in q_small]
-        held_small = max(1, len(small) // opts.held_share) if len(small) >= 2 else 0
-
         fixed_values = {t: v for qt_values in fixed.values() for t, v in qt_values.items()}
         outputs = {o for b in blocks for o in b.outputs}
         fisher = program.fisher(outputs, batches, self.likelihood, opts.seed, pooled=opts.metric == "fisher") \
@@ -135,16 +122,11 @@ class ReconstructBlocks:
             targets = [program.run(block, env, {}) for env in fp_env]
             names = block.weights
             variables = {n: rounding[n] for n in names}
-            final = _FinalTerm(program, block, q_small, fp_final, len(small) - held_small, self.likelihood) \
-                if opts.logits > 0 else None
-            stats, moved = _fit_block(program, block, variables, override, q_env, targets, fisher, len(train), opts,
-                                      final)
+            stats, moved = _fit_block(program, block, variables, override, q_env, targets, fisher, len(train), opts)
             chosen.update(moved)
             for n in names:
                 override.update(rounding[n].values(moved[n]))
-            with torch.no_grad():
-                q_env = [_live(program.run(block, env, override), env, block) for env in q_env]
-                q_small = [_live(program.run(block, env, override), env, block) for env in q_small]
+            q_env = [_live(program.run(block, env, override), env, block) for env in q_env]
             fp_env = [_live(t, env, block) for t, env in zip(targets, fp_env)]
             report.append({"weights": names, **stats})
 
@@ -154,7 +136,7 @@ class ReconstructBlocks:
             if bool(moved.any()):
                 tensors[n] = rounding[n].with_codes(moved)
                 changed += 1
-        settings = {"metric": opts.metric, "logits": opts.logits, "blocks": len(blocks), "weights_reconstructed": len(rounding), "weights_changed": changed,
+        settings = {"metric": opts.metric, "blocks": len(blocks), "weights_reconstructed": len(rounding), "weights_changed": changed,
                     "weights_fixed": sorted(set(plan.tensors) - set(rounding)), "steps_per_block": opts.steps,
                     "train_items": sum(items_of(b) for b in train), "heldout_items": sum(items_of(b) for b in heldout),
                     "seconds": round(time.perf_counter() - start_time, 3), "per_block": report}
@@ -250,7 +232,7 @@ def _rounding_weights(plan: Plan, weights: dict[str, WeightInfo], bindings: dict
 # ---- one block --------------------------------------------------------------------------------------------
 def _fit_block(program: "Program", block: Block, variables: dict[str, RoundingWeight], override: dict,
                q_env: list[dict], targets: list[dict], fisher: dict, n_train: int,
-               opts: ReconstructOptions, final: "_FinalTerm | None" = None) -> tuple[dict, dict[str, torch.Tensor]]:
+               opts: ReconstructOptions) -> tuple[dict, dict[str, torch.Tensor]]:
     """Adam on the block's rounding logits (module docstring); returns the block's figures and, per weight,
     which elements take the alternative code (the best hardened codes on the held-out batches)."""
     start = time.perf_counter()
@@ -262,32 +244,16 @@ def _fit_block(program: "Program", block: Block, variables: dict[str, RoundingWe
         out = program.run(block, q_env[i], values)
         return sum((fisher[o][i] * (out[o] - targets[i][o]) ** 2).mean() for o in block.outputs)
 
-    def hard_values(moved: dict) -> dict:
+    def hard_error(moved: dict, items) -> float:
         values = dict(override)
         for n, m in moved.items():
             values.update(variables[n].values(m))
-        return values
-
-    def hard_error(moved: dict, items) -> float:
-        values = hard_values(moved)
         with torch.no_grad():
             return float(sum(error(i, values) for i in items)) / max(1, len(items))
 
     before_train, before_held = hard_error(planned, train), hard_error(planned, held)
     scale = before_train if before_train > 0 else 1.0
-    if final is not None:
-        final.start(hard_values(planned))
-    local_scale = before_held if held and before_held > 0 else scale
-
-    def held_score(moved: dict) -> float:
-        """The early-stopping score: the block error on the held-out items (plus, with the final-output term,
-        its held-out divergence, each relative to the planned codes')."""
-        score = hard_error(moved, held if held else train)
-        return score if final is None else score / local_scale + opts.logits * final.held(hard_values(moved))
-
-    best, best_held = planned, (before_held if held else before_train)
-    if final is not None:
-        best_held = (best_held / local_scale if best_held > 0 else 0.0) + opts.logits
+    best, best_held = planned, before_held if held else before_train
     if not variables or before_train <= 0:
         return _block_stats(block, before_train, before_train, before_held, before_held, 0, start), best
     optimizer = torch.optim.Adam(list(logits.values()), lr=opts.lr)
@@ -299,8 +265,6 @@ def _fit_block(program: "Program", block: Block, variables: dict[str, RoundingWe
         for n, v in logits.items():
             values.update(variables[n].soft(v))
         loss = error(i, values) / scale
-        if final is not None:
-            loss = loss + opts.logits * final.train_step(step, values)
         beta = adaround.annealed_beta(step, opts.steps)
         if beta is not None and opts.regularizer > 0:
             loss = loss + opts.regularizer * torch.stack(
@@ -310,50 +274,13 @@ def _fit_block(program: "Program", block: Block, variables: dict[str, RoundingWe
         optimizer.step()
         if (step + 1) % check_every == 0 or step + 1 == opts.steps:
             moved = {n: adaround.hardened(v.detach()) for n, v in logits.items()}
-            score = held_score(moved)
+            score = hard_error(moved, held if held else train)
             if score < best_held:
                 best, best_held = moved, score
     after_train = hard_error(best, train)
     after_held = hard_error(best, held) if held else after_train
-    stats = _block_stats(block, before_train, after_train, before_held, after_held,
-                         int(sum(int(m.sum()) for m in best.values())), start)
-    if final is not None:  # the output divergence on the held-out small batches, planned and kept codes
-        stats |= {"heldout_output_divergence_before": final.held_scale,
-                  "heldout_output_divergence_after": final.held(hard_values(best)) * final.held_scale}
-    return stats, best
-
-
-class _FinalTerm:
-    """The final-output term of one block (``ReconstructOptions.logits``): the block run on the small
-    batches' quantized inputs, the rest of the program at FP32 weights, the likelihood's divergence from the
-    FP32 model's output, relative to the planned codes' on the same items."""
-
-    def __init__(self, program: Program, block: Block, envs: list[dict], fp_final: list[torch.Tensor],
-                 n_train: int, likelihood: str):
-        self.program, self.block, self.tail = program, block, program.tail(block)
-        self.envs, self.fp_final, self.n_train, self.likelihood = envs, fp_final, n_train, likelihood
-        self.train_scale = self.held_scale = 1.0
-
-    def divergence(self, i: int, values: dict) -> torch.Tensor:
-        out = self.program.run(self.block, self.envs[i], values)
-        final = self.program.output_from(self.tail, _live(out, self.envs[i], self.block), {})
-        return predictive_divergence(self.fp_final[i], final, self.likelihood)
-
-    def _mean(self, values: dict, items) -> float:
-        with torch.no_grad():
-            return float(sum(self.divergence(i, values) for i in items)) / max(1, len(items))
-
-    def start(self, planned: dict) -> None:
-        held = range(self.n_train, len(self.envs)) or range(self.n_train)
-        self.train_scale = self._mean(planned, range(self.n_train)) or 1.0
-        self.held_scale = self._mean(planned, held) or 1.0
-
-    def train_step(self, step: int, values: dict) -> torch.Tensor:
-        return self.divergence(step % max(1, self.n_train), values) / self.train_scale
-
-    def held(self, values: dict) -> float:
-        held = range(self.n_train, len(self.envs)) or range(self.n_train)
-        return self._mean(values, held) / self.held_scale
+    return _block_stats(block, before_train, after_train, before_held, after_held,
+                        int(sum(int(m.sum()) for m in best.values())), start), best
 
 
 def _block_stats(block: Block, before_train: float, after_train: float, before_held: float, after_held: float,

@@ -96,8 +96,7 @@ def _reconstruct(plan: Plan, s: StageInputs) -> Plan:
     """``plan`` with its codes chosen again block by block (:mod:`.reconstruct`), or as it is, with a note,
     when the traced program cannot be run block by block."""
     config, bundle = s.config, s.fit
-    options = ReconstructOptions(steps=config.reconstruct_steps, metric=config.reconstruct_metric,
-                                 logits=config.reconstruct_logits, seed=config.seed)
+    options = ReconstructOptions(steps=config.reconstruct_steps, metric=config.reconstruct_metric, seed=config.seed)
     try:
         out = ReconstructBlocks(bundle.module, s.bindings, bundle.calibration, bundle.input_names,
                                 bundle.likelihood, options, progress=s.rep.track)(plan, s.weights)
